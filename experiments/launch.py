@@ -1,0 +1,55 @@
+"""What every experiment launcher shares: absl flags for multi-host runs and clean errors.
+
+Usage in a launcher::
+
+    from experiments import launch
+    FLAGS = flags.FLAGS
+    _CONFIG = config_flags.DEFINE_config_file("config")
+    def main(argv):
+      launch.setup()              # jax.distributed when asked, platform info
+      ...
+    if __name__ == "__main__":
+      launch.run(main)            # turns library input errors into one clear line + exit 2
+"""
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags, logging
+
+from uatmc_jax import errors
+from uatmc_jax.parallel import mesh as mesh_lib
+
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_integer("num_cpu_devices", None,
+                     "Fake this many CPU devices (testing sharding on one machine).")
+
+FLAGS = flags.FLAGS
+
+
+def setup() -> None:
+  """Initialises the runtime from flags: fake CPU devices, then ``jax.distributed``."""
+  if FLAGS.num_cpu_devices:
+    jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
+  mesh_lib.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                        FLAGS.process_id)
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+
+
+def run(main) -> None:
+  """``app.run(main)``, but bad input exits 2 with one clear line on stderr."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except errors.UatmcError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  app.run(wrapped)

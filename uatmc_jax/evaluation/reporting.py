@@ -1,0 +1,89 @@
+"""Results as JSON, readable Markdown tables and progress lines."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.generic,)):
+    return x.item()
+  if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy / jax arrays
+    return np.asarray(x).tolist()
+  if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+    return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+  return x
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON atomically (tmp file + rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def format_value(v: Any, digits: int = 4) -> str:
+  if isinstance(v, Mapping) and "mean" in v:
+    std = v.get("std")
+    if std is None:
+      return format_value(v["mean"], digits)
+    return f"{v['mean']:.{digits}f} ± {std:.{digits}f}"
+  if isinstance(v, float):
+    return f"{v:.{digits}f}"
+  return str(v)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 4) -> str:
+  """A GitHub-flavoured Markdown table; floats and {mean, std} dicts are formatted."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  for row in rows:
+    lines.append("| " + " | ".join(format_value(v, digits) for v in row) + " |")
+  return "\n".join(lines)
+
+
+def mean_std(values: Sequence[float]) -> dict:
+  """``{"mean", "std"}`` (population std, 0 for a single value)."""
+  a = np.asarray(values, dtype=np.float64)
+  return {"mean": float(a.mean()), "std": float(a.std()) if a.size > 1 else 0.0}
+
+
+class ProgressLogger:
+  """One line per epoch: loss, selection metric, throughput; to stderr by default."""
+
+  def __init__(self, name: str, stream=None, enabled: bool = True):
+    self.name = name
+    self.stream = stream or sys.stderr
+    self.enabled = enabled
+    self._t0 = time.perf_counter()
+
+  def log(self, epoch: int, *, examples: int | None = None, seconds: float | None = None,
+          **metrics: Any) -> None:
+    if not self.enabled:
+      return
+    parts = [f"[{self.name}] epoch {epoch:4d}"]
+    for k, v in metrics.items():
+      parts.append(f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}")
+    if examples is not None and seconds:
+      parts.append(f"{examples / seconds:,.0f} ex/s")
+    if seconds is not None:
+      parts.append(f"{seconds:.2f}s")
+    parts.append(f"elapsed {time.perf_counter() - self._t0:.1f}s")
+    print("  ".join(parts), file=self.stream, flush=True)
