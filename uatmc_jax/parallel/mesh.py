@@ -32,6 +32,9 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     return
   if not coordinator_address and (num_processes is None or num_processes <= 1):
     return
+  # CPU-only processes need a cross-process collectives backend (gloo ships with jaxlib);
+  # GPU/TPU use their own (NCCL / ICI), for which this setting is ignored.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs: dict[str, Any] = dict(coordinator_address=coordinator_address,
                                 num_processes=num_processes, process_id=process_id)
   if local_device_ids is not None:
