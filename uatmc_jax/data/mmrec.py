@@ -40,19 +40,20 @@ def _line_text(lines_bytes: bytes, line_index: int) -> str:
   return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
-def _parse_int_column(column: np.ndarray, body: bytes, path: pathlib.Path,
-                      field: str) -> np.ndarray:
-  """Bytes column -> int64; on failure names the first bad line (1-based, header = 1)."""
+def _parse_column(column: np.ndarray, body: bytes, path: pathlib.Path, field: str,
+                  dtype=np.int64) -> np.ndarray:
+  """Bytes column -> ``dtype``; on failure names the first bad line (header = line 1)."""
   try:
-    return column.astype(np.int64)
+    return column.astype(dtype)
   except (ValueError, OverflowError):
     pass
   for row, token in enumerate(column):  # error path only
     try:
-      int(token)
+      dtype(token.decode("utf-8", errors="replace"))
     except (ValueError, OverflowError):
+      kind = "an integer" if dtype is np.int64 else "a number"
       raise DataFormatError(
-          f"{path}: line {row + 2}: column {field!r} must be an integer, got "
+          f"{path}: line {row + 2}: column {field!r} must be {kind}, got "
           f"{token.decode('utf-8', errors='replace')!r} (line {_line_text(body, row)})"
       ) from None
   raise AssertionError("unreachable: astype failed but every token parsed")
@@ -75,6 +76,8 @@ def read_inter_file(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, n
   if not path.is_file():
     raise DataFormatError(f"{path}: interaction file not found")
   raw = path.read_bytes()
+  if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark written by some editors
+    raw = raw[3:]
   if b"\r" in raw:
     raw = raw.replace(b"\r\n", b"\n")
   header, sep, body = raw.partition(b"\n")
@@ -102,9 +105,10 @@ def read_inter_file(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, n
 
   tokens = np.array(body.replace(b"\t", b"\n").split(b"\n")).reshape(n_lines,
                                                                     len(INTER_HEADER))
-  users = _parse_int_column(tokens[:, 0], body, path, "userID")
-  items = _parse_int_column(tokens[:, 1], body, path, "itemID")
-  labels = _parse_int_column(tokens[:, 4], body, path, "x_label")
+  users = _parse_column(tokens[:, 0], body, path, "userID")
+  items = _parse_column(tokens[:, 1], body, path, "itemID")
+  # MMRec configs may type x_label as float ("0.0"); accept integral values only.
+  labels = _parse_column(tokens[:, 4], body, path, "x_label", np.float64)
   for name, values in (("userID", users), ("itemID", items)):
     bad = np.flatnonzero((values < 0) | (values > _MAX_ID))
     if bad.size:
@@ -112,13 +116,13 @@ def read_inter_file(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, n
       raise DataFormatError(
           f"{path}: line {row + 2}: {name} must be a non-negative integer below 2**31, "
           f"got {values[row]}")
-  bad = np.flatnonzero((labels < 0) | (labels > 2))
+  bad = np.flatnonzero(~np.isin(labels, (0.0, 1.0, 2.0)))
   if bad.size:
     row = int(bad[0])
     raise DataFormatError(
         f"{path}: line {row + 2}: x_label must be 0, 1 or 2 (train/valid/test), got "
-        f"{labels[row]}")
-  return users, items, labels
+        f"{tokens[row, 4].decode('utf-8', errors='replace')!r}")
+  return users, items, labels.astype(np.int64)
 
 
 def _check_no_duplicates(path: pathlib.Path, users: np.ndarray, items: np.ndarray,
@@ -151,7 +155,8 @@ def read_feature_file(path: str | pathlib.Path) -> np.ndarray:
         f"{path}: feature array must be 2-D (n_items, dim), got shape {array.shape}")
   if not np.issubdtype(array.dtype, np.floating):
     raise DataFormatError(
-        f"{path}: feature array must be float16 or float32, got dtype {array.dtype}")
+        f"{path}: feature array must be floating point (float16/float32), got dtype "
+        f"{array.dtype}")
   array = np.ascontiguousarray(array, dtype=np.float32)
   finite_rows = np.isfinite(array).all(axis=1)
   if not finite_rows.all():
