@@ -1,0 +1,89 @@
+"""AMR: adversarial multimedia recommendation (Tang et al., TKDE 2019), METHODS.md A.7.
+
+The adversary perturbs the raw item features of ONE modality (the visual one in the
+paper; configurable here, default :func:`default_amr_modality`) by the fast-gradient step
+
+  d_i = ε · ∇_{f_i} L_BPR / ||∇_{f_i} L_BPR||       (per item i of the batch)
+
+(``relative_budget=True`` scales ε by ||f_i||, so one ε suits features of any scale),
+and the model trains on L = BPR + λ · BPR_adv + reg · EmbLoss (+ the backbone's
+auxiliary loss), with d held constant in the outer step; BPR_adv's gradient reaches
+every parameter, the projection of the perturbed modality included. For graph models
+only the batch's items are perturbed (the other rows of the feature table stay clean).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from uatmc_jax.defences import batch_slots as bs
+from uatmc_jax.errors import ConfigError
+
+VISUAL_NAMES = ("image", "visual", "v")
+
+
+def default_amr_modality(modalities: Sequence[str]) -> str:
+  """The image-like modality ("image"/"visual"/"v") if present, else the first one."""
+  for name in VISUAL_NAMES:
+    if name in modalities:
+      return name
+  return modalities[0]
+
+
+def amr_perturbation(model, raw: Mapping[str, jax.Array], slots: bs.BatchSlots,
+                     modality: str, epsilon: float,
+                     relative_budget: bool = False) -> jax.Array:
+  """d (S, d_m): ε-scaled row-normalised ∇ of the batch BPR w.r.t. ``modality``'s rows.
+
+  Args:
+    model: the recommender.
+    raw: raw features of the item slots {m: (S, d_m)}.
+    slots: the batch's slots.
+    modality: the perturbed modality.
+    epsilon: L2 radius per item (times ||f_i|| when ``relative_budget``).
+    relative_budget: scale the radius by each item's feature norm.
+  """
+  raw = jax.lax.stop_gradient(dict(raw))
+  grad = jax.grad(lambda d: perturbed_modality_bpr(model, raw, slots, modality, d))(
+      jnp.zeros_like(raw[modality]))
+  radius = epsilon * (bs.row_norm(raw[modality]) if relative_budget else 1.0)
+  in_batch = slots.item_in_batch[:, None].astype(grad.dtype)
+  return jax.lax.stop_gradient(radius * bs.safe_row_normalize(grad) * in_batch)
+
+
+def perturbed_modality_bpr(model, raw: Mapping[str, jax.Array], slots: bs.BatchSlots,
+                           modality: str, delta: jax.Array) -> jax.Array:
+  """Batch BPR with ``raw[modality] + delta`` (delta (S, d_m), masked to batch items)."""
+  in_batch = slots.item_in_batch[:, None].astype(delta.dtype)
+  perturbed = dict(raw)
+  perturbed[modality] = raw[modality] + delta * in_batch
+  return bs.slot_bpr(*bs.slot_vectors(model, model.project(perturbed), slots), slots)
+
+
+def amr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, jax.Array],
+                  key: jax.Array, *, epsilon: float, adv_weight: float, reg_weight: float,
+                  modality: str | None = None,
+                  relative_budget: bool = False) -> tuple[jax.Array, dict]:
+  """AMR training loss of one batch (the trainer's loss seam).
+
+  Returns:
+    (loss, {"bpr", "bpr_adv", "emb", "aux"}).
+  """
+  del key
+  modality = modality or default_amr_modality(model.modalities)
+  if modality not in model.modalities:
+    raise ConfigError(f"AMR modality {modality!r} is not one of the model's "
+                      f"{list(model.modalities)}")
+  slots = bs.slots_for(model, batch)
+  raw = bs.slot_features(model, features, slots)
+  projected = model.project(raw)
+  user_vecs, item_vecs = bs.slot_vectors(model, projected, slots)
+  bpr = bs.slot_bpr(user_vecs, item_vecs, slots)
+  emb = bs.slot_emb_loss(user_vecs, item_vecs, slots)
+  aux = model.auxiliary_loss(bs.positive_projections(projected, slots), batch["pos"])
+  delta = amr_perturbation(model, raw, slots, modality, epsilon, relative_budget)
+  bpr_adv = perturbed_modality_bpr(model, raw, slots, modality, delta)
+  loss = bpr + adv_weight * bpr_adv + reg_weight * emb + aux
+  return loss, {"bpr": bpr, "bpr_adv": bpr_adv, "emb": emb, "aux": aux}
