@@ -40,8 +40,14 @@ _CACHE_VERSION = "v1"
 _CHUNK = 512  # images per decoding task
 
 
-def _list_class_files(root: pathlib.Path, class_names: Sequence[str] | None,
-                      max_per_class: int | None) -> tuple[list[str], list[list[pathlib.Path]]]:
+def list_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None,
+                      max_per_class: int | None = None
+                      ) -> tuple[list[str], list[list[pathlib.Path]]]:
+  """``(class_names, files_per_class)`` of an image folder, without decoding.
+
+  Same class order, file order and errors (except decoding) as ``load_image_folder``.
+  """
+  root = pathlib.Path(root)
   if not root.exists():
     raise DataFormatError(f"{root}: image folder does not exist (expected one sub-folder "
                           f"per class holding JPEG/PNG images)")
@@ -136,7 +142,7 @@ def load_image_folder(root: str | os.PathLike, *, class_names: Sequence[str] | N
   root = pathlib.Path(root)
   if max_per_class is not None and max_per_class < 1:
     raise DataFormatError(f"{root}: max_per_class must be >= 1, got {max_per_class}")
-  names, files = _list_class_files(root, class_names, max_per_class)
+  names, files = list_image_folder(root, class_names, max_per_class)
   source = str(root)
 
   cache_file = None

@@ -58,10 +58,16 @@ def random_crop_flip_numpy(rng: np.random.Generator, images: np.ndarray, *,
   dy = rng.integers(0, 2 * pad + 1, size=b)
   dx = rng.integers(0, 2 * pad + 1, size=b)
   do_flip = rng.random(b) < 0.5 if flip else np.zeros(b, bool)
-  return _crop_flip_numpy(images, dy, dx, do_flip, pad)
+  return crop_flip_numpy(images, dy, dx, do_flip, pad)
 
 
-def _crop_flip_numpy(images, dy, dx, do_flip, pad):
+def crop_flip_numpy(images: np.ndarray, dy: np.ndarray, dx: np.ndarray,
+                    do_flip: np.ndarray, pad: int = CIFAR_PAD) -> np.ndarray:
+  """Crops ``images`` ``(B, H, W, C)`` zero-padded by ``pad`` at offsets ``(dy, dx)``
+  (``(B,)`` ints in ``[0, 2·pad]``), then flips left-right the rows with ``do_flip``.
+
+  ``out[i] = padded[i, dy[i]:dy[i]+H, dx[i]:dx[i]+W]`` (reversed along W if flipped).
+  """
   b, h, w, c = images.shape
   padded = np.zeros((b, h + 2 * pad, w + 2 * pad, c), images.dtype)
   padded[:, pad:pad + h, pad:pad + w] = images
@@ -212,7 +218,7 @@ class TrainPipeline:
         dy = rng.integers(0, 2 * self.pad + 1, size=b)
         dx = rng.integers(0, 2 * self.pad + 1, size=b)
         flip = rng.random(b) < 0.5
-        imgs = _crop_flip_numpy(self.images[idx[lo:hi]], dy[lo:hi], dx[lo:hi], flip[lo:hi],
+        imgs = crop_flip_numpy(self.images[idx[lo:hi]], dy[lo:hi], dx[lo:hi], flip[lo:hi],
                                 self.pad)
       else:
         imgs = self.images[idx[lo:hi]]
