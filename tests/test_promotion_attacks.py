@@ -1,0 +1,219 @@
+"""Promotion attacks (METHODS.md A.4): objective, exact threshold, FGSM/PGD optima, metrics."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attack_fixtures import brute_force_scores, make_surface
+from uatmc_jax.attacks import promotion, targets as targets_lib
+
+
+def test_kth_score_with_target_equals_full_sort():
+  rng = np.random.default_rng(0)
+  for trial in range(200):
+    n_other, k = rng.integers(2, 12), None
+    k = int(rng.integers(1, n_other + 1))
+    # Few distinct values so that ties are frequent.
+    others = rng.integers(0, 6, size=(4, n_other)).astype(np.float32)
+    s_t = rng.integers(-1, 7, size=(4,)).astype(np.float32) + (trial % 2) * 0.5
+    top = -np.sort(-others, axis=1)[:, :k]
+    got = promotion.kth_score_with_target(jnp.asarray(s_t), jnp.asarray(top))
+    full = -np.sort(-np.concatenate([others, s_t[:, None]], axis=1), axis=1)
+    np.testing.assert_array_equal(np.asarray(got), full[:, k - 1])
+
+
+def test_others_topk_without_target_matches_recomputation():
+  rng = np.random.default_rng(1)
+  n_items, k = 15, 4
+  scores = rng.normal(size=(6, n_items)).astype(np.float32)
+  vals, idx = jax.lax.top_k(jnp.asarray(scores), k + 1)
+  for t in range(n_items):
+    got = promotion.others_topk_without_target(vals, idx, jnp.asarray(t), k)
+    expect = -np.sort(-np.delete(scores, t, axis=1), axis=1)[:, :k]
+    np.testing.assert_array_equal(np.asarray(got), expect)
+
+
+def _per_user_brute(surface, anchors, target, delta, k, margin):
+  s = brute_force_scores(surface, target, delta)[anchors]
+  kth = -jnp.sort(-s, axis=1)[:, k - 1]
+  return jax.nn.relu(s[:, target] - kth + margin)
+
+
+@pytest.mark.parametrize("is_graph", [False, True])
+def test_view_loss_equals_full_sort_loss(is_graph):
+  surface = make_surface(jax.random.key(0), is_graph=is_graph)
+  anchors = np.array([0, 2, 3, 5, 7, 11])
+  k = 5
+  ctx = promotion.build_context(surface, anchors, k=k)
+  for t in (0, 9, 17):
+    view = promotion._target_view(surface, surface.params, surface.attack_table,
+                                  surface.projected_table, ctx, jnp.asarray(t), k)
+    for scale in (0.0, 0.7, 3.0):
+      delta = {m: scale * jax.random.normal(jax.random.key(t + 1), (5,))
+               for m in surface.modalities}
+      s, others = view.scores_fn(delta)
+      got = promotion.promotion_per_user_loss(s, others, 1.0)
+      expect = _per_user_brute(surface, anchors, t, delta, k, 1.0)
+      np.testing.assert_allclose(np.asarray(got), np.asarray(expect), rtol=1e-5, atol=1e-5)
+
+
+def test_objective_gradient_matches_finite_differences():
+  with jax.enable_x64(True):
+    surface = make_surface(jax.random.key(3), nonlinear=True)
+    surface = make_surface(jax.random.key(3), nonlinear=True,
+                           params=jax.tree.map(lambda x: x.astype(jnp.float64), surface.params),
+                           table={m: x.astype(jnp.float64) for m, x in surface.attack_table.items()})
+    anchors = np.arange(12)
+    k = 4
+    ctx = promotion.build_context(surface, anchors, k=k)
+    t = jnp.asarray(6)
+    view = promotion._target_view(surface, surface.params, surface.attack_table,
+                                  surface.projected_table, ctx, t, k)
+
+    def loss(delta):
+      s, others = view.scores_fn(delta)
+      return promotion.promotion_objective(s, others, 2.0)
+
+    delta = {m: 0.3 * jax.random.normal(jax.random.key(9), (5,), jnp.float64)
+             for m in surface.modalities}
+    grad = jax.grad(loss)(delta)
+    assert any(float(jnp.abs(g).max()) > 1e-3 for g in grad.values())
+    h = 1e-6
+    for m in surface.modalities:
+      for j in range(5):
+        e = jnp.zeros(5, jnp.float64).at[j].set(h)
+        plus = dict(delta, **{m: delta[m] + e})
+        minus = dict(delta, **{m: delta[m] - e})
+        fd = (loss(plus) - loss(minus)) / (2 * h)
+        np.testing.assert_allclose(float(grad[m][j]), float(fd), rtol=1e-5, atol=1e-8)
+
+
+def _top_target_surface(key, regime):
+  """Linear model where the loss is linear in δ inside the budget (closed-form optimum)."""
+  surface = make_surface(key, n_users=10, n_items=20)
+  p = dict(surface.params)
+  p["U"] = jnp.abs(p["U"]) + 0.5  # all users like direction (1, 1, 1, 1)
+  sign = 1.0 if regime == "top" else -1.0
+  p["E"] = p["E"].at[7].set(sign * 50.0)  # target 7 far above / below everybody's top-K
+  return make_surface(key, n_users=10, n_items=20, params=p, table=surface.attack_table)
+
+
+@pytest.mark.parametrize("regime", ["top", "below"])
+def test_fgsm_and_pgd_reach_closed_form_optimum(regime):
+  surface = _top_target_surface(jax.random.key(5), regime)
+  anchors = np.arange(10)
+  k = 3
+  ctx = promotion.build_context(surface, anchors, k=k)
+  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=2, with_mismatch=False)
+  mean_user = surface.params["U"].mean(0)
+  # Below the threshold the hinge is active only with a big margin.
+  margin = 1.0 if regime == "top" else 1e4
+  eps = 0.05
+  for attack in (promotion.fgsm_attack(eps, k=k, margin=margin),
+                 promotion.pgd_attack(eps, k=k, margin=margin)):
+    out = runner.run(attack, [7])
+    for m in surface.modalities:
+      direction = surface.params["W"][m] @ mean_user  # ∂L/∂δ^m, constant
+      eps_m = eps * np.linalg.norm(surface.attack_table[m][7]) if attack.method == "fgsm" else eps
+      np.testing.assert_allclose(out["delta"][m][0], eps_m * np.sign(direction), rtol=1e-6)
+    # The optimum's objective gain equals ε_m ||c^m||_1 summed over modalities.
+    assert out["loss_after"][0] > out["loss_before"][0]
+
+
+def test_projection_keeps_every_perturbation_in_budget():
+  surface = make_surface(jax.random.key(11), n_items=40)
+  ctx = promotion.build_context(surface, np.arange(12), k=5)
+  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=8, with_mismatch=False)
+  tgts = np.arange(0, 40, 3)
+  for eps in (0.01, 0.3):
+    out = runner.run(promotion.pgd_attack(eps, k=5, step_scale=3.0), tgts)
+    for m in surface.modalities:
+      assert np.abs(out["delta"][m]).max() <= eps * (1 + 1e-6)
+    out = runner.run(promotion.fgsm_attack(eps, k=5), tgts)
+    for m in surface.modalities:
+      bound = eps * np.linalg.norm(np.asarray(surface.attack_table[m])[tgts], axis=1)
+      assert np.all(np.abs(out["delta"][m]).max(axis=1) <= bound * (1 + 1e-6))
+
+
+def test_single_modal_attack_leaves_other_modality_alone():
+  surface = make_surface(jax.random.key(2))
+  ctx = promotion.build_context(surface, np.arange(12), k=5)
+  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=4, with_mismatch=False)
+  out = runner.run(promotion.pgd_attack(0.1, k=5, modalities=("b",)), [1, 2, 3])
+  assert set(out["delta"]) == {"b"}
+
+
+def test_results_independent_of_chunk_size_and_no_recompiles():
+  surface = make_surface(jax.random.key(4), n_items=25)
+  ctx = promotion.build_context(surface, np.arange(0, 12, 2), k=4,
+                                train_pairs=np.array([[0, 1], [2, 3], [4, 5], [6, 1]]))
+  tgts = np.array([1, 3, 4, 8, 13, 21, 24])
+  attack = promotion.pgd_attack(0.2, k=4)
+  outs = []
+  for chunk in (3, 8):
+    runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=chunk)
+    outs.append(runner.run(attack, tgts))
+    runner.run(attack, tgts[::-1])  # same compiled function, never retraced
+    assert runner.trace_counts == {attack: 1}
+  a, b = outs
+  for key in ("hit_before", "hit_after", "rank_before", "rank_after", "masked_hit_after",
+              "masked_rank_after", "loss_after"):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6),
+               a["delta"], b["delta"])
+
+
+@pytest.mark.parametrize("is_graph", [False, True])
+def test_ranks_and_hits_match_brute_force(is_graph):
+  surface = make_surface(jax.random.key(8), n_items=25, is_graph=is_graph)
+  anchors = np.array([1, 4, 5, 9])
+  train = np.array([[1, 3], [4, 3], [5, 10], [9, 0], [9, 3], [2, 3]])
+  ctx = promotion.build_context(surface, anchors, k=4, train_pairs=train)
+  ks = (1, 3, 10)
+  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=4, ks=ks,
+                                           with_mismatch=False)
+  tgts = np.array([3, 10, 17])
+  out = runner.run(promotion.pgd_attack(0.5, k=4), tgts)
+  mask = np.zeros((12, 25), bool)
+  mask[train[:, 0], train[:, 1]] = True
+  for i, t in enumerate(tgts):
+    for tag, delta in (("before", {}), ("after", {m: out["delta"][m][i] for m in out["delta"]})):
+      s = np.asarray(brute_force_scores(surface, t, delta))[anchors]
+      for masked in (False, True):
+        sm = np.where(mask[anchors], -np.inf, s) if masked else s
+        others = np.delete(sm, t, axis=1)
+        ranks = (others > sm[:, t:t + 1]).sum(1)
+        pre = "masked_" if masked else ""
+        np.testing.assert_allclose(out[f"{pre}rank_{tag}"][i], ranks.mean(), rtol=1e-6)
+        np.testing.assert_allclose(out[f"{pre}hit_{tag}"][i],
+                                   [(ranks < k).mean() for k in ks], rtol=1e-6)
+
+
+def test_graph_and_row_wise_paths_agree():
+  kw = dict(n_items=22)
+  flat = make_surface(jax.random.key(6), **kw)
+  graph = make_surface(jax.random.key(6), is_graph=True, **kw)
+  anchors = np.arange(0, 12, 3)
+  tgts = [2, 5, 19]
+  res = []
+  for s in (flat, graph):
+    ctx = promotion.build_context(s, anchors, k=3)
+    runner = promotion.PromotionAttackRunner(s, ctx, chunk_size=2, with_mismatch=False)
+    res.append(runner.run(promotion.pgd_attack(0.3, k=3), tgts))
+  np.testing.assert_allclose(res[0]["rank_after"], res[1]["rank_after"], rtol=1e-5)
+  np.testing.assert_allclose(res[0]["loss_after"], res[1]["loss_after"], rtol=1e-5)
+
+
+def test_target_sets_and_anchors_are_seeded_and_correct():
+  pop = np.array([0, 9, 3, 50, 1, 7, 2, 30, 6, 5])
+  hot = targets_lib.select_targets("hot", 2, pop, 0)
+  np.testing.assert_array_equal(hot, [3, 7])
+  cold = targets_lib.select_targets("cold", 4, pop, 1)
+  assert np.all(pop[cold] <= 5) and len(set(cold)) == 4
+  r1 = targets_lib.select_targets("random", 5, pop, 3)
+  np.testing.assert_array_equal(r1, targets_lib.select_targets("random", 5, pop, 3))
+  a = targets_lib.select_anchors(1000, 0.4, 2)
+  assert len(a) == 400 and len(np.unique(a)) == 400
+  np.testing.assert_array_equal(a, targets_lib.select_anchors(1000, 0.4, 2))

@@ -1,0 +1,136 @@
+"""Ascent directions with multimodal coordination (METHODS.md A.6), selectable by name.
+
+Every entry of ``ASCENT_DIRECTIONS`` maps (per-user loss fn, δ, group weights, options)
+to a direction {m: (d_m,)} on which the attack takes its sign step:
+
+* ``"none"``: ∇_δ L, L = mean_u ℓ_u (the naive attacker).
+* ``"cosine"`` (the paper's / reference mechanism, the default of ``pgd_aligned``):
+  ∇_δ J with J(δ) = L(δ) + λ_align · mean_{pairs m<m'} cos(∇_{δ^m} L, ∇_{δ^m'} L) — a
+  gradient of a function of gradients (``jax.grad`` of a function calling
+  ``jax.grad``). Only modality pairs of equal width (one shared space) enter the mean;
+  with none, J = L. A target whose gradient is zero contributes cosine 0 (the
+  reference's average over zero-gradient rows is not reproduced: every target is its
+  own problem here).
+  Note: when the score is piecewise linear in δ (e.g. VBPR-MLP attacked in its
+  projected space: the fusion layer is linear, the hinge and the K-th-score clip are
+  piecewise linear), the Hessian of L is zero almost everywhere, so this reward has
+  zero gradient and the step equals the naive one. It matters for raw-feature attacks
+  (through the projection MLPs) and for smooth/graph models.
+* ``"pcgrad_groups"`` (this project's extension): per-group gradients g_k^m (vmap over
+  groups); in every modality the component of each group's gradient that conflicts
+  with another group's (negative inner product) is removed, PCGrad-style, using the
+  original gradients (deterministic, order-free), then the groups are summed.
+* ``"shared_groups"`` (extension): make every modality serve the same user groups:
+  group weights α = softmax(mean_m w^m / τ), w_k^m = <g_k^m, g^m>/||g^m||², and
+  direction^m = Σ_k α_k g_k^m. τ → 0 focuses all modalities on the one group that the
+  modalities jointly serve best; τ → ∞ gives (a multiple of) the naive gradient.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from uatmc_jax import errors
+from uatmc_jax.attacks import mismatch
+
+Direction = dict[str, jax.Array]
+
+
+def mean_loss_fn(per_user_loss_fn):
+  return lambda delta: jnp.mean(per_user_loss_fn(delta))
+
+
+def comparable_pairs(delta: Mapping[str, jax.Array]) -> tuple[tuple[str, str], ...]:
+  """Modality pairs whose perturbations share a space (same shape)."""
+  return tuple((a, b) for a, b in mismatch.modality_pairs(tuple(delta))
+               if delta[a].shape == delta[b].shape)
+
+
+def mean_pairwise_cosine(grads: Mapping[str, jax.Array],
+                         pairs: tuple[tuple[str, str], ...]) -> jax.Array:
+  """mean over ``pairs`` of cos(grads[a], grads[b]) (0 if there are no pairs)."""
+  if not pairs:
+    return jnp.zeros((), jnp.float32)
+  return jnp.mean(jnp.stack([mismatch.safe_cosine(grads[a], grads[b]) for a, b in pairs]))
+
+
+def cosine_reward_objective(per_user_loss_fn, align_weight: float):
+  """J(δ) = L(δ) + λ_align · mean_pairs cos(∇_{δ^m} L, ∇_{δ^m'} L)  (A.6)."""
+  loss = mean_loss_fn(per_user_loss_fn)
+  grad_loss = jax.grad(loss)
+
+  def objective(delta):
+    pairs = comparable_pairs(delta)
+    return loss(delta) + align_weight * mean_pairwise_cosine(grad_loss(delta), pairs)
+
+  return objective
+
+
+def naive_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
+                    group_temperature) -> Direction:
+  del group_weights, align_weight, group_temperature
+  return jax.grad(mean_loss_fn(per_user_loss_fn))(dict(delta))
+
+
+def cosine_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
+                     group_temperature) -> Direction:
+  del group_weights, group_temperature
+  return jax.grad(cosine_reward_objective(per_user_loss_fn, align_weight))(dict(delta))
+
+
+def pcgrad_combine(group_grads: jax.Array) -> jax.Array:
+  """Σ_k of PCGrad-projected per-group gradients (G, d) -> (d,).
+
+  g_k' = g_k − Σ_{j≠k, <g_k,g_j> < 0} <g_k, g_j>/||g_j||² g_j (projections against the
+  original gradients, so the result does not depend on the group order).
+  """
+  dots = group_grads @ group_grads.T
+  norms2 = jnp.diagonal(dots)
+  g = group_grads.shape[0]
+  conflict = (dots < 0) & ~jnp.eye(g, dtype=bool) & (norms2[None, :] > 0)
+  coef = jnp.where(conflict, dots / jnp.where(norms2[None, :] > 0, norms2[None, :], 1.0), 0.0)
+  return jnp.sum(group_grads - coef @ group_grads, axis=0)
+
+
+def pcgrad_groups_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
+                            group_temperature) -> Direction:
+  del align_weight, group_temperature
+  _, group_grads = mismatch.per_group_gradients(per_user_loss_fn, delta, group_weights)
+  return {m: pcgrad_combine(group_grads[m]) for m in delta}
+
+
+def shared_group_weights(group_grads: Mapping[str, jax.Array],
+                         temperature: float) -> jax.Array:
+  """α = softmax(mean_m w^m / τ) over groups, from per-group gradients {m: (G, d_m)}."""
+  shares = []
+  for gm in group_grads.values():
+    full = jnp.sum(gm, axis=0)
+    n2 = jnp.sum(full * full)
+    shares.append(jnp.where(n2 > 0, gm @ full / jnp.where(n2 > 0, n2, 1.0), 0.0))
+  mean_share = jnp.mean(jnp.stack(shares), axis=0)
+  return jax.nn.softmax(mean_share / temperature)
+
+
+def shared_groups_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
+                            group_temperature) -> Direction:
+  del align_weight
+  _, group_grads = mismatch.per_group_gradients(per_user_loss_fn, delta, group_weights)
+  alpha = shared_group_weights(group_grads, group_temperature)
+  return {m: alpha @ group_grads[m] for m in delta}
+
+
+ASCENT_DIRECTIONS: dict[str, Callable[..., Direction]] = {
+    "none": naive_direction,
+    "cosine": cosine_direction,
+    "pcgrad_groups": pcgrad_groups_direction,
+    "shared_groups": shared_groups_direction,
+}
+
+
+def get_ascent_direction(name: str) -> Callable[..., Direction]:
+  if name not in ASCENT_DIRECTIONS:
+    raise errors.ConfigError(f"alignment must be one of {sorted(ASCENT_DIRECTIONS)}, "
+                             f"got {name!r}")
+  return ASCENT_DIRECTIONS[name]
