@@ -1,0 +1,1 @@
+"""Flax NNX models: multimodal recommenders (see recsys_base for the protocol)."""

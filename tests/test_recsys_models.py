@@ -1,0 +1,185 @@
+"""Recommenders (METHODS.md A.2) and the recsys losses: shapes, closed forms, gradients."""
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from uatmc_jax.data.interactions import InteractionData
+from uatmc_jax.models import recsys_base as base
+from uatmc_jax.models.mmgcn import MMGCN, bipartite_edges
+from uatmc_jax.models.registry import build_recommender
+from uatmc_jax.models.vbpr_mlp import projection_hidden
+from uatmc_jax.objectives import recsys_losses as losses
+
+
+def tiny_data(n_users=7, n_items=11, dims=(("image", 12), ("audio", 5)), seed=0):
+  rng = np.random.default_rng(seed)
+  pairs = np.unique(np.stack([rng.integers(0, n_users, 40), rng.integers(0, n_items, 40)], 1),
+                    axis=0).astype(np.int32)
+  feats = {m: rng.standard_normal((n_items, d)).astype(np.float32) for m, d in sorted(dims)}
+  return InteractionData("tiny", n_users, n_items, pairs[:-6], pairs[-6:-3], pairs[-3:], feats)
+
+
+def jfeats(data):
+  return {m: jnp.asarray(x) for m, x in data.features.items()}
+
+
+@nnx.jit
+def project_and_encode(model, feats):
+  proj = model.project(feats)
+  return proj, model.encode(proj)
+
+
+@pytest.mark.parametrize("name,width", [("vbpr", 128), ("vbpr_mlp", 128), ("mmgcn", 192)])
+def test_shapes_and_row_wise_projection(name, width):
+  data = tiny_data()
+  model = build_recommender(name, data, {}, nnx.Rngs(0))
+  assert model.modalities == ("audio", "image")
+  feats = jfeats(data)
+  proj, (users, items) = project_and_encode(model, feats)
+  chex.assert_shape(users, (7, width))
+  chex.assert_shape(items, (11, width))
+  ids = jnp.array([3, 0, 9])
+  sub = model.project(base.gather_rows(feats, ids))
+  for m in model.modalities:
+    np.testing.assert_allclose(sub[m], proj[m][ids], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.item_vectors(proj, jnp.arange(11))[ids],
+                             items[ids], rtol=1e-5, atol=1e-6)
+  if not model.is_graph:
+    np.testing.assert_allclose(model.item_vectors(sub, ids), items[ids], rtol=1e-5, atol=1e-6)
+
+
+def test_vbpr_item_vector_is_id_and_linear_of_concat():
+  data = tiny_data()
+  model = build_recommender("vbpr", data, {}, nnx.Rngs(1))
+  feats = jfeats(data)
+  items = model.item_vectors(model.project(feats), jnp.arange(11))
+  concat = np.concatenate([data.features["audio"], data.features["image"]], 1)  # sorted order
+  w, b = np.asarray(model.item_linear.kernel[...]), np.asarray(model.item_linear.bias[...])
+  np.testing.assert_allclose(items[:, 64:], concat @ w + b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(items[:, :64], model.item_embedding[...], rtol=0, atol=0)
+
+
+def test_vbpr_mlp_projection_is_unit_norm_and_width_rule():
+  assert projection_hidden(4096, 1024) == (1024, 256)
+  assert projection_hidden(384, 1024) == (256,)
+  data = tiny_data(dims=(("image", 2048), ("text", 16)))
+  model = build_recommender("vbpr_mlp", data, {}, nnx.Rngs(0))
+  assert len(model.projectors["image"].hidden) == 2 and len(model.projectors["text"].hidden) == 1
+  proj = model.project(jfeats(data))
+  for m in model.modalities:
+    chex.assert_shape(proj[m], (11, 64))
+    np.testing.assert_allclose(jnp.linalg.norm(proj[m], axis=1), 1.0, rtol=1e-5)
+
+
+def test_three_modalities_pairwise_info_nce():
+  data = tiny_data(dims=(("a", 4), ("b", 6), ("c", 3)))
+  model = build_recommender("vbpr_mlp", data, {"align_weight": 0.5}, nnx.Rngs(0))
+  proj = model.project(jfeats(data))
+  ids = jnp.arange(11)
+  t = model.temperature()
+  views = [proj[m] for m in ("a", "b", "c")]
+  expect = 0.5 * (base.info_nce(views[0], views[1], t, ids) + base.info_nce(views[0], views[2], t, ids)
+                  + base.info_nce(views[1], views[2], t, ids)) / 3
+  np.testing.assert_allclose(model.auxiliary_loss(proj, ids), expect, rtol=1e-6)
+
+
+def test_info_nce_closed_form_and_duplicates():
+  a = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  b = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  # logits = I/τ: each row's CE = log(e^{1/τ} + 1) − 1/τ.
+  tau = 0.5
+  expect = math.log(math.exp(2.0) + 1.0) - 2.0
+  np.testing.assert_allclose(losses.info_nce(a, b, tau), expect, rtol=1e-6)
+  # Two rows of the same item: the duplicate is not a negative, so each CE is 0.
+  np.testing.assert_allclose(losses.info_nce(a, b, tau, jnp.array([3, 3])), 0.0, atol=1e-6)
+
+
+def test_bpr_and_emb_loss_closed_forms():
+  pos, neg = jnp.array([2.0, 0.0, -1.0]), jnp.array([0.0, 0.0, 1.0])
+  expect = -np.mean(np.log(1e-10 + 1 / (1 + np.exp(-np.array([2.0, 0.0, -2.0])))))
+  np.testing.assert_allclose(losses.bpr_loss(pos, neg), expect, rtol=1e-6)
+  mask = jnp.array([1.0, 1.0, 0.0])
+  np.testing.assert_allclose(losses.bpr_loss(pos, neg, mask),
+                             -np.mean(np.log(1e-10 + 1 / (1 + np.exp(-np.array([2.0, 0.0]))))),
+                             rtol=1e-6)
+  u = jnp.array([[3.0, 4.0], [0.0, 0.0]])          # Frobenius norm 5
+  v = jnp.array([[1.0, 0.0], [0.0, 1.0]])          # sqrt(2)
+  np.testing.assert_allclose(losses.emb_loss(u, v), (5 + math.sqrt(2)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(losses.emb_loss(u, v, mask=jnp.array([1.0, 0.0])), (5 + 1) / 1,
+                             rtol=1e-6)
+
+
+def test_bpr_objective_gradient_matches_finite_differences():
+  jax.config.update("jax_enable_x64", True)
+  try:
+    data = tiny_data()
+    model = build_recommender("vbpr_mlp", data, {}, nnx.Rngs(0))
+    feats = {m: jnp.asarray(x, jnp.float64) for m, x in data.features.items()}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    batch = {"users": jnp.array([0, 1, 2, 3]), "pos": jnp.array([1, 2, 3, 4]),
+             "neg": jnp.array([5, 6, 7, 8]), "mask": jnp.ones(4)}
+    loss_fn = losses.make_bpr_objective({"reg_weight": 0.01})
+
+    def f(p):
+      return loss_fn(nnx.merge(graphdef, p, rest), batch, feats, jax.random.key(0))[0]
+
+    f = jax.jit(f)
+    grads = jax.jit(jax.grad(f))(params)
+    rng = np.random.default_rng(0)
+    direction = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape)), params)
+    h = 1e-6
+    plus = jax.tree.map(lambda p, d: p + h * d, params, direction)
+    minus = jax.tree.map(lambda p, d: p - h * d, params, direction)
+    fd = (f(plus) - f(minus)) / (2 * h)
+    analytic = sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    np.testing.assert_allclose(analytic, fd, rtol=1e-6)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_mmgcn_message_passing_equals_dense_adjacency():
+  data = tiny_data()
+  dst, src, w = bipartite_edges(data.train, data.n_users, data.n_items)
+  n = data.n_users + data.n_items
+  adj = np.zeros((n, n))
+  pairs = np.unique(data.train, axis=0)
+  adj[pairs[:, 0], pairs[:, 1] + data.n_users] = 1
+  adj = adj + adj.T
+  deg = adj.sum(1)
+  inv = np.where(deg > 0, 1 / np.sqrt(np.maximum(deg, 1)), 0)
+  a_hat = inv[:, None] * adj * inv[None, :]
+  x = np.random.default_rng(0).standard_normal((n, 3))
+  sparse = jax.ops.segment_sum(jnp.asarray(x)[src] * w[:, None], dst, num_segments=n)
+  np.testing.assert_allclose(sparse, a_hat @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_mmgcn_score_is_sum_of_modality_dots_plus_id():
+  data = tiny_data()
+  model = build_recommender("mmgcn", data, {"embedding_dim": 8}, nnx.Rngs(0))
+  _, (users, items) = project_and_encode(model, jfeats(data))
+  parts = [users[:, k * 8:(k + 1) * 8] @ items[:, k * 8:(k + 1) * 8].T for k in range(3)]
+  np.testing.assert_allclose(users @ items.T, sum(parts), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(users[:, :8], model.id_embedding[...][:7], atol=0)
+
+
+def test_gradient_wrt_projected_perturbation_flows():
+  data = tiny_data()
+  for name in ("vbpr_mlp", "mmgcn"):
+    model = build_recommender(name, data, {}, nnx.Rngs(0))
+    proj = model.project(jfeats(data))
+
+    def score(delta):
+      users, items = model.encode({m: proj[m] + delta[m] for m in proj})
+      return jnp.sum(users[0] * items[3])
+
+    g = jax.jit(jax.grad(score))({m: jnp.zeros_like(p) for m, p in proj.items()})
+    for m in model.modalities:
+      assert float(jnp.abs(g[m][3]).sum()) > 0
+      if name == "vbpr_mlp":  # only the target row matters for a non-graph model
+        assert float(jnp.abs(g[m][4]).sum()) == 0

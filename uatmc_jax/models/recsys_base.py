@@ -1,0 +1,206 @@
+"""The recommender protocol shared by VBPR, VBPR-MLP and MMGCN (METHODS.md A.1-A.2).
+
+Every recommender is a Flax NNX module, generic over an ordered tuple of modality names
+(the order of ``InteractionData.features``, sorted by name). Raw item features are data:
+they are passed explicitly as ``features: {modality: (n_items, d_m)}`` and never stored
+in parameters, so attacks and defences can differentiate through them.
+
+The contract (``/tmp/recsys_api.md`` in the design notes):
+
+* ``project(features) -> {m: (n, p_m)}``: raw features -> projected modality space,
+  row-wise (projecting a subset of rows gives those rows of the full projection).
+* ``item_vectors(projected, item_ids) -> (n, D)``: item vectors from (possibly
+  perturbed) projected features plus ID embeddings. For graph models (``is_graph``)
+  only valid when ``projected`` holds all items in id order.
+* ``user_vectors() -> (n_users, D)`` (non-graph models).
+* ``encode(projected_all) -> (user_vecs (n_users, D), item_vecs (n_items, D))``.
+* ``auxiliary_loss(projected_batch, item_ids) -> scalar`` (0 unless the model has one).
+
+score(u, i) = <user_vecs[u], item_vecs[i]> for every model.
+
+Pure-function use::
+
+  graphdef, state = nnx.split(model)
+  def f(state, delta):
+    m = nnx.merge(graphdef, state)
+    ...m.item_vectors({k: p[k] + delta[k] for k in p}, ids)...
+"""
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence, runtime_checkable
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Features = Mapping[str, jax.Array]
+
+
+@runtime_checkable
+class Recommender(Protocol):
+  """What attacks, defences, training and evaluation may call on a recommender."""
+
+  modalities: tuple[str, ...]
+  is_graph: bool
+  n_users: int
+  n_items: int
+
+  def project(self, features: Features) -> dict[str, jax.Array]:
+    ...
+
+  def item_vectors(self, projected: Features, item_ids: jax.Array) -> jax.Array:
+    ...
+
+  def user_vectors(self) -> jax.Array:
+    ...
+
+  def encode(self, projected_all: Features) -> tuple[jax.Array, jax.Array]:
+    ...
+
+  def auxiliary_loss(self, projected_batch: Features, item_ids: jax.Array) -> jax.Array:
+    ...
+
+
+class RecommenderBase(nnx.Module):
+  """Defaults of the protocol for non-graph models (override what differs)."""
+
+  modalities: tuple[str, ...] = ()
+  is_graph: bool = False
+  n_users: int = 0
+  n_items: int = 0
+
+  def encode(self, projected_all: Features) -> tuple[jax.Array, jax.Array]:
+    """(user_vectors(), item_vectors(projected_all, arange(n_items)))."""
+    item_ids = jnp.arange(self.n_items, dtype=jnp.int32)
+    return self.user_vectors(), self.item_vectors(projected_all, item_ids)
+
+  def auxiliary_loss(self, projected_batch: Features, item_ids: jax.Array) -> jax.Array:
+    del projected_batch, item_ids
+    return jnp.zeros((), jnp.float32)
+
+
+def ordered_modalities(features: Mapping[str, object]) -> tuple[str, ...]:
+  """The canonical modality order: sorted by name (the InteractionData order)."""
+  return tuple(sorted(features))
+
+
+def check_features(features: Features, modalities: Sequence[str],
+                   n_rows: int | None = None) -> None:
+  """Asserts ``features`` has exactly ``modalities`` (any order) with 2-D arrays."""
+  if set(features) != set(modalities):
+    raise ValueError(f"features have modalities {sorted(features)}, model expects "
+                     f"{list(modalities)}")
+  for m in modalities:
+    chex.assert_rank(features[m], 2)
+    if n_rows is not None:
+      chex.assert_axis_dimension(features[m], 0, n_rows)
+
+
+def concat_modalities(features: Features, modalities: Sequence[str]) -> jax.Array:
+  """Concatenates per-modality rows in the model's (sorted) modality order."""
+  return jnp.concatenate([features[m] for m in modalities], axis=-1)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Row-wise x / max(||x||_2, eps) (torch.nn.functional.normalize semantics)."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def xavier_normal_table(key: jax.Array, n: int, d: int) -> jax.Array:
+  """An (n, d) embedding table with Xavier-normal init (MMRec's initialisation)."""
+  return jax.nn.initializers.glorot_normal()(key, (n, d), jnp.float32)
+
+
+def gather_rows(features: Features, item_ids: jax.Array) -> dict[str, jax.Array]:
+  """{m: features[m][item_ids]}."""
+  return {m: jnp.take(x, item_ids, axis=0) for m, x in features.items()}
+
+
+def batch_item_vectors(model: Recommender, features: Features,
+                       item_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Item vectors (and projected rows) of ``item_ids`` from raw features of all items.
+
+  Non-graph models project only the requested rows (row-wise projection makes this
+  exact) when there are fewer of them than items, else project the table once and
+  gather. Graph models run the full forward.
+
+  Returns:
+    (item_vecs (n, D), projected rows {m: (n, p_m)}).
+  """
+  if model.is_graph:
+    projected_all = model.project(features)
+    _, item_vecs = model.encode(projected_all)
+    return jnp.take(item_vecs, item_ids, axis=0), gather_rows(projected_all, item_ids)
+  if item_ids.shape[0] < model.n_items:
+    projected = model.project(gather_rows(features, item_ids))
+  else:
+    projected = gather_rows(model.project(features), item_ids)
+  return model.item_vectors(projected, item_ids), projected
+
+
+def bpr_batch_vectors(model: Recommender, features: Features, users: jax.Array,
+                      pos: jax.Array, neg: jax.Array):
+  """User, positive-item and negative-item vectors of a BPR batch, in one forward.
+
+  Args:
+    model: a recommender.
+    features: raw features of all items {m: (n_items, d_m)}.
+    users, pos, neg: int (B,) ids.
+
+  Returns:
+    (u (B, D), pos_vec (B, D), neg_vec (B, D), projected_pos {m: (B, p_m)}).
+  """
+  b = users.shape[0]
+  chex.assert_shape([pos, neg], (b,))
+  if model.is_graph:
+    projected_all = model.project(features)
+    user_all, item_all = model.encode(projected_all)
+    u = jnp.take(user_all, users, axis=0)
+    pos_vec = jnp.take(item_all, pos, axis=0)
+    neg_vec = jnp.take(item_all, neg, axis=0)
+    return u, pos_vec, neg_vec, gather_rows(projected_all, pos)
+  ids = jnp.concatenate([pos, neg])
+  item_vecs, projected = batch_item_vectors(model, features, ids)
+  u = jnp.take(model.user_vectors(), users, axis=0)
+  return u, item_vecs[:b], item_vecs[b:], {m: p[:b] for m, p in projected.items()}
+
+
+def info_nce(a: jax.Array, b: jax.Array, temperature: jax.Array | float,
+             item_ids: jax.Array | None = None) -> jax.Array:
+  """Symmetric InfoNCE between two views of the same rows (METHODS.md A.2, VBPR-MLP).
+
+  logits = a b^T / temperature; the positive of row i is row i of the other view;
+  loss = (CE(logits, diag) + CE(logits^T, diag)) / 2, averaged over rows. When
+  ``item_ids`` is given, off-diagonal pairs with the same id (duplicates in a batch)
+  are removed from the negatives instead of being pushed apart.
+
+  Args:
+    a, b: (n, p) row vectors (the caller normalises them when cosine logits are meant).
+    temperature: positive scalar.
+    item_ids: optional int (n,) ids of the rows.
+
+  Returns:
+    scalar loss.
+  """
+  chex.assert_equal_shape([a, b])
+  chex.assert_rank(a, 2)
+  logits = (a @ b.T) / temperature
+  if item_ids is not None:
+    n = a.shape[0]
+    dup = (item_ids[:, None] == item_ids[None, :]) & ~jnp.eye(n, dtype=bool)
+    logits = jnp.where(dup, -jnp.inf, logits)
+  diag_ab = jnp.diagonal(logits)
+  loss_ab = jax.nn.logsumexp(logits, axis=1) - diag_ab
+  loss_ba = jax.nn.logsumexp(logits, axis=0) - diag_ab
+  return 0.5 * (jnp.mean(loss_ab) + jnp.mean(loss_ba))
+
+
+def pairwise_info_nce(views: Sequence[jax.Array], temperature: jax.Array | float,
+                      item_ids: jax.Array | None = None) -> jax.Array:
+  """Mean of :func:`info_nce` over all unordered pairs of views (0 for one view)."""
+  pairs = [(i, j) for i in range(len(views)) for j in range(i + 1, len(views))]
+  if not pairs:
+    return jnp.zeros((), jnp.float32)
+  return sum(info_nce(views[i], views[j], temperature, item_ids) for i, j in pairs) / len(pairs)
