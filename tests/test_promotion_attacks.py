@@ -47,15 +47,20 @@ def test_view_loss_equals_full_sort_loss(is_graph):
   anchors = np.array([0, 2, 3, 5, 7, 11])
   k = 5
   ctx = promotion.build_context(surface, anchors, k=k)
-  for t in (0, 9, 17):
+
+  @jax.jit
+  def both(t, delta):
     view = promotion._target_view(surface, surface.params, surface.attack_table,
-                                  surface.projected_table, ctx, jnp.asarray(t), k)
+                                  surface.projected_table, ctx, t, k)
+    s, others = view.scores_fn(delta)
+    return (promotion.promotion_per_user_loss(s, others, 1.0),
+            _per_user_brute(surface, anchors, t, delta, k, 1.0))
+
+  for t in (0, 9, 17):
     for scale in (0.0, 0.7, 3.0):
       delta = {m: scale * jax.random.normal(jax.random.key(t + 1), (5,))
                for m in surface.modalities}
-      s, others = view.scores_fn(delta)
-      got = promotion.promotion_per_user_loss(s, others, 1.0)
-      expect = _per_user_brute(surface, anchors, t, delta, k, 1.0)
+      got, expect = both(jnp.asarray(t), delta)
       np.testing.assert_allclose(np.asarray(got), np.asarray(expect), rtol=1e-5, atol=1e-5)
 
 
@@ -72,6 +77,7 @@ def test_objective_gradient_matches_finite_differences():
     view = promotion._target_view(surface, surface.params, surface.attack_table,
                                   surface.projected_table, ctx, t, k)
 
+    @jax.jit
     def loss(delta):
       s, others = view.scores_fn(delta)
       return promotion.promotion_objective(s, others, 2.0)
@@ -82,12 +88,10 @@ def test_objective_gradient_matches_finite_differences():
     assert any(float(jnp.abs(g).max()) > 1e-3 for g in grad.values())
     h = 1e-6
     for m in surface.modalities:
-      for j in range(5):
-        e = jnp.zeros(5, jnp.float64).at[j].set(h)
-        plus = dict(delta, **{m: delta[m] + e})
-        minus = dict(delta, **{m: delta[m] - e})
-        fd = (loss(plus) - loss(minus)) / (2 * h)
-        np.testing.assert_allclose(float(grad[m][j]), float(fd), rtol=1e-5, atol=1e-8)
+      basis = h * jnp.eye(5, dtype=jnp.float64)
+      fd = jax.vmap(lambda e: (loss(dict(delta, **{m: delta[m] + e}))
+                               - loss(dict(delta, **{m: delta[m] - e}))) / (2 * h))(basis)
+      np.testing.assert_allclose(np.asarray(grad[m]), np.asarray(fd), rtol=1e-5, atol=1e-8)
 
 
 def _top_target_surface(key, regime):
@@ -127,10 +131,11 @@ def test_projection_keeps_every_perturbation_in_budget():
   ctx = promotion.build_context(surface, np.arange(12), k=5)
   runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=8, with_mismatch=False)
   tgts = np.arange(0, 40, 3)
-  for eps in (0.01, 0.3):
+  for eps in (0.3,):
     out = runner.run(promotion.pgd_attack(eps, k=5, step_scale=3.0), tgts)
     for m in surface.modalities:
       assert np.abs(out["delta"][m]).max() <= eps * (1 + 1e-6)
+      assert np.abs(out["delta"][m]).max() >= eps * (1 - 1e-6)  # the ball is reached
     out = runner.run(promotion.fgsm_attack(eps, k=5), tgts)
     for m in surface.modalities:
       bound = eps * np.linalg.norm(np.asarray(surface.attack_table[m])[tgts], axis=1)
@@ -153,7 +158,8 @@ def test_results_independent_of_chunk_size_and_no_recompiles():
   attack = promotion.pgd_attack(0.2, k=4)
   outs = []
   for chunk in (3, 8):
-    runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=chunk)
+    runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=chunk,
+                                             with_mismatch=False)
     outs.append(runner.run(attack, tgts))
     runner.run(attack, tgts[::-1])  # same compiled function, never retraced
     assert runner.trace_counts == {attack: 1}

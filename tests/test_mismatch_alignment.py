@@ -1,0 +1,160 @@
+"""Mismatch diagnostics (A.5) and aligned ascent directions (A.6)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attack_fixtures import make_surface
+from uatmc_jax.attacks import alignment, mismatch, promotion, user_groups
+
+
+def _loss_fn(surface, anchors, target, k, margin):
+  ctx = promotion.build_context(surface, anchors, k=k)
+  view = promotion._target_view(surface, surface.params, surface.attack_table,
+                                surface.projected_table, ctx, jnp.asarray(target), k)
+
+  def per_user(delta):
+    s, others = view.scores_fn(delta)
+    return promotion.promotion_per_user_loss(s, others, margin)
+
+  return per_user
+
+
+def _planted_surface(nonlinear=False):
+  """Group A (users 0-3) sees items only through modality a, group B only through b."""
+  n_users, n_items, d = 8, 16, 5
+  key = jax.random.key(0)
+  base = make_surface(key, n_users=n_users, n_items=n_items, dims=(("a", d), ("b", d)))
+  u = np.zeros((n_users, 4), np.float32)
+  rng = np.random.default_rng(0)
+  u[:4, :2] = rng.uniform(0.5, 1.5, (4, 2))
+  u[4:, 2:] = rng.uniform(0.5, 1.5, (4, 2))
+  w_a = np.zeros((d, 4), np.float32)
+  w_a[:, :2] = rng.normal(size=(d, 2))
+  w_b = np.zeros((d, 4), np.float32)
+  w_b[:, 2:] = rng.normal(size=(d, 2))
+  e = np.asarray(base.params["E"]).copy()
+  e[3] = 30.0  # target 3 sits on top of every user's list: the hinge is active everywhere
+  params = {"U": jnp.asarray(u), "E": jnp.asarray(e), "W": {"a": jnp.asarray(w_a),
+                                                           "b": jnp.asarray(w_b)}}
+  return make_surface(key, n_users=n_users, n_items=n_items, dims=(("a", d), ("b", d)),
+                      params=params, table=base.attack_table, nonlinear=nonlinear)
+
+
+def test_per_group_gradients_sum_to_full_gradient():
+  surface = make_surface(jax.random.key(1), nonlinear=True)
+  anchors = np.arange(12)
+  per_user = _loss_fn(surface, anchors, 5, 4, 3.0)
+  groups = user_groups.one_hot_groups(np.arange(12) % 3)
+  delta = {m: 0.2 * jnp.ones(5) for m in surface.modalities}
+  _, gg = jax.jit(mismatch.per_group_gradients, static_argnums=0)(per_user, delta, groups)
+  full = jax.grad(lambda d: jnp.mean(per_user(d)))(delta)
+  for m in surface.modalities:
+    assert gg[m].shape == (3, 5)
+    np.testing.assert_allclose(np.asarray(gg[m].sum(0)), np.asarray(full[m]), rtol=1e-5,
+                               atol=1e-7)
+  # Each group's gradient is the gradient of its own users' share of the loss.
+  g1 = jax.grad(lambda d: jnp.sum(per_user(d) * groups[:, 1]) / 12)(delta)
+  np.testing.assert_allclose(np.asarray(gg["a"][1]), np.asarray(g1["a"]), rtol=1e-5, atol=1e-7)
+
+
+def test_planted_two_group_mismatch_is_detected():
+  surface = _planted_surface()
+  per_user = _loss_fn(surface, np.arange(8), 3, 4, 1.0)
+  groups = user_groups.one_hot_groups(np.arange(8) // 4)
+  zero = {m: jnp.zeros(5) for m in surface.modalities}
+  diag = jax.jit(mismatch.mismatch_diagnostics, static_argnums=0)(per_user, zero, groups)
+  np.testing.assert_allclose(np.asarray(diag.shares), [[1, 0], [0, 1]], atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(diag.dominant), [0, 1])
+  assert bool(diag.dominant_differs)
+  assert int(diag.active_users) == 8
+  # Gains: modality a moves only group A's scores and b only group B's.
+  jac = jax.jacobian(per_user)(zero)
+  full = jax.grad(lambda d: jnp.mean(per_user(d)))(zero)
+  a = np.asarray(jac["a"] @ jnp.sign(full["a"]))
+  b = np.asarray(jac["b"] @ jnp.sign(full["b"]))
+  assert np.all(a[4:] == 0) and np.all(b[:4] == 0)
+  np.testing.assert_allclose(float(diag.gain_correlation[0]), np.corrcoef(a, b)[0, 1],
+                             rtol=1e-5)
+  ga, gb = np.asarray(full["a"]), np.asarray(full["b"])
+  np.testing.assert_allclose(float(diag.cosine[0]),
+                             ga @ gb / np.linalg.norm(ga) / np.linalg.norm(gb), rtol=1e-5)
+
+
+def test_runner_reports_planted_mismatch_for_every_target():
+  surface = _planted_surface()
+  ctx = promotion.build_context(surface, np.arange(8), k=4)
+  groups = user_groups.one_hot_groups(np.arange(8) // 4)
+  runner = promotion.PromotionAttackRunner(surface, ctx, groups, chunk_size=4)
+  out = runner.run(promotion.pgd_attack(0.1, k=4, alignment="shared_groups"), [3, 3])
+  assert out["mismatch"].dominant_differs.tolist() == [True, True]
+  assert out["mismatch"].shares.shape == (2, 2, 2)
+  assert out["hit_after"].shape == (2, 4)
+
+
+def test_cosine_reward_gradient_matches_finite_differences():
+  with jax.enable_x64(True):
+    base = make_surface(jax.random.key(2), nonlinear=True)
+    p = jax.tree.map(lambda x: x.astype(jnp.float64), base.params)
+    p["E"] = p["E"].at[4].set(20.0)  # target on top: smooth (tanh) in δ everywhere nearby
+    surface = make_surface(jax.random.key(2), nonlinear=True, params=p,
+                           table={m: x.astype(jnp.float64) for m, x in base.attack_table.items()})
+    per_user = _loss_fn(surface, np.arange(12), 4, 3, 1.0)
+    objective = jax.jit(alignment.cosine_reward_objective(per_user, align_weight=2.0))
+    delta = {m: 0.3 * jax.random.normal(jax.random.key(7 + i), (5,), jnp.float64)
+             for i, m in enumerate(surface.modalities)}
+    grad = jax.jit(jax.grad(objective))(delta)
+    naive = jax.grad(lambda d: jnp.mean(per_user(d)))(delta)
+    # The second-order term is really there (the direction differs from the naive one).
+    assert max(float(jnp.abs(grad[m] - naive[m]).max()) for m in delta) > 1e-3
+    h = 1e-5
+    for m in surface.modalities:
+      basis = h * jnp.eye(5, dtype=jnp.float64)
+      fd = jax.vmap(lambda e: (objective(dict(delta, **{m: delta[m] + e}))
+                               - objective(dict(delta, **{m: delta[m] - e}))) / (2 * h))(basis)
+      np.testing.assert_allclose(np.asarray(grad[m]), np.asarray(fd), rtol=1e-5, atol=1e-8)
+
+
+def test_cosine_reward_is_inert_on_a_linear_score():
+  """Piecewise-linear L (linear score) has zero Hessian: the reward cannot steer."""
+  surface = make_surface(jax.random.key(3))
+  per_user = _loss_fn(surface, np.arange(12), 4, 3, 5.0)
+  delta = {m: 0.1 * jnp.ones(5) for m in surface.modalities}
+  kw = dict(group_weights=None, group_temperature=0.1)
+  aligned = alignment.cosine_direction(per_user, delta, align_weight=10.0, **kw)
+  naive = alignment.naive_direction(per_user, delta, align_weight=10.0, **kw)
+  for m in delta:
+    np.testing.assert_allclose(np.asarray(aligned[m]), np.asarray(naive[m]), atol=1e-6)
+
+
+def test_pcgrad_combine_hand_case():
+  g = jnp.array([[1.0, 0.0], [-1.0, 1.0]])
+  # g1' = g1 + 0.5 g2 = (0.5, 0.5); g2' = g2 + g1 = (0, 1).
+  np.testing.assert_allclose(np.asarray(alignment.pcgrad_combine(g)), [0.5, 1.5], atol=1e-6)
+  # No conflict: plain sum.
+  g = jnp.array([[1.0, 0.0], [1.0, 1.0]])
+  np.testing.assert_allclose(np.asarray(alignment.pcgrad_combine(g)), [2.0, 1.0], atol=1e-6)
+
+
+def test_shared_group_weights_focus_on_the_jointly_served_group():
+  # Modality a: group 0 share 0.8, group 1 0.2; modality b: 0.3 / 0.7 -> mean 0.55 / 0.45.
+  gg = {"a": jnp.array([[0.8, 0.0], [0.2, 0.0]]), "b": jnp.array([[0.0, 0.3], [0.0, 0.7]])}
+  alpha = alignment.shared_group_weights(gg, temperature=1e-3)
+  np.testing.assert_allclose(np.asarray(alpha), [1.0, 0.0], atol=1e-6)
+  alpha = alignment.shared_group_weights(gg, temperature=1e6)
+  np.testing.assert_allclose(np.asarray(alpha), [0.5, 0.5], atol=1e-6)
+
+
+def test_unknown_alignment_is_a_config_error():
+  from uatmc_jax import errors
+  with pytest.raises(errors.ConfigError, match="alignment"):
+    promotion.pgd_attack(0.1, alignment="bogus")
+
+
+def test_kmeans_recovers_separated_blobs():
+  rng = np.random.default_rng(0)
+  pts = np.concatenate([rng.normal(0, 0.1, (20, 3)), rng.normal(5, 0.1, (30, 3))])
+  _, assign = user_groups.kmeans(jax.random.key(0), jnp.asarray(pts, jnp.float32), k=2)
+  assign = np.asarray(assign)
+  assert len(set(assign[:20])) == 1 and len(set(assign[20:])) == 1
+  assert assign[0] != assign[20]
