@@ -59,6 +59,37 @@ def _parse_column(column: np.ndarray, body: bytes, path: pathlib.Path, field: st
   raise AssertionError("unreachable: astype failed but every token parsed")
 
 
+def _x_label_text(tokens, labels, row) -> str:
+  if tokens is None:
+    return str(int(labels[row]))
+  return tokens[row, 4].decode("utf-8", errors="replace")
+
+
+def _digits_to_int(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray | None:
+  """Vectorised decimal parse of fields buf[start:end]; None unless all are 1-10 digits."""
+  length = end - start
+  if length.size == 0 or length.min() < 1 or length.max() > 10:
+    return None
+  place = np.arange(int(length.max()))
+  present = place[None, :] < length[:, None]
+  index = np.where(present, end[:, None] - 1 - place[None, :], 0)
+  digits = buf[index].astype(np.int64) - ord("0")
+  if np.any(present & ((digits < 0) | (digits > 9))):
+    return None
+  return np.sum(np.where(present, digits, 0) * 10**place, axis=1)
+
+
+def _parse_plain_digit_columns(buf, newlines, tabs, n_lines):
+  """Fast path for (userID, itemID, x_label) when every field is plain digits."""
+  line_start = np.concatenate([[0], newlines + 1])
+  line_end = np.concatenate([newlines, [len(buf)]])
+  tabs = tabs.reshape(n_lines, len(INTER_HEADER) - 1)
+  columns = (_digits_to_int(buf, line_start, tabs[:, 0]),
+             _digits_to_int(buf, tabs[:, 0] + 1, tabs[:, 1]),
+             _digits_to_int(buf, tabs[:, 3] + 1, line_end))
+  return None if any(c is None for c in columns) else columns
+
+
 def read_inter_file(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Parses an MMRec ``.inter`` file.
 
@@ -103,12 +134,17 @@ def read_inter_file(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, n
         f"{path}: line {row + 2}: expected {len(INTER_HEADER)} tab-separated columns "
         f"{INTER_HEADER}, found {tabs_per_line[row] + 1} (line {_line_text(body, row)})")
 
-  tokens = np.array(body.replace(b"\t", b"\n").split(b"\n")).reshape(n_lines,
-                                                                    len(INTER_HEADER))
-  users = _parse_column(tokens[:, 0], body, path, "userID")
-  items = _parse_column(tokens[:, 1], body, path, "itemID")
-  # MMRec configs may type x_label as float ("0.0"); accept integral values only.
-  labels = _parse_column(tokens[:, 4], body, path, "x_label", np.float64)
+  columns = _parse_plain_digit_columns(buf, newlines, tabs, n_lines)
+  if columns is not None:
+    users, items, labels = columns
+    tokens = None
+  else:  # something other than plain digits somewhere: the slower, exact path
+    tokens = np.array(body.replace(b"\t", b"\n").split(b"\n")).reshape(
+        n_lines, len(INTER_HEADER))
+    users = _parse_column(tokens[:, 0], body, path, "userID")
+    items = _parse_column(tokens[:, 1], body, path, "itemID")
+    # MMRec configs may type x_label as float ("0.0"); accept integral values only.
+    labels = _parse_column(tokens[:, 4], body, path, "x_label", np.float64)
   for name, values in (("userID", users), ("itemID", items)):
     bad = np.flatnonzero((values < 0) | (values > _MAX_ID))
     if bad.size:
@@ -121,7 +157,7 @@ def read_inter_file(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, n
     row = int(bad[0])
     raise DataFormatError(
         f"{path}: line {row + 2}: x_label must be 0, 1 or 2 (train/valid/test), got "
-        f"{tokens[row, 4].decode('utf-8', errors='replace')!r}")
+        f"{_x_label_text(tokens, labels, row)!r}")
   return users, items, labels.astype(np.int64)
 
 
