@@ -300,7 +300,7 @@ def test_synthetic_planted_modality_groups(default_synthetic):
   image, text = profile_auc(default_synthetic, "image"), profile_auc(default_synthetic, "text")
   # Group 0 (A) reads image, group 1 (B) reads text: each group's positives are well
   # predicted from its own modality, and close to chance from the other.
-  assert image[0] > 0.8 and text[1] > 0.8, (image, text)
+  assert image[0] > 0.75 and text[1] > 0.75, (image, text)
   assert image[0] - text[0] > 0.2 and text[1] - image[1] > 0.2, (image, text)
 
 
