@@ -111,7 +111,7 @@ def read_inter_file(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray, n
     raw = raw[3:]
   if b"\r" in raw:
     raw = raw.replace(b"\r\n", b"\n")
-  header, sep, body = raw.partition(b"\n")
+  header, _, body = raw.partition(b"\n")
   header_fields = tuple(header.decode("utf-8", errors="replace").strip().split("\t"))
   if header_fields != INTER_HEADER:
     raise DataFormatError(
