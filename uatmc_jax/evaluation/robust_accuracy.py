@@ -1,0 +1,139 @@
+"""Per-class accuracy under clean / PGD-20 / CW∞ / AutoAttack (METHODS.md B.5).
+
+`RobustEvaluator` builds, once per `logits_fn`, jitted fixed-size batch functions for
+each attack and returns per-example correctness; `evaluate_robustness` turns it into
+the long-tail blocks `{"per_class", "overall", "balanced", "many", "medium", "few",
+"tail", "seconds"}` (groups from the *training* counts via
+`evaluation.class_accuracy.accuracy_block`: Many > 100, Medium 20–100, Few < 20,
+Tail = rarest 30% of classes; an empty group is None).
+
+Attack names: "clean", "pgd20" (CE, step 2/255, random start), "cw" (CW margin loss,
+30 steps, step 2/255, random start), "autoattack" (standard: APGD-CE, APGD-T, FAB-T,
+Square), "autoattack_apgd" (the cheaper APGD-CE + APGD-T subset).
+"""
+
+import dataclasses
+import time
+from typing import Callable, Dict, Iterable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uatmc_jax.attacks import autoattack
+from uatmc_jax.attacks import batching
+from uatmc_jax.attacks import pgd_attacks
+from uatmc_jax.evaluation import class_accuracy
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+ATTACK_NAMES = ("clean", "pgd20", "cw", "autoattack", "autoattack_apgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustEvalConfig:
+  """Budgets of B.5 (ε = 8/255, step 2/255, PGD-20, CW-30, AutoAttack standard)."""
+  epsilon: float = 8. / 255.
+  step_size: float = 2. / 255.
+  pgd_steps: int = 20
+  cw_steps: int = 30
+  batch_size: int = 128
+  seed: int = 0
+  n_target_classes: int = 9
+  apgd_iterations: int = 100
+  fab_iterations: int = 100
+  square_queries: int = 5000
+
+
+class AttackOutcome(NamedTuple):
+  """correct: (N,) bool, prediction = label at x_adv; x_adv: (N, ...); seconds."""
+  correct: np.ndarray
+  x_adv: np.ndarray
+  seconds: float
+
+
+class RobustEvaluator:
+  """Per-example correctness of a classifier under each attack of B.5."""
+
+  def __init__(self, logits_fn: LogitsFn, config: RobustEvalConfig = RobustEvalConfig()):
+    self.logits_fn = logits_fn
+    self.config = config
+    base_key = jax.random.PRNGKey(config.seed)
+
+    def predict(x, y, batch_index):
+      del batch_index
+      return x, jnp.argmax(logits_fn(x), -1) == y
+
+    def pgd(x, y, batch_index):
+      xa = pgd_attacks.pgd_ce_attack(
+          logits_fn, x, y, epsilon=config.epsilon, step_size=config.step_size,
+          num_steps=config.pgd_steps, key=jax.random.fold_in(base_key, batch_index))
+      return xa, jnp.argmax(logits_fn(xa), -1) == y
+
+    def cw(x, y, batch_index):
+      xa = pgd_attacks.cw_attack(
+          logits_fn, x, y, epsilon=config.epsilon, step_size=config.step_size,
+          num_steps=config.cw_steps,
+          key=jax.random.fold_in(jax.random.fold_in(base_key, 1), batch_index))
+      return xa, jnp.argmax(logits_fn(xa), -1) == y
+
+    self._batch_fns = {"clean": jax.jit(predict), "pgd20": jax.jit(pgd), "cw": jax.jit(cw)}
+    self._autoattacks: Dict[str, autoattack.AutoAttack] = {}
+
+  def _autoattack(self, version: str) -> autoattack.AutoAttack:
+    if version not in self._autoattacks:
+      c = self.config
+      self._autoattacks[version] = autoattack.AutoAttack(
+          self.logits_fn, autoattack.AutoAttackConfig(
+              epsilon=c.epsilon, version=version, n_target_classes=c.n_target_classes,
+              apgd_iterations=c.apgd_iterations, fab_iterations=c.fab_iterations,
+              square_queries=c.square_queries, batch_size=c.batch_size, seed=c.seed))
+    return self._autoattacks[version]
+
+  def run(self, attack: str, images: np.ndarray, labels: np.ndarray,
+          log: Optional[Callable[[str], None]] = None) -> AttackOutcome:
+    """Attacks (N, H, W, C) images in [0, 1]; returns per-example correctness."""
+    if attack not in ATTACK_NAMES:
+      raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACK_NAMES}")
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    start = time.time()
+    if attack.startswith("autoattack"):
+      version = "apgd" if attack == "autoattack_apgd" else "standard"
+      res = self._autoattack(version).run(images, labels, log=log)
+      correct, x_adv = res.robust, res.x_adv
+    else:
+      x_adv, correct = batching.map_in_fixed_batches(
+          self._batch_fns[attack], [images, labels], self.config.batch_size)
+    return AttackOutcome(correct=np.asarray(correct, bool), x_adv=x_adv,
+                         seconds=time.time() - start)
+
+
+def accuracy_block_from_correct(correct: np.ndarray, labels: np.ndarray,
+                                train_counts: np.ndarray) -> dict:
+  """Per-example correctness (N,) -> the long-tail block (without "seconds")."""
+  num_classes = len(train_counts)
+  labels = np.asarray(labels)
+  right = np.bincount(labels, weights=np.asarray(correct, np.float64),
+                      minlength=num_classes)
+  total = np.bincount(labels, minlength=num_classes)
+  return class_accuracy.accuracy_block(right, total, np.asarray(train_counts))
+
+
+def evaluate_robustness(logits_fn: LogitsFn, images: np.ndarray, labels: np.ndarray,
+                        train_counts: np.ndarray, attacks: Iterable[str] = ("clean", "pgd20"),
+                        config: RobustEvalConfig = RobustEvalConfig(),
+                        evaluator: Optional[RobustEvaluator] = None,
+                        log: Optional[Callable[[str], None]] = None):
+  """Runs each attack and returns ({name: block with "seconds"}, {name: AttackOutcome})."""
+  evaluator = evaluator or RobustEvaluator(logits_fn, config)
+  blocks, outcomes = {}, {}
+  for name in attacks:
+    outcome = evaluator.run(name, images, labels, log=log)
+    block = accuracy_block_from_correct(outcome.correct, labels, train_counts)
+    block["seconds"] = outcome.seconds
+    blocks[name], outcomes[name] = block, outcome
+    if log is not None:
+      log(f"{name}: overall {block['overall']:.4f} balanced {block['balanced']:.4f} "
+          f"({outcome.seconds:.1f}s)")
+  return blocks, outcomes
