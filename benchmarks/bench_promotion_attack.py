@@ -72,21 +72,22 @@ def bench(name: str, n_targets: int, chunk: int, repeats: int) -> dict:
   ctx = promotion.build_context(surface, anchors, k=50, train_pairs=train)
   jax.block_until_ready(ctx)
   setup_s = time.perf_counter() - t0
-  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=chunk, with_mismatch=False)
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=False)
   attack = promotion.pgd_attack(0.05)
   tg = targets_lib.select_targets("random", n_targets, np.ones(n_items), seed=1)
   t1 = time.perf_counter()
-  runner.run(attack, tg[:chunk])  # compile + first chunk
+  runner.run(attack, ctx, tg[:chunk])  # compile + first chunk
   compile_s = time.perf_counter() - t1
   times = []
   for _ in range(repeats):
     t2 = time.perf_counter()
-    out = runner.run(attack, tg)
+    out = runner.run(attack, ctx, tg)
     times.append(time.perf_counter() - t2)
   best = min(times)
   fn = runner.chunk_function(attack)
   s = surface
-  compiled = fn.lower(s.params, s.attack_table, s.projected_table, ctx, runner.group_weights,
+  compiled = fn.lower(s.params, s.attack_table, s.projected_table, ctx,
+                      jnp.ones((len(anchors), 1), jnp.float32),
                       jnp.zeros((chunk,), jnp.int32)).compile()
   mem = compiled.memory_analysis()
   temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem is not None else float("nan")

@@ -85,8 +85,9 @@ def test_runner_reports_planted_mismatch_for_every_target():
   surface = _planted_surface()
   ctx = promotion.build_context(surface, np.arange(8), k=4)
   groups = user_groups.one_hot_groups(np.arange(8) // 4)
-  runner = promotion.PromotionAttackRunner(surface, ctx, groups, chunk_size=4)
-  out = runner.run(promotion.pgd_attack(0.1, k=4, alignment="shared_groups"), [3, 3])
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=4)
+  out = runner.run(promotion.pgd_attack(0.1, k=4, alignment="shared_groups"), ctx, [3, 3],
+                   groups)
   assert out["mismatch"].dominant_differs.tolist() == [True, True]
   assert out["mismatch"].shares.shape == (2, 2, 2)
   assert out["hit_after"].shape == (2, 4)

@@ -110,14 +110,14 @@ def test_fgsm_and_pgd_reach_closed_form_optimum(regime):
   anchors = np.arange(10)
   k = 3
   ctx = promotion.build_context(surface, anchors, k=k)
-  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=2, with_mismatch=False)
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=2, with_mismatch=False)
   mean_user = surface.params["U"].mean(0)
   # Below the threshold the hinge is active only with a big margin.
   margin = 1.0 if regime == "top" else 1e4
   eps = 0.05
   for attack in (promotion.fgsm_attack(eps, k=k, margin=margin),
                  promotion.pgd_attack(eps, k=k, margin=margin)):
-    out = runner.run(attack, [7])
+    out = runner.run(attack, ctx, [7])
     for m in surface.modalities:
       direction = surface.params["W"][m] @ mean_user  # ∂L/∂δ^m, constant
       eps_m = eps * np.linalg.norm(surface.attack_table[m][7]) if attack.method == "fgsm" else eps
@@ -129,14 +129,14 @@ def test_fgsm_and_pgd_reach_closed_form_optimum(regime):
 def test_projection_keeps_every_perturbation_in_budget():
   surface = make_surface(jax.random.key(11), n_items=40)
   ctx = promotion.build_context(surface, np.arange(12), k=5)
-  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=8, with_mismatch=False)
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=8, with_mismatch=False)
   tgts = np.arange(0, 40, 3)
   for eps in (0.3,):
-    out = runner.run(promotion.pgd_attack(eps, k=5, step_scale=3.0), tgts)
+    out = runner.run(promotion.pgd_attack(eps, k=5, step_scale=3.0), ctx, tgts)
     for m in surface.modalities:
       assert np.abs(out["delta"][m]).max() <= eps * (1 + 1e-6)
       assert np.abs(out["delta"][m]).max() >= eps * (1 - 1e-6)  # the ball is reached
-    out = runner.run(promotion.fgsm_attack(eps, k=5), tgts)
+    out = runner.run(promotion.fgsm_attack(eps, k=5), ctx, tgts)
     for m in surface.modalities:
       bound = eps * np.linalg.norm(np.asarray(surface.attack_table[m])[tgts], axis=1)
       assert np.all(np.abs(out["delta"][m]).max(axis=1) <= bound * (1 + 1e-6))
@@ -145,8 +145,8 @@ def test_projection_keeps_every_perturbation_in_budget():
 def test_single_modal_attack_leaves_other_modality_alone():
   surface = make_surface(jax.random.key(2))
   ctx = promotion.build_context(surface, np.arange(12), k=5)
-  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=4, with_mismatch=False)
-  out = runner.run(promotion.pgd_attack(0.1, k=5, modalities=("b",)), [1, 2, 3])
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=4, with_mismatch=False)
+  out = runner.run(promotion.pgd_attack(0.1, k=5, modalities=("b",)), ctx, [1, 2, 3])
   assert set(out["delta"]) == {"b"}
 
 
@@ -158,10 +158,10 @@ def test_results_independent_of_chunk_size_and_no_recompiles():
   attack = promotion.pgd_attack(0.2, k=4)
   outs = []
   for chunk in (3, 8):
-    runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=chunk,
+    runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk,
                                              with_mismatch=False)
-    outs.append(runner.run(attack, tgts))
-    runner.run(attack, tgts[::-1])  # same compiled function, never retraced
+    outs.append(runner.run(attack, ctx, tgts))
+    runner.run(attack, ctx, tgts[::-1])  # same compiled function, never retraced
     assert runner.trace_counts == {attack: 1}
   a, b = outs
   for key in ("hit_before", "hit_after", "rank_before", "rank_after", "masked_hit_after",
@@ -178,10 +178,10 @@ def test_ranks_and_hits_match_brute_force(is_graph):
   train = np.array([[1, 3], [4, 3], [5, 10], [9, 0], [9, 3], [2, 3]])
   ctx = promotion.build_context(surface, anchors, k=4, train_pairs=train)
   ks = (1, 3, 10)
-  runner = promotion.PromotionAttackRunner(surface, ctx, chunk_size=4, ks=ks,
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=4, ks=ks,
                                            with_mismatch=False)
   tgts = np.array([3, 10, 17])
-  out = runner.run(promotion.pgd_attack(0.5, k=4), tgts)
+  out = runner.run(promotion.pgd_attack(0.5, k=4), ctx, tgts)
   mask = np.zeros((12, 25), bool)
   mask[train[:, 0], train[:, 1]] = True
   for i, t in enumerate(tgts):
@@ -206,8 +206,8 @@ def test_graph_and_row_wise_paths_agree():
   res = []
   for s in (flat, graph):
     ctx = promotion.build_context(s, anchors, k=3)
-    runner = promotion.PromotionAttackRunner(s, ctx, chunk_size=2, with_mismatch=False)
-    res.append(runner.run(promotion.pgd_attack(0.3, k=3), tgts))
+    runner = promotion.PromotionAttackRunner(s, chunk_size=2, with_mismatch=False)
+    res.append(runner.run(promotion.pgd_attack(0.3, k=3), ctx, tgts))
   np.testing.assert_allclose(res[0]["rank_after"], res[1]["rank_after"], rtol=1e-5)
   np.testing.assert_allclose(res[0]["loss_after"], res[1]["loss_after"], rtol=1e-5)
 

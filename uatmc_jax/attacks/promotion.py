@@ -417,25 +417,20 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
 class PromotionAttackRunner:
   """Attacks many targets of one model, chunk by chunk, with one compiled function.
 
+  The compiled chunk function depends on the attack and the shapes only; the context
+  (anchors, clean top-k, sorted scores) and the user groups are arguments, so other
+  seeds' anchor sets of the same size reuse it.
+
   Args:
     surface: the attacked model.
-    ctx: its ``PromotionContext`` (anchors, clean top-k, sorted scores).
-    group_weights: (n_A, G) anchor user groups (one-hot); None = one group.
     chunk_size: targets per vmapped chunk (memory ~ chunk_size × one target's attack).
     ks: Hit@K cut-offs.
     with_mismatch: compute the A.5 diagnostics too.
   """
 
-  def __init__(self, surface: AttackSurface, ctx: PromotionContext,
-               group_weights: jax.Array | None = None, *, chunk_size: int = 64,
+  def __init__(self, surface: AttackSurface, *, chunk_size: int = 64,
                ks: Sequence[int] = METRIC_KS, with_mismatch: bool = True):
     self.surface = surface
-    self.ctx = ctx
-    n_a = int(ctx.anchors.shape[0])
-    if group_weights is None:
-      group_weights = jnp.ones((n_a, 1), jnp.float32)
-    chex.assert_shape(group_weights, (n_a, None))
-    self.group_weights = jnp.asarray(group_weights, jnp.float32)
     self.chunk_size = int(chunk_size)
     self.ks = tuple(int(k) for k in ks)
     self.with_mismatch = with_mismatch
@@ -445,9 +440,6 @@ class PromotionAttackRunner:
   def chunk_function(self, attack: PromotionAttack):
     """The jitted (params, tables, ctx, groups, targets (chunk,)) -> per-target dict."""
     if attack not in self._compiled:
-      if attack.k + 1 != self.ctx.topk_values.shape[1]:
-        raise errors.ConfigError(f"attack k={attack.k} but the context was built for "
-                                 f"k={self.ctx.topk_values.shape[1] - 1}")
       unknown = set(attack.modalities or ()) - set(self.surface.modalities)
       if unknown:
         raise errors.ConfigError(f"attacked modalities {sorted(unknown)} not in the model's "
@@ -469,13 +461,28 @@ class PromotionAttackRunner:
       self._compiled[attack] = jax.jit(chunk)
     return self._compiled[attack]
 
-  def run(self, attack: PromotionAttack, targets: Sequence[int]) -> dict[str, Any]:
+  def run(self, attack: PromotionAttack, ctx: PromotionContext, targets: Sequence[int],
+          group_weights: jax.Array | None = None) -> dict[str, Any]:
     """Attacks ``targets``; returns numpy arrays with a leading (n_targets,) axis.
+
+    Args:
+      attack: the attacker (its ``k`` must be the context's).
+      ctx: the model's ``PromotionContext`` for one anchor set.
+      targets: item ids.
+      group_weights: (n_A, G) anchor user groups (one-hot); None = one group.
 
     The last chunk is padded with copies of the first target and the padding dropped,
     so every chunk has the same shape (no recompiles). ``seconds`` (wall time of the
-    chunks, compile included in the first) is added.
+    chunks, compile included on first use) is added.
     """
+    if attack.k + 1 != ctx.topk_values.shape[1]:
+      raise errors.ConfigError(f"attack k={attack.k} but the context was built for "
+                               f"k={ctx.topk_values.shape[1] - 1}")
+    n_a = int(ctx.anchors.shape[0])
+    if group_weights is None:
+      group_weights = jnp.ones((n_a, 1), jnp.float32)
+    chex.assert_shape(group_weights, (n_a, None))
+    group_weights = jnp.asarray(group_weights, jnp.float32)
     targets = np.asarray(targets, np.int32)
     n = len(targets)
     if n == 0:
@@ -488,7 +495,7 @@ class PromotionAttackRunner:
     t0 = time.perf_counter()
     pieces = []
     for i in range(n_chunks):
-      out = fn(s.params, s.attack_table, s.projected_table, self.ctx, self.group_weights,
+      out = fn(s.params, s.attack_table, s.projected_table, ctx, group_weights,
                jnp.asarray(padded[i * c:(i + 1) * c]))
       pieces.append(jax.device_get(out))
     seconds = time.perf_counter() - t0

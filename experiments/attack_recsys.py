@@ -1,0 +1,318 @@
+"""Promotion attacks on a trained recommender (METHODS.md A.4-A.6).
+
+  python -m experiments.attack_recsys \\
+    --config=experiments/configs/attack.py:targets=100,seeds=3,epsilon=0.05,attack=pgd_aligned \\
+    --workdir=<dir of a model trained by experiments.train_recsys>
+
+Writes into the workdir:
+* ``attack_results.json``: ``protocol`` (what was measured and how) and, per attacker
+  (``fgsm``, ``pgd``, ``pgd_aligned``, ``pgd_pcgrad_groups``, ``pgd_shared_groups``,
+  ``fgsm_<m>``, ``pgd_<m>``), a block with ``hit@K_before`` / ``hit@K_after`` and
+  ``avg_rank_before`` / ``avg_rank_after`` (``{"mean", "std"}`` over all targets of all
+  seeds; ranking over all items without masking train items, the reference's; the
+  masked variant under ``masked``), ``n_targets`` (per seed), ``seeds``,
+  ``targets_per_second``, and ``mismatch`` (A.5 at δ = 0: ``cosine_mean``,
+  ``cosine_quantiles``, ``dominant_group_differs_share``, ``gain_correlation``) plus
+  ``mismatch_after`` (the same at the attacker's final δ). With several budgets the
+  attacker's entry holds one block per budget, keyed ``"epsilon=<ε>"``.
+* ``attack_cosines.png``: histograms of the per-target cross-modal gradient cosines.
+* ``attack_results.md``: a Markdown table.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
+
+from experiments import launch
+from uatmc_jax import errors
+from uatmc_jax.attacks import promotion, targets as targets_lib, user_groups
+from uatmc_jax.attacks.surface import surface_from_recommender
+from uatmc_jax.evaluation import reporting
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.")
+
+RANKING_NOTE = ("ranks over all items; users' train items NOT masked (the reference's "
+                "protocol); the masked variant is under 'masked'")
+
+
+# ----------------------------------------------------------------------------------
+# The trained model.
+
+
+def load_trained(workdir: str):
+  """(model, data) of the best checkpoint in ``workdir``.
+
+  Uses ``uatmc_jax.training.recsys_trainer.load_trained_recommender`` when the trainer
+  provides it; otherwise rebuilds the model from ``<workdir>/results.json`` (``dataset``,
+  ``model`` and an optional ``config``/``model_config``) and restores
+  ``<workdir>/checkpoints`` through ``RecsysTrainer``.
+  """
+  from uatmc_jax.training import recsys_trainer
+
+  loader = getattr(recsys_trainer, "load_trained_recommender", None)
+  if loader is not None:
+    out = loader(workdir)
+    if isinstance(out, tuple):
+      return out[0], out[1]
+    return out.model, out.data
+  from flax import nnx
+
+  from uatmc_jax.data import load_dataset
+  from uatmc_jax.models.registry import build_recommender
+
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f"{path} not found: --workdir must hold a model trained by "
+                             "experiments.train_recsys")
+  res = reporting.read_json(path)
+  for key in ("dataset", "model"):
+    if key not in res:
+      raise errors.ConfigError(f"{path}: field {key!r} missing")
+  cfg = dict(res.get("model_config") or res.get("config") or {})
+  data = load_dataset(res.get("dataset_path", res["dataset"]))
+  model = build_recommender(res["model"], data, cfg, nnx.Rngs(0))
+  trainer = recsys_trainer.RecsysTrainer(model, data, {**cfg, "log": False}, workdir=workdir)
+  if not trainer.restore("best") and not trainer.restore("latest"):
+    raise errors.ConfigError(f"{workdir}/checkpoints: no checkpoint to restore")
+  return trainer.model, data
+
+
+# ----------------------------------------------------------------------------------
+# Attackers by name.
+
+
+def attacker_names(modalities) -> list[str]:
+  names = ["fgsm", "pgd", "pgd_aligned", "pgd_pcgrad_groups", "pgd_shared_groups"]
+  names += [f"fgsm_{m}" for m in modalities] + [f"pgd_{m}" for m in modalities]
+  return names
+
+
+def make_attacker(name: str, epsilon: float, cfg, modalities) -> promotion.PromotionAttack:
+  """fgsm | pgd | pgd_aligned | pgd_<alignment> | fgsm_<m> | pgd_<m>."""
+  common = dict(k=cfg.k, align_weight=cfg.align_weight,
+                group_temperature=cfg.group_temperature)
+  method, _, rest = name.partition("_")
+  if method not in ("fgsm", "pgd"):
+    raise errors.ConfigError(f"attack {name!r}: expected one of {attacker_names(modalities)}")
+  factory = promotion.fgsm_attack if method == "fgsm" else promotion.pgd_attack
+  if not rest:
+    return factory(epsilon, **common)
+  if rest in modalities:
+    return factory(epsilon, modalities=(rest,), **common)
+  alignment = "cosine" if rest == "aligned" else rest
+  try:
+    return factory(epsilon, alignment=alignment, **common)
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f"attack {name!r}: {e}; expected one of "
+                             f"{attacker_names(modalities)}") from None
+
+
+# ----------------------------------------------------------------------------------
+# Aggregation.
+
+
+def _ms(x) -> dict:
+  x = np.asarray(x, np.float64).ravel()
+  x = x[np.isfinite(x)]
+  if x.size == 0:
+    return {"mean": None, "std": None}
+  return reporting.mean_std(x)
+
+
+def _hit_rank_block(runs, prefix: str, ks) -> dict:
+  block = {}
+  for tag in ("before", "after"):
+    hits = np.concatenate([r[f"{prefix}hit_{tag}"] for r in runs])
+    for j, k in enumerate(ks):
+      block[f"hit@{k}_{tag}"] = _ms(hits[:, j])
+    block[f"avg_rank_{tag}"] = _ms(np.concatenate([r[f"{prefix}rank_{tag}"] for r in runs]))
+  return block
+
+
+def _mismatch_block(diags, pairs) -> dict:
+  cos = np.concatenate([d.cosine for d in diags])            # (T, P)
+  corr = np.concatenate([d.gain_correlation for d in diags])  # (T, P)
+  differs = np.concatenate([d.dominant_differs for d in diags])
+  shares = np.concatenate([d.shares for d in diags])          # (T, M, G)
+  per_target_cos = np.nanmean(np.where(np.isfinite(cos), cos, np.nan), axis=1) \
+      if cos.shape[1] and np.isfinite(cos).any() else np.full(cos.shape[0], np.nan)
+  finite = per_target_cos[np.isfinite(per_target_cos)]
+  qs = (0.1, 0.25, 0.5, 0.75, 0.9)
+  return {
+      "pairs": [f"{a}~{b}" for a, b in pairs],
+      "cosine_mean": float(finite.mean()) if finite.size else None,
+      "cosine_quantiles": ({f"q{int(q * 100)}": float(np.quantile(finite, q)) for q in qs}
+                           if finite.size else None),
+      "dominant_group_differs_share": float(differs.mean()),
+      "gain_correlation": (float(np.nanmean(corr)) if np.isfinite(corr).any() else None),
+      "group_share_mean": np.nanmean(shares, axis=0).tolist() if shares.size else None,
+      "active_users_mean": float(np.concatenate([d.active_users for d in diags]).mean()),
+      "per_target_cosine": per_target_cos.tolist(),
+  }
+
+
+def aggregate(runs, seeds, n_targets, ks, pairs, with_mismatch, first_compiled) -> dict:
+  block = _hit_rank_block(runs, "", ks)
+  if "masked_hit_before" in runs[0]:
+    block["masked"] = _hit_rank_block(runs, "masked_", ks)
+  block["loss_before"] = _ms(np.concatenate([r["loss_before"] for r in runs]))
+  block["loss_after"] = _ms(np.concatenate([r["loss_after"] for r in runs]))
+  seconds = [r["seconds"] for r in runs]
+  timed = seconds[1:] if len(seconds) > 1 and first_compiled else seconds
+  block.update(n_targets=n_targets, seeds=list(seeds),
+               targets_per_second=n_targets * len(timed) / max(sum(timed), 1e-9),
+               seconds_per_seed=seconds,
+               timing_note=("first seed (compile) excluded" if timed is not seconds
+                            else "compile included"),
+               ranking=RANKING_NOTE)
+  block["per_seed_hit@50_after"] = [float(r["hit_after"][:, list(ks).index(50)].mean())
+                                    for r in runs] if 50 in ks else None
+  if with_mismatch:
+    block["mismatch"] = _mismatch_block([r["mismatch"] for r in runs], pairs)
+    block["mismatch_after"] = _mismatch_block([r["mismatch_at_delta"] for r in runs], pairs)
+  return block
+
+
+# ----------------------------------------------------------------------------------
+# Outputs.
+
+
+def write_plot(path: str, results: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  bins = np.linspace(-1, 1, 41)
+  drawn = False
+  for name, entry in results.items():
+    if name == "protocol":
+      continue
+    blocks = entry.items() if "hit@50_after" not in entry else [("", entry)]
+    for eps_key, block in blocks:
+      if not str(name).startswith("pgd") or "mismatch" not in block:
+        continue
+      if name == "pgd":
+        c = np.asarray(block["mismatch"]["per_target_cosine"], float)
+        ax.hist(c[np.isfinite(c)], bins=bins, alpha=0.5, label=f"clean (δ=0) {eps_key}")
+        drawn = True
+      if name in ("pgd", "pgd_aligned", "pgd_shared_groups"):
+        c = np.asarray(block["mismatch_after"]["per_target_cosine"], float)
+        if np.isfinite(c).any():
+          ax.hist(c[np.isfinite(c)], bins=bins, histtype="step", lw=1.5,
+                  label=f"after {name} {eps_key}")
+          drawn = True
+  ax.set_xlabel("cos(∇_{δ^m} L, ∇_{δ^m'} L) per target")
+  ax.set_ylabel("targets")
+  ax.set_title("Cross-modal gradient cosine of the promotion objective (A.5)")
+  if drawn:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+  header = ["attacker", "ε", "Hit@10", "Hit@20", "Hit@50 before", "Hit@50 after",
+            "Hit@100", "avg rank before → after", "cos(g^m,g^m')", "dominant differs",
+            "gain corr", "targets/s"]
+  rows = []
+  for name, entry in results.items():
+    if name == "protocol":
+      continue
+    blocks = [(None, entry)] if "hit@50_after" in entry else list(entry.items())
+    for _, b in blocks:
+      mm = b.get("mismatch") or {}
+      rows.append([
+          name, b["epsilon"], b["hit@10_after"], b["hit@20_after"], b["hit@50_before"],
+          b["hit@50_after"], b["hit@100_after"],
+          f"{b['avg_rank_before']['mean']:.1f} → {b['avg_rank_after']['mean']:.1f}",
+          mm.get("cosine_mean"), mm.get("dominant_group_differs_share"),
+          mm.get("gain_correlation"), b["targets_per_second"]])
+  return reporting.markdown_table(header, rows)
+
+
+def main(argv):
+  del argv
+  launch.setup()
+  cfg = _CONFIG.value
+  workdir = FLAGS.workdir
+  if not workdir:
+    raise errors.ConfigError("--workdir (a trained model's directory) is required")
+  model, data = load_trained(workdir)
+  surface = surface_from_recommender(model, data.features, space=cfg.space)
+  modalities = surface.modalities
+  names = cfg.attacks or attacker_names(modalities)
+  attacks = {eps: {n: make_attacker(n, eps, cfg, modalities) for n in names}
+             for eps in cfg.epsilons}
+  if cfg.groups not in ("auto", "planted", "kmeans"):
+    raise errors.ConfigError(f"groups must be auto, planted or kmeans, got {cfg.groups!r}")
+  use_planted = cfg.groups == "planted" or (cfg.groups == "auto" and data.user_groups is not None)
+  if use_planted and data.user_groups is None:
+    raise errors.ConfigError(f"groups=planted but dataset {data.name!r} has no user groups")
+  chunk = min(cfg.chunk_size, 4) if surface.is_graph else cfg.chunk_size
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=cfg.mismatch)
+  pop = data.item_popularity()
+  runs = {(eps, n): [] for eps in cfg.epsilons for n in names}
+  t_start = time.perf_counter()
+  for seed in cfg.seeds:
+    anchors = targets_lib.select_anchors(data.n_users, cfg.anchor_share, seed)
+    tg = targets_lib.select_targets(cfg.target_set, cfg.targets, pop, seed)
+    ctx = promotion.build_context(surface, anchors, k=cfg.k, train_pairs=data.train)
+    if use_planted:
+      groups = user_groups.one_hot_groups(np.asarray(data.user_groups)[anchors])
+    else:
+      _, assign = user_groups.kmeans(jax.random.key(seed), ctx.anchor_vectors, k=cfg.n_groups)
+      groups = user_groups.one_hot_groups(assign, cfg.n_groups)
+    for eps in cfg.epsilons:
+      for n in names:
+        out = runner.run(attacks[eps][n], ctx, tg, groups)
+        runs[(eps, n)].append(out)
+        logging.info("seed %d eps %g %s: hit@50 %.4f -> %.4f (%.1f targets/s)", seed, eps, n,
+                     out["hit_before"][:, 2].mean(), out["hit_after"][:, 2].mean(),
+                     len(tg) / out["seconds"])
+  ks = runner.ks
+  results = {"protocol": {
+      "dataset": data.name, "model": type(model).__name__, "modalities": list(modalities),
+      "space": cfg.space, "k": cfg.k, "anchor_share": cfg.anchor_share,
+      "target_set": cfg.target_set, "targets_per_seed": cfg.targets, "seeds": list(cfg.seeds),
+      "epsilons": list(cfg.epsilons), "ranking": RANKING_NOTE,
+      "groups": ("planted (data.user_groups)" if use_planted
+                 else f"k-means on anchor user vectors, k={cfg.n_groups}"),
+      "fgsm": "one sign step, eps_m = eps*||x_t^m||_2, margin 10",
+      "pgd": "10 sign steps of 1.25*eps/10, ||delta^m||_inf <= eps, no random start, margin 1",
+      "align_weight": cfg.align_weight, "group_temperature": cfg.group_temperature,
+      "chunk_size": chunk, "total_seconds": time.perf_counter() - t_start}}
+  from uatmc_jax.attacks.mismatch import modality_pairs
+  for n in names:
+    blocks = {}
+    for eps in cfg.epsilons:
+      a = attacks[eps][n]
+      pairs = modality_pairs(tuple(a.modalities or modalities))
+      b = aggregate(runs[(eps, n)], cfg.seeds, cfg.targets, ks, pairs, cfg.mismatch, True)
+      b["epsilon"] = eps
+      b["attack"] = {"method": a.method, "budget": a.budget, "steps": a.steps,
+                     "margin": a.margin, "alignment": a.alignment,
+                     "modalities": list(a.modalities or modalities)}
+      blocks[f"epsilon={eps}"] = b
+    results[n] = blocks[f"epsilon={cfg.epsilons[0]}"] if len(blocks) == 1 else blocks
+  reporting.write_json(os.path.join(workdir, "attack_results.json"), results)
+  if cfg.mismatch:
+    write_plot(os.path.join(workdir, "attack_cosines.png"), results)
+  table = markdown(results)
+  with open(os.path.join(workdir, "attack_results.md"), "w") as f:
+    f.write(f"Promotion attacks on {data.name} / {type(model).__name__} ({cfg.target_set} "
+            f"targets, {cfg.targets}/seed x seeds {list(cfg.seeds)}; {RANKING_NOTE}; "
+            f"Hit@K after unless stated)\n\n{table}\n")
+  print(table, flush=True)
+
+
+if __name__ == "__main__":
+  launch.run(main)
