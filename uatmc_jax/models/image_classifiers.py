@@ -30,7 +30,7 @@ variables, parameters are ``nnx.Param``)::
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
     def logits_fn(params, batch_stats, x, train):
-      m = nnx.merge(graphdef, params, batch_stats)
+      m = nnx.merge(graphdef, params, batch_stats, copy=True)  # fresh Variables
       out = m(x, train=train)
       return out, nnx.state(m, nnx.BatchStat)     # updated stats when train=True
 
@@ -46,7 +46,9 @@ variables, parameters are ``nnx.Param``)::
       return new_params, new_stats, opt_state
 
 ``apply_features`` / ``apply_logits`` / ``apply_classify`` below wrap exactly this
-pattern; ``classifier_weight_of(graphdef, params)`` reads ``W`` from a parameter
+pattern (``copy=True`` gives fresh Variables in the current trace, so the merge also
+works inside ``jax.grad`` nested in ``jax.jit`` with closed-over batch stats);
+``classifier_weight_of(graphdef, params, batch_stats)`` reads ``W`` from a parameter
 pytree. ``nnx.jit`` on the module itself also works (NNX propagates the BN updates).
 
 Mixed precision: ``dtype=jnp.bfloat16`` computes convolutions / matmuls in bfloat16
@@ -460,23 +462,23 @@ def apply_features(graphdef, params, batch_stats, x: jax.Array, *, train: bool):
   With ``train=False`` BN uses the running statistics and ``new_batch_stats`` equals
   ``batch_stats``; with ``train=True`` it holds the updated running averages.
   """
-  model = nnx.merge(graphdef, params, batch_stats)
+  model = nnx.merge(graphdef, params, batch_stats, copy=True)
   phi = model.features(x, train=train)
   return phi, nnx.state(model, nnx.BatchStat)
 
 
 def apply_logits(graphdef, params, batch_stats, x: jax.Array, *, train: bool):
   """Pure ``f(x)``. Returns ``(logits (B, C), new_batch_stats)`` (see ``apply_features``)."""
-  model = nnx.merge(graphdef, params, batch_stats)
+  model = nnx.merge(graphdef, params, batch_stats, copy=True)
   logits = model(x, train=train)
   return logits, nnx.state(model, nnx.BatchStat)
 
 
 def apply_classify(graphdef, params, batch_stats, phi: jax.Array) -> jax.Array:
   """Pure head: logits ``(B, C)`` from features ``phi`` ``(B, d_f)``."""
-  return nnx.merge(graphdef, params, batch_stats).classify(phi)
+  return nnx.merge(graphdef, params, batch_stats, copy=True).classify(phi)
 
 
 def classifier_weight_of(graphdef, params, batch_stats) -> jax.Array:
   """``W`` as ``(C, d_f)`` from a parameter pytree (differentiable in ``params``)."""
-  return nnx.merge(graphdef, params, batch_stats).classifier_weight
+  return nnx.merge(graphdef, params, batch_stats, copy=True).classifier_weight

@@ -1,0 +1,168 @@
+"""Image classifiers (METHODS.md B.2): shapes, φ/W split, BatchNorm modes, pure pattern."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from uatmc_jax.errors import ConfigError
+from uatmc_jax.models import image_classifiers as ic
+
+
+def _n_params(model_or_state):
+  state = (model_or_state if isinstance(model_or_state, nnx.State)
+           else nnx.state(model_or_state, nnx.Param))
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state))
+
+
+def _rngs(seed):
+  # 'rbg' keys: the same initialisers, ~3x cheaper to compile eagerly on CPU than
+  # threefry (model building dominated this file's time).
+  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def _small(**kw):
+  """Small CNN, 7 classes, widths (8, 16): one set of shapes for every behaviour test,
+  so eager op compilations are shared."""
+  kw.setdefault("widths", (8, 16))
+  return ic.build_classifier("small_cnn", 7, _rngs(1), **kw)
+
+
+def _x(b=2, hw=16, seed=0):
+  return jax.random.uniform(jax.random.key(seed), (b, hw, hw, 3))
+
+
+def _zero_filled(name, **kw):
+  """The real model graph with constant parameters, built without running the
+  (slow, eager) random initialisers: ``nnx.eval_shape`` then fill."""
+  abstract = nnx.eval_shape(lambda: ic.build_classifier(name, 10, nnx.Rngs(0), **kw))
+  g, state = nnx.split(abstract)
+  return nnx.merge(g, jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), state))
+
+
+@pytest.mark.parametrize("name,d_f", [("small_cnn", 128), ("reduced_resnet", 128),
+                                      ("resnet18", 512), ("preact_resnet18", 512)])
+def test_output_shapes(name, d_f):
+  model = _zero_filled(name)  # the real graph; values do not matter for shapes
+  assert model.feature_dim == d_f and model.num_classes == 10
+  assert model.classifier_weight.shape == (10, d_f)
+  g, p, s = ic.split_classifier(model)
+  fn = jax.jit(lambda p, s, x: (ic.apply_logits(g, p, s, x, train=False)[0],
+                                ic.apply_features(g, p, s, x, train=False)[0]))
+  logits, phi = fn(p, s, _x())
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+  assert phi.shape == (2, d_f) and phi.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_resnet18_cifar_stem_and_parameter_count():
+  model = nnx.eval_shape(lambda: ic.build_classifier("resnet18", 10, nnx.Rngs(0)))
+  assert model.stem_conv.kernel.shape == (3, 3, 3, 64)  # 3x3 stem, not 7x7
+  assert tuple(model.stem_conv.strides) == (1, 1)       # stride 1, and no max-pool
+  # The standard CIFAR ResNet-18 (torchvision-style blocks, 10 classes) has
+  # 11,173,962 parameters.
+  assert _n_params(nnx.state(model, nnx.Param)) == 11_173_962
+
+
+def test_wrn34_10_shapes_via_eval_shape():
+  def build_and_run():
+    model = ic.build_classifier("wrn34_10", 10, nnx.Rngs(0))
+    x = jnp.zeros((2, 32, 32, 3))
+    return model(x, train=False), model.features(x, train=False), nnx.state(model, nnx.Param)
+  logits, phi, params = jax.eval_shape(build_and_run)
+  assert logits.shape == (2, 10) and phi.shape == (2, 640)
+  assert _n_params(params) == 46_160_474  # WRN-34-10 on CIFAR-10 (46.16M)
+
+
+def test_features_classify_consistency_and_weight_view():
+  model = _small()
+  model.eval()
+  x = _x(3)
+  phi = model.features(x)
+  w, b = model.classifier_weight, model.classifier_bias
+  assert w.shape == (7, 16) and b.shape == (7,)
+  np.testing.assert_allclose(model.classify(phi), phi @ w.T + b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model(x), model.classify(phi), rtol=1e-6, atol=1e-6)
+  nb = _small(use_bias=False)
+  assert nb.classifier_bias is None
+
+
+def test_cosine_head():
+  model = _small(head="cosine", cosine_scale=10.0)
+  phi = jax.random.normal(jax.random.key(3), (4, 16))
+  w = model.classifier_weight
+  cos = (phi / jnp.linalg.norm(phi, axis=1, keepdims=True)) @ (
+      w / jnp.linalg.norm(w, axis=1, keepdims=True)).T
+  np.testing.assert_allclose(model.classify(phi), 10.0 * cos, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConfigError, match="head"):
+    _small(head="arcface")
+
+
+def test_batchnorm_train_vs_inference_mode():
+  model = _small()
+  x = _x(8, 8) * 3.0 + 1.0
+  stats0 = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  out_eval = model(x, train=False)
+  jax.tree.map(np.testing.assert_array_equal, stats0,
+               jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)))
+  out_train = model(x, train=True)
+  stats1 = nnx.state(model, nnx.BatchStat)
+  mean0 = np.asarray(stats1["bns"][0]["mean"][...])
+  assert np.abs(mean0).max() > 1e-3  # running mean moved towards the batch mean
+  assert not np.allclose(out_eval, out_train)
+  # model.eval() and nnx.view(...) both mean train=False.
+  ref = model(x, train=False)
+  view = nnx.view(model, use_running_average=True)
+  np.testing.assert_allclose(view(x), ref, rtol=1e-6)
+  model.eval()
+  np.testing.assert_allclose(model(x), ref, rtol=1e-6)
+
+
+def test_pure_pattern_matches_stateful_updates_and_differentiates():
+  model = _small()
+  x = _x(6, 8, seed=4)
+  g, p, s = ic.split_classifier(model)
+
+  @jax.jit
+  def step(p, s, x):
+    def loss(p):
+      logits, new_s = ic.apply_logits(g, p, s, x, train=True)
+      return jnp.sum(logits ** 2), new_s
+    (l, new_s), grads = jax.value_and_grad(loss, has_aux=True)(p)
+    return l, new_s, grads
+
+  l, new_s, grads = step(p, s, x)
+  eager_logits = model(x, train=True)  # stateful NNX call updates the module
+  np.testing.assert_allclose(l, jnp.sum(eager_logits ** 2), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               new_s, nnx.state(model, nnx.BatchStat))
+  assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(grads))
+  # W is differentiable through classifier_weight_of: d/dW sum(W^2) = 2W.
+  gw = jax.grad(lambda p: jnp.sum(ic.classifier_weight_of(g, p, s) ** 2))(p)
+  np.testing.assert_allclose(gw["classifier"]["kernel"][...],
+                             2 * p["classifier"]["kernel"][...], rtol=1e-6)
+  # Inference-mode apply returns the stats unchanged.
+  _, same_s = ic.apply_logits(g, p, s, x, train=False)
+  jax.tree.map(np.testing.assert_array_equal, same_s, s)
+
+
+def test_bfloat16_compute_float32_params():
+  f32 = _small()
+  bf16 = _small(dtype="bfloat16")
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+  x = _x(4, 8)
+  out16, out32 = bf16(x, train=False), f32(x, train=False)
+  assert out16.dtype == jnp.float32
+  np.testing.assert_allclose(out16, out32, rtol=0.05, atol=0.05)
+  assert not np.array_equal(np.asarray(out16), np.asarray(out32))  # really bf16
+
+
+def test_registry_errors():
+  with pytest.raises(ConfigError, match="unknown classifier 'resnet50'"):
+    ic.build_classifier("resnet50", 10, nnx.Rngs(0))
+  with pytest.raises(ConfigError, match="small_cnn"):
+    ic.build_classifier("small_cnn", 10, nnx.Rngs(0), depth=3)
+  with pytest.raises(ConfigError, match="6n\\+4"):
+    ic.build_classifier("wrn34_10", 10, nnx.Rngs(0), depth=33)
+  with pytest.raises(ConfigError, match="num_classes"):
+    ic.build_classifier("small_cnn", 1, nnx.Rngs(0))
