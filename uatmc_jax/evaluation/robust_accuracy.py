@@ -14,7 +14,7 @@ Square), "autoattack_apgd" (the cheaper APGD-CE + APGD-T subset).
 
 import dataclasses
 import time
-from typing import Callable, Dict, Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,17 +78,12 @@ class RobustEvaluator:
       return xa, jnp.argmax(logits_fn(xa), -1) == y
 
     self._batch_fns = {"clean": jax.jit(predict), "pgd20": jax.jit(pgd), "cw": jax.jit(cw)}
-    self._autoattacks: Dict[str, autoattack.AutoAttack] = {}
-
-  def _autoattack(self, version: str) -> autoattack.AutoAttack:
-    if version not in self._autoattacks:
-      c = self.config
-      self._autoattacks[version] = autoattack.AutoAttack(
-          self.logits_fn, autoattack.AutoAttackConfig(
-              epsilon=c.epsilon, version=version, n_target_classes=c.n_target_classes,
-              apgd_iterations=c.apgd_iterations, fab_iterations=c.fab_iterations,
-              square_queries=c.square_queries, batch_size=c.batch_size, seed=c.seed))
-    return self._autoattacks[version]
+    # One AutoAttack for both suites: the APGD stages are compiled once.
+    self.autoattack = autoattack.AutoAttack(logits_fn, autoattack.AutoAttackConfig(
+        epsilon=config.epsilon, version="standard",
+        n_target_classes=config.n_target_classes, apgd_iterations=config.apgd_iterations,
+        fab_iterations=config.fab_iterations, square_queries=config.square_queries,
+        batch_size=config.batch_size, seed=config.seed))
 
   def run(self, attack: str, images: np.ndarray, labels: np.ndarray,
           log: Optional[Callable[[str], None]] = None) -> AttackOutcome:
@@ -100,7 +95,7 @@ class RobustEvaluator:
     start = time.time()
     if attack.startswith("autoattack"):
       version = "apgd" if attack == "autoattack_apgd" else "standard"
-      res = self._autoattack(version).run(images, labels, log=log)
+      res = self.autoattack.run(images, labels, log=log, version=version)
       correct, x_adv = res.robust, res.x_adv
     else:
       x_adv, correct = batching.map_in_fixed_batches(

@@ -1,0 +1,122 @@
+"""AutoAttack orchestration and the robust-accuracy evaluator (METHODS.md B.5)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uatmc_jax.attacks import autoattack
+from uatmc_jax.evaluation import robust_accuracy
+
+SHAPE = (4, 4, 3)
+N_CLASSES = 10
+
+
+def _linear(seed=0, n=20):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  dim = int(np.prod(SHAPE))
+  w = jax.random.normal(k1, (dim, N_CLASSES))
+  b = jax.random.normal(k2, (N_CLASSES,))
+  x = np.asarray(jax.random.uniform(k3, (n,) + SHAPE, minval=0.3, maxval=0.7))
+  logits_fn = lambda z: z.reshape(z.shape[0], -1) @ w + b
+  y = np.array(jnp.argmax(logits_fn(x), -1))
+  y[:2] = (y[:2] + 1) % N_CLASSES  # two clean errors
+  return np.asarray(w), np.asarray(b), logits_fn, x, y
+
+
+def _linear_worst_margin(w, b, x, y, eps):
+  """Closed form in the box [0, 1]: min over the box ∩ ball of z_y − z_j, min over j."""
+  xf = x.reshape(len(x), -1)
+  lo, hi = np.maximum(xf - eps, 0.), np.minimum(xf + eps, 1.)
+  diff = w[:, y].T[:, :, None] - w[None]                               # (N, D, C)
+  worst = np.where(diff > 0, lo[:, :, None], hi[:, :, None]) * diff
+  m = worst.sum(1) + (b[y][:, None] - b[None])
+  m[np.arange(len(y)), y] = np.inf
+  return m.min(1)
+
+
+@pytest.fixture(scope="module")
+def linear_aa():
+  w, b, logits_fn, x, y = _linear()
+  aa = autoattack.AutoAttack(logits_fn, autoattack.AutoAttackConfig(
+      epsilon=0.03, version="apgd", batch_size=8, seed=0))
+  return w, b, x, y, aa
+
+
+def test_apgd_suite_matches_closed_form_and_eps_sweep(linear_aa):
+  w, b, x, y, aa = linear_aa
+  clean = np.asarray(aa.predict(x)) == y
+  previous = None
+  for eps in (0.0, 0.01, 0.03, 0.06, 1.0):
+    res = aa.run(x, y, epsilon=eps)
+    expected = clean & (_linear_worst_margin(w, b, x, y, eps) > 0)
+    np.testing.assert_array_equal(res.robust, expected)
+    np.testing.assert_array_equal(res.clean_correct, clean)
+    dist = np.abs(res.x_adv - x).reshape(len(x), -1).max(1)
+    assert np.all(dist <= eps + 1e-6) and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    if eps == 0.0:
+      np.testing.assert_array_equal(res.robust, clean)
+    if previous is not None:
+      assert np.all(res.robust <= previous)  # non-increasing in ε
+    previous = res.robust
+  assert not previous.any()  # ε = 1: the whole box, nothing is robust
+  # The sweep is non-trivial: some but not all points are robust at 0.03.
+  r = aa.run(x, y, epsilon=0.03).robust
+  assert 0 < r.sum() < clean.sum()
+  # Five budgets, several batch counts and nine target ranks: one trace per stage.
+  assert aa.trace_counts == {"apgd-ce": 1, "apgd-t": 1}
+
+
+def _mlp(seed=1):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  dim = int(np.prod(SHAPE))
+  w1 = jax.random.normal(k1, (dim, 32)) / np.sqrt(dim)
+  w2 = jax.random.normal(k2, (32, N_CLASSES)) / np.sqrt(32)
+
+  def logits_fn(z):
+    h = jnp.tanh(8. * (z.reshape(z.shape[0], -1) - 0.5) @ w1)
+    return 4. * h @ w2
+
+  x = np.asarray(jax.random.uniform(k3, (20,) + SHAPE))
+  y = np.array(jnp.argmax(logits_fn(x), -1))
+  y[:3] = (y[:3] + 1) % N_CLASSES
+  return logits_fn, x, y
+
+
+def test_standard_autoattack_is_at_least_as_strong_as_pgd20_and_apgd_subset():
+  logits_fn, x, y = _mlp()
+  config = robust_accuracy.RobustEvalConfig(
+      epsilon=0.02, step_size=0.005, batch_size=8, square_queries=200,
+      apgd_iterations=100, fab_iterations=100)
+  evaluator = robust_accuracy.RobustEvaluator(logits_fn, config)
+  counts = np.array([400, 300, 200, 150, 90, 60, 40, 25, 12, 8])
+  blocks, outcomes = robust_accuracy.evaluate_robustness(
+      logits_fn, x, y, counts, ("clean", "pgd20", "cw", "autoattack_apgd", "autoattack"),
+      evaluator=evaluator)
+  for name, block in blocks.items():
+    assert set(block) >= {"per_class", "overall", "balanced", "many", "medium", "few",
+                          "tail", "seconds"}
+    dist = np.abs(outcomes[name].x_adv - x).reshape(len(x), -1).max(1)
+    assert np.all(dist <= 0.02 + 1e-6), name
+    assert outcomes[name].x_adv.min() >= 0 and outcomes[name].x_adv.max() <= 1
+    assert np.all(outcomes[name].correct <= outcomes["clean"].correct), name
+  assert blocks["clean"]["overall"] == pytest.approx(17 / 20)
+  aa, aa_apgd = outcomes["autoattack"].correct, outcomes["autoattack_apgd"].correct
+  assert blocks["autoattack"]["overall"] <= blocks["pgd20"]["overall"]
+  assert blocks["autoattack"]["overall"] <= blocks["cw"]["overall"]
+  assert np.all(aa <= aa_apgd)  # same seeds: standard = apgd suite + FAB-T + Square
+  assert blocks["pgd20"]["overall"] < blocks["clean"]["overall"]  # the attack bites
+  assert aa.sum() > 0  # and the budget leaves something to defend
+  # Non-robust examples returned by AutoAttack really are misclassified.
+  pred = np.asarray(jnp.argmax(logits_fn(outcomes["autoattack"].x_adv), -1))
+  fooled = outcomes["clean"].correct & ~aa
+  assert np.all(pred[fooled] != y[fooled])
+  assert evaluator.autoattack.trace_counts == {"apgd-ce": 1, "apgd-t": 1, "fab-t": 1,
+                                               "square": 1}
+
+
+def test_unknown_version_and_attack_are_rejected():
+  with pytest.raises(ValueError, match="unknown AutoAttack version"):
+    autoattack.AutoAttack(lambda z: z.reshape(len(z), -1), autoattack.AutoAttackConfig(version="rand"))
+  ev = robust_accuracy.RobustEvaluator(lambda z: z.reshape(len(z), -1))
+  with pytest.raises(ValueError, match="unknown attack"):
+    ev.run("fgsm", np.zeros((1, 2, 2, 1)), np.zeros(1, int))
