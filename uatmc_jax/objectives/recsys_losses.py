@@ -13,6 +13,7 @@ take the short last batch of an epoch: means and the batch size B count real row
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import chex
@@ -97,10 +98,14 @@ def bpr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, 
 
 
 def make_bpr_objective(config: Mapping[str, Any]) -> LossFn:
-  """``bpr_objective`` with ``reg_weight`` from config (default 1e-4)."""
-  reg_weight = float(config.get("reg_weight", 1e-4))
+  """``bpr_objective`` with ``reg_weight`` from config (default 1e-4).
 
-  def loss_fn(model, batch, features, key):
-    return bpr_objective(model, batch, features, key, reg_weight=reg_weight)
+  The same weight returns the same function object, so jitted trainers that take the
+  loss as a static argument share their compiled code.
+  """
+  return _bpr_objective_with(float(config.get("reg_weight", 1e-4)))
 
-  return loss_fn
+
+@functools.lru_cache(maxsize=None)
+def _bpr_objective_with(reg_weight: float) -> LossFn:
+  return functools.partial(bpr_objective, reg_weight=reg_weight)

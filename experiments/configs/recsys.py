@@ -1,0 +1,52 @@
+"""Train and evaluate one multimodal recommender (METHODS.md A.2-A.3).
+
+  python -m experiments.train_recsys \\
+    --config=experiments/configs/recsys.py:model=vbpr_mlp,dataset=synthetic,runlocal=True \\
+    --workdir=/tmp/recsys
+
+Arguments (``k=v`` joined by ``,``):
+  model: vbpr | vbpr_mlp | mmgcn (vbpr_mlp).
+  dataset: ``synthetic`` (embedded generator) or the path of an MMRec-layout folder.
+  random_features: extra random features for interactions-only folders, e.g.
+    ``image:4096+text:384`` (None).
+  seed: training seed (999, MMRec's).
+  epochs: maximum epochs (1000); patience: early-stopping patience (20).
+  batch_size (2048), lr (1e-3), reg_weight (1e-4): BPR protocol.
+  embedding_dim (64), align_weight (0.1, VBPR-MLP InfoNCE), wide_threshold (1024),
+    num_layers (2, MMGCN).
+  loss: training objective by name (bpr; defences add theirs, see recsys_trainer).
+  mesh_data: devices on the data axis (-1 = all).
+  runlocal: smoke variant, at most 5 epochs (patience 3) -- finishes in about a minute.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import common
+
+DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, seed=999,
+                epochs=1000, patience=20, batch_size=2048, lr=1e-3, reg_weight=1e-4,
+                embedding_dim=64, align_weight=0.1, wide_threshold=1024, num_layers=2,
+                loss="bpr", mesh_data=-1, eval_batch_size=2048, runlocal=False)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, **DEFAULTS)
+  cfg = ml_collections.ConfigDict()
+  cfg.model = str(a["model"])
+  cfg.dataset = str(a["dataset"])
+  cfg.random_features = a["random_features"]
+  cfg.runlocal = bool(a["runlocal"])
+  cfg.model_config = dict(embedding_dim=int(a["embedding_dim"]),
+                          align_weight=float(a["align_weight"]),
+                          wide_threshold=int(a["wide_threshold"]),
+                          num_layers=int(a["num_layers"]))
+  cfg.train = dict(loss=str(a["loss"]), seed=int(a["seed"]), epochs=int(a["epochs"]),
+                   patience=int(a["patience"]), batch_size=int(a["batch_size"]),
+                   learning_rate=float(a["lr"]), reg_weight=float(a["reg_weight"]),
+                   eval_batch_size=int(a["eval_batch_size"]), ks=(5, 10, 20, 50))
+  cfg.mesh_data = int(a["mesh_data"])
+  if cfg.runlocal:
+    cfg.train["epochs"] = min(cfg.train["epochs"], 5)
+    cfg.train["patience"] = min(cfg.train["patience"], 3)
+  return cfg

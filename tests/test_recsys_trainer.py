@@ -1,0 +1,130 @@
+"""Recommender training loop: sampling, determinism, resume, sharding, the loss seam."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from uatmc_jax.data.interactions import InteractionData
+from uatmc_jax.data.sampling import NegativeSampler, epoch_batches
+from uatmc_jax.errors import ConfigError
+from uatmc_jax.models.registry import build_recommender
+from uatmc_jax.objectives import recsys_losses
+from uatmc_jax.parallel.mesh import make_mesh
+from uatmc_jax.training.recsys_trainer import RecsysTrainer, resolve_loss_fn
+
+CONFIG = dict(batch_size=64, epochs=3, patience=50, seed=3, eval_batch_size=16, log=False,
+              ks=(5, 20))
+
+
+def tiny_data(n_users=24, n_items=30, seed=0):
+  rng = np.random.default_rng(seed)
+  # Two planted groups that like different halves of the catalogue.
+  users = np.repeat(np.arange(n_users), 8)
+  half = (users % 2) * (n_items // 2)
+  items = half + rng.integers(0, n_items // 2, users.size)
+  pairs = np.unique(np.stack([users, items], 1), axis=0).astype(np.int32)
+  label = rng.choice(3, size=len(pairs), p=[0.7, 0.15, 0.15])
+  feats = {"image": rng.standard_normal((n_items, 6)).astype(np.float32),
+           "text": rng.standard_normal((n_items, 4)).astype(np.float32)}
+  feats["image"][:, 0] += np.where(np.arange(n_items) < n_items // 2, 2.0, -2.0)
+  return InteractionData("tiny", n_users, n_items, pairs[label == 0], pairs[label == 1],
+                         pairs[label == 2], feats)
+
+
+def test_negative_sampler_never_returns_a_train_positive():
+  rng = np.random.default_rng(0)
+  n_users, n_items = 50, 20
+  # Dense train sets: user u has all items but (u % 20) and a random few others free.
+  pairs = np.array([(u, i) for u in range(n_users) for i in range(n_items)
+                    if i != u % n_items and rng.random() < 0.9], np.int32)
+  sampler = NegativeSampler(pairs, n_users, n_items)
+  users = np.repeat(np.arange(n_users), 200)
+  neg = sampler.sample(users, np.random.default_rng(1))
+  assert not sampler.contains(users, neg).any()
+  train = set(map(tuple, pairs.tolist()))
+  assert all((u, i) not in train for u, i in zip(users[:2000].tolist(), neg[:2000].tolist()))
+  # A user with exactly one free item always gets it.
+  lonely = np.array([(0, i) for i in range(1, n_items)], np.int32)
+  assert (NegativeSampler(lonely, 1, n_items).sample(np.zeros(100, int),
+                                                     np.random.default_rng(0)) == 0).all()
+
+
+def test_epoch_batches_are_a_function_of_seed_and_epoch():
+  data = tiny_data()
+  sampler = NegativeSampler(data.train, data.n_users, data.n_items)
+  a = epoch_batches(sampler, data.train, 64, seed=1, epoch=2)
+  b = epoch_batches(sampler, data.train, 64, seed=1, epoch=2)
+  c = epoch_batches(sampler, data.train, 64, seed=1, epoch=3)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a["neg"], c["neg"])
+  assert a["users"].shape[1] == 64 and a["mask"].sum() == len(data.train)
+  real = a["mask"].reshape(-1) > 0
+  got = np.stack([a["users"].reshape(-1)[real], a["pos"].reshape(-1)[real]], 1)
+  np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(data.train, axis=0))
+
+
+def make_trainer(data, name="vbpr_mlp", workdir=None, mesh=None, **overrides):
+  model = build_recommender(name, data, {"embedding_dim": 8}, nnx.Rngs(0))
+  return RecsysTrainer(model, data, {**CONFIG, **overrides}, workdir=workdir, mesh=mesh)
+
+
+def final_metrics(trainer):
+  trainer.restore_best()
+  return trainer.evaluate("valid"), trainer.evaluate("test")
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+  data = tiny_data()
+  full = make_trainer(data, workdir=str(tmp_path / "full"))
+  rec_full = full.fit()   # 3 epochs
+  assert full.epoch_traces == 1   # compiled once for all epochs (retrace guard)
+  ref = final_metrics(full)
+
+  first = make_trainer(data, workdir=str(tmp_path / "cut"))
+  first.fit(max_new_epochs=1)          # "killed" after one epoch
+  second = make_trainer(data, workdir=str(tmp_path / "cut"))
+  rec = second.fit()                   # same command again: resumes at epoch 1
+  got = final_metrics(second)
+  assert rec["epoch"] == rec_full["epoch"] == 2
+  assert rec["best_epoch"] == rec_full["best_epoch"]
+  np.testing.assert_allclose([h["loss"] for h in rec["history"]],
+                             [h["loss"] for h in rec_full["history"]], rtol=1e-6)
+  for a, b in zip(got, ref):
+    for k in b:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  assert rec_full["history"][-1]["loss"] < rec_full["history"][0]["loss"]
+
+
+@pytest.mark.parametrize("name", ["mmgcn"])
+def test_one_device_equals_eight_devices(name):
+  data = tiny_data()
+  one = make_trainer(data, name, mesh=make_mesh(devices=jax.devices()[:1]), epochs=2)
+  eight = make_trainer(data, name, mesh=make_mesh(), epochs=2)
+  assert len(jax.devices()) == 8
+  r1, r8 = one.fit(), eight.fit()
+  np.testing.assert_allclose([h["loss"] for h in r8["history"]],
+                             [h["loss"] for h in r1["history"]], rtol=1e-5)
+  for a, b in zip(final_metrics(eight), final_metrics(one)):
+    for k in b:
+      np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+
+
+def test_loss_seam_uses_the_given_function_and_names_resolve():
+  data = tiny_data()
+  seen = {}
+
+  def frozen_loss(model, batch, features, key):
+    loss, aux = recsys_losses.bpr_objective(model, batch, features, key, reg_weight=0.0)
+    seen["called"] = True
+    return 0.0 * loss, aux
+
+  model = build_recommender("vbpr", data, {"embedding_dim": 8}, nnx.Rngs(0))
+  trainer = RecsysTrainer(model, data, {**CONFIG, "epochs": 1}, loss_fn=frozen_loss)
+  before = jax.tree.map(np.asarray, trainer.params)
+  trainer.train_epoch(0)
+  assert seen["called"]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trainer.params), before)
+  with pytest.raises(ConfigError, match="no module"):
+    resolve_loss_fn({"loss": "no_such_defence"})
