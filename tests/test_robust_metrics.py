@@ -101,3 +101,39 @@ def test_margins_and_bound_on_simplex_etf():
   assert out["bound"] == pytest.approx(np.sin(theta / 2) - 2 * out["lipschitz_estimate"] * 0.01)
   assert out["clean_margin"]["min"] == pytest.approx(np.sin(theta / 2))
   assert out["adversarial_margin"]["min"] <= out["clean_margin"]["min"]
+
+
+def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from experiments import eval_robust
+
+  rng = np.random.default_rng(0)
+  n_classes, dim = 4, 2 * 2 * 3
+  w1 = jnp.asarray(rng.normal(size=(dim, 8)) / np.sqrt(dim), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(n_classes, 8)), jnp.float32)
+  features_fn = lambda x: jnp.tanh(4. * (x.reshape(x.shape[0], -1) - 0.5) @ w1)
+  logits_fn = lambda x: features_fn(x) @ head.T
+  images = rng.uniform(size=(10, 2, 2, 3)).astype(np.float32)
+  labels = np.asarray(jnp.argmax(logits_fn(images), -1)).astype(np.int32)
+  counts = np.array([300, 60, 15, 5])
+  config = robust_accuracy.RobustEvalConfig(epsilon=0.05, step_size=0.0125, batch_size=4)
+  res = eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images,
+                                        labels, counts, ["pgd20", "cw"], config,
+                                        out_dir=str(tmp_path), log=lambda s: None)
+  from uatmc_jax.evaluation import reporting
+  saved = reporting.read_json(str(tmp_path / "eval_results.json"))
+  for name in ("clean", "pgd20", "cw"):
+    assert set(saved[name]) >= {"per_class", "overall", "balanced", "many", "medium",
+                                "few", "tail", "seconds"}
+    assert len(saved[name]["per_class"]) == n_classes
+  assert saved["clean"]["overall"] == pytest.approx(1.0)
+  assert saved["pgd20"]["overall"] <= 1.0
+  assert saved["etf_distance"] == pytest.approx(geometry.etf_distance(np.asarray(head)), rel=1e-6)
+  assert saved["margin_bound"]["adversarial_examples"] == "pgd20"
+  assert np.isfinite(saved["nc1"]) and np.isfinite(saved["equiangularity"])
+  assert (tmp_path / "eval_results.md").read_text().startswith("| attack |")
+  assert (tmp_path / "per_class_robust_accuracy.png").stat().st_size > 1000
+  with pytest.raises(Exception, match="unknown attack"):
+    eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
+                                    counts, ["fgsm"], config)

@@ -1,0 +1,217 @@
+"""Robustness evaluation of a trained long-tail classifier (METHODS.md B.5).
+
+  python -m experiments.eval_robust --workdir=<dir of a train_longtail run> \\
+      --attacks=pgd20,cw,autoattack
+
+Attacks: clean is always evaluated; pgd20 (CE, step 2/255, random start), cw (CW
+margin loss, 30 steps), autoattack (standard: APGD-CE, APGD-T, FAB-T, Square 5000),
+autoattack_apgd (the cheaper APGD-CE + APGD-T subset). ε = 8/255 by default.
+
+Writes into the workdir:
+  eval_results.json  {"clean" | <attack>: {"per_class", "overall", "balanced",
+                      "many", "medium", "few", "tail", "seconds"}, "nc1",
+                      "equiangularity", "etf_distance", "margin_bound", "settings"}
+  eval_results.md    the Markdown table
+  per_class_robust_accuracy.png  per-class accuracy under each attack, classes sorted
+                      by training frequency (head left, tail right).
+
+The classifier comes from `longtail_trainer.load_trained_classifier(workdir)`; the
+test set is reloaded as recorded in the run's results.json (dataset, data_dir, class
+names, test images per class). Geometry is measured on the test set's penultimate
+features (NC1, equiangularity), the classifier rows (ETF distance) and, for the
+Theorem-1 bound, on clean vs PGD-20 examples. `evaluate_classifier` is the same
+pipeline for any pure `logits_fn` / `features_fn` / W.
+"""
+
+import os
+import sys
+import time
+from typing import Callable, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from experiments import launch
+from uatmc_jax.errors import ConfigError
+from uatmc_jax.evaluation import geometry
+from uatmc_jax.evaluation import reporting
+from uatmc_jax.evaluation import robust_accuracy
+
+flags.DEFINE_list("attacks", ["pgd20", "cw", "autoattack"],
+                  f"Attacks among {robust_accuracy.ATTACK_NAMES[1:]} (clean is always run).")
+flags.DEFINE_float("epsilon", 8. / 255., "L-inf budget.")
+flags.DEFINE_float("step_size", 2. / 255., "PGD / CW step.")
+flags.DEFINE_integer("batch_size", 128, "Fixed evaluation batch size (last batch padded).")
+flags.DEFINE_integer("seed", 0, "Attack seed.")
+flags.DEFINE_integer("test_per_class", None,
+                     "First k test images per class (default: as the training run).")
+flags.DEFINE_integer("apgd_iterations", 100, "APGD iterations (100 = reference).")
+flags.DEFINE_integer("square_queries", 5000, "Square Attack queries (5000 = reference).")
+flags.DEFINE_bool("best", False, "Restore the best checkpoint instead of the latest.")
+FLAGS = flags.FLAGS
+
+TABLE_KEYS = ("overall", "balanced", "many", "medium", "few", "tail", "seconds")
+
+
+def batched_features(features_fn, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """φ(x) for (N, ...) images in fixed-size jitted batches."""
+  from uatmc_jax.attacks import batching
+  fn = jax.jit(lambda x, _: (features_fn(x),))
+  (out,) = batching.map_in_fixed_batches(fn, [images], batch_size)
+  return out
+
+
+def per_class_plot(path: str, blocks: Dict[str, dict], train_counts: np.ndarray,
+                   class_names: Optional[Sequence[str]] = None) -> None:
+  """Per-class accuracy per attack, classes sorted by training frequency."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  order = np.argsort(-np.asarray(train_counts), kind="stable")
+  xs = np.arange(len(order))
+  fig, ax = plt.subplots(figsize=(max(6., 0.35 * len(order)), 4.))
+  for name, block in blocks.items():
+    acc = [np.nan if block["per_class"][c] is None else block["per_class"][c] for c in order]
+    ax.plot(xs, acc, marker="o", ms=3, label=name)
+  labels = [f"{class_names[c] if class_names else c}\n{train_counts[c]}" for c in order]
+  if len(order) <= 20:
+    ax.set_xticks(xs, labels, fontsize=7)
+  ax.set_xlabel("class (sorted by training count, head → tail)")
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def markdown_report(blocks: Dict[str, dict], results: dict) -> str:
+  rows = [[name] + [block[k] for k in TABLE_KEYS] for name, block in blocks.items()]
+  table = reporting.markdown_table(["attack"] + list(TABLE_KEYS), rows)
+  mb = results["margin_bound"]
+  lines = [table, "",
+           f"NC1 (test features): {results['nc1']:.4f}; equiangularity: "
+           f"{results['equiangularity']:.4f}; ETF distance of W: {results['etf_distance']:.4f}"]
+  if mb is not None:
+    lines.append(
+        f"Theorem 1: sin(θ_min/2) = {mb['sin_half_theta_min']:.4f}, L̂ = "
+        f"{mb['lipschitz_estimate']:.3f}, bound = {mb['bound']:.4f}; measured margins "
+        f"clean mean {mb['clean_margin']['mean']:.4f}, adversarial mean "
+        f"{mb['adversarial_margin']['mean']:.4f} (min {mb['adversarial_margin']['min']:.4f})")
+  lines.append("Groups from training counts: Many > 100, Medium 20–100, Few < 20, "
+               "Tail = rarest 30% of classes; an empty group is shown as None.")
+  return "\n".join(lines)
+
+
+def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.ndarray,
+                        images: np.ndarray, labels: np.ndarray, train_counts: np.ndarray,
+                        attacks: Sequence[str], config: robust_accuracy.RobustEvalConfig,
+                        out_dir: Optional[str] = None,
+                        class_names: Optional[Sequence[str]] = None,
+                        log: Callable[[str], None] = print) -> dict:
+  """Runs clean + `attacks`, geometry, and (if out_dir) writes json / md / png."""
+  for a in attacks:
+    if a not in robust_accuracy.ATTACK_NAMES or a == "clean":
+      raise ConfigError(f"--attacks: unknown attack {a!r}; expected some of "
+                        f"{robust_accuracy.ATTACK_NAMES[1:]}")
+  names = ["clean"] + [a for a in attacks if a != "clean"]
+  blocks, outcomes = robust_accuracy.evaluate_robustness(
+      logits_fn, images, labels, train_counts, names, config, log=log)
+  num_classes = len(train_counts)
+  clean_feats = batched_features(features_fn, images, config.batch_size)
+  results = dict(blocks)
+  results["nc1"] = geometry.nc1(clean_feats, labels, num_classes)
+  results["equiangularity"] = geometry.equiangularity(clean_feats, labels, num_classes)
+  results["etf_distance"] = geometry.etf_distance(np.asarray(weight))
+  adv_name = next((n for n in ("pgd20", "cw", "autoattack_apgd", "autoattack")
+                   if n in outcomes), None)
+  if adv_name is None:
+    results["margin_bound"] = None
+    results["margin_bound_note"] = "needs an attack to estimate L; none was run"
+  else:
+    adv_feats = batched_features(features_fn, outcomes[adv_name].x_adv, config.batch_size)
+    results["margin_bound"] = dict(
+        geometry.margin_bound(weight, labels, clean_feats, adv_feats, images,
+                              outcomes[adv_name].x_adv, config.epsilon),
+        adversarial_examples=adv_name)
+  results["settings"] = {
+      "epsilon": config.epsilon, "step_size": config.step_size,
+      "pgd_steps": config.pgd_steps, "cw_steps": config.cw_steps,
+      "apgd_iterations": config.apgd_iterations, "fab_iterations": config.fab_iterations,
+      "square_queries": config.square_queries, "n_target_classes": config.n_target_classes,
+      "batch_size": config.batch_size, "seed": config.seed, "n_test": int(len(labels)),
+      "geometry_features": "test set", "device": jax.devices()[0].platform}
+  if out_dir is not None:
+    reporting.write_json(os.path.join(out_dir, "eval_results.json"), results)
+    md = markdown_report(blocks, results)
+    with open(os.path.join(out_dir, "eval_results.md"), "w") as f:
+      f.write(md + "\n")
+    per_class_plot(os.path.join(out_dir, "per_class_robust_accuracy.png"), blocks,
+                   np.asarray(train_counts), class_names)
+    print(md)
+  return results
+
+
+def load_test_set(run: dict, test_per_class: Optional[int]):
+  """(images float32 [0,1], labels) of the training run's test set."""
+  from uatmc_jax.data import image_folder
+  from uatmc_jax.data import longtail
+  from uatmc_jax.data.image_pipeline import to_float
+  dataset, data_dir = run.get("dataset"), run.get("data_dir")
+  class_names = run.get("class_names")
+  if test_per_class is None and run.get("n_test") and class_names:
+    test_per_class = int(run["n_test"]) // len(class_names)
+  if dataset == "folder":
+    test = image_folder.load_image_folder(os.path.join(data_dir, "test"),
+                                          class_names=class_names,
+                                          max_per_class=test_per_class)
+  elif dataset in ("cifar10", "cifar100"):
+    from uatmc_jax.data import tfds_images
+    test = tfds_images.load_tfds_images(dataset, "test", data_dir)
+    if test_per_class:
+      counts = np.minimum(test.class_counts(), int(test_per_class))
+      test = test.subset(longtail.longtail_indices(test.labels, counts, seed=0))
+  else:
+    raise ConfigError(f"results.json: dataset {dataset!r} is not one eval_robust can reload "
+                      f"(expected folder, cifar10 or cifar100)")
+  return to_float(test.images), test.labels, list(test.class_names)
+
+
+def main(argv):
+  del argv
+  launch.setup()
+  workdir = FLAGS.workdir
+  if not workdir:
+    raise ConfigError("--workdir is required")
+  from uatmc_jax.models import image_classifiers as ic
+  from uatmc_jax.training import longtail_trainer
+  results_path = os.path.join(workdir, "results.json")
+  if not os.path.exists(results_path):
+    raise ConfigError(f"{results_path}: not found; eval_robust needs a finished "
+                      f"train_longtail run (it records the data set to reload)")
+  run = reporting.read_json(results_path)
+  trained = longtail_trainer.load_trained_classifier(workdir, best=FLAGS.best)
+  images, labels, class_names = load_test_set(run, FLAGS.test_per_class)
+  graphdef, params, batch_stats = ic.split_classifier(trained.model)
+  features_fn = lambda x: ic.apply_features(graphdef, params, batch_stats, x, train=False)[0]
+  weight = np.asarray(trained.model.classifier_weight)
+  config = robust_accuracy.RobustEvalConfig(
+      epsilon=FLAGS.epsilon, step_size=FLAGS.step_size, batch_size=FLAGS.batch_size,
+      seed=FLAGS.seed, apgd_iterations=FLAGS.apgd_iterations,
+      square_queries=FLAGS.square_queries)
+  start = time.time()
+  print(f"eval_robust: {workdir} method={run.get('method')} test={len(labels)} "
+        f"attacks={FLAGS.attacks}", file=sys.stderr, flush=True)
+  results = evaluate_classifier(
+      trained.logits_fn, features_fn, weight, images, labels, trained.class_counts,
+      FLAGS.attacks, config, out_dir=workdir, class_names=class_names,
+      log=lambda s: print(s, file=sys.stderr, flush=True))
+  print(f"eval_robust: done in {time.time() - start:.1f}s", file=sys.stderr)
+  return results
+
+
+if __name__ == "__main__":
+  launch.run(main)
