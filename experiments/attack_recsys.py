@@ -47,41 +47,11 @@ RANKING_NOTE = ("ranks over all items; users' train items NOT masked (the refere
 
 
 def load_trained(workdir: str):
-  """(model, data) of the best checkpoint in ``workdir``.
+  """(model, data) of the best checkpoint of an ``experiments.train_recsys`` workdir."""
+  from uatmc_jax.training.recsys_trainer import load_trained_recommender
 
-  Uses ``uatmc_jax.training.recsys_trainer.load_trained_recommender`` when the trainer
-  provides it; otherwise rebuilds the model from ``<workdir>/results.json`` (``dataset``,
-  ``model`` and an optional ``config``/``model_config``) and restores
-  ``<workdir>/checkpoints`` through ``RecsysTrainer``.
-  """
-  from uatmc_jax.training import recsys_trainer
-
-  loader = getattr(recsys_trainer, "load_trained_recommender", None)
-  if loader is not None:
-    out = loader(workdir)
-    if isinstance(out, tuple):
-      return out[0], out[1]
-    return out.model, out.data
-  from flax import nnx
-
-  from uatmc_jax.data import load_dataset
-  from uatmc_jax.models.registry import build_recommender
-
-  path = os.path.join(workdir, "results.json")
-  if not os.path.isfile(path):
-    raise errors.ConfigError(f"{path} not found: --workdir must hold a model trained by "
-                             "experiments.train_recsys")
-  res = reporting.read_json(path)
-  for key in ("dataset", "model"):
-    if key not in res:
-      raise errors.ConfigError(f"{path}: field {key!r} missing")
-  cfg = dict(res.get("model_config") or res.get("config") or {})
-  data = load_dataset(res.get("dataset_path", res["dataset"]))
-  model = build_recommender(res["model"], data, cfg, nnx.Rngs(0))
-  trainer = recsys_trainer.RecsysTrainer(model, data, {**cfg, "log": False}, workdir=workdir)
-  if not trainer.restore("best") and not trainer.restore("latest"):
-    raise errors.ConfigError(f"{workdir}/checkpoints: no checkpoint to restore")
-  return trainer.model, data
+  model, data, _ = load_trained_recommender(workdir, best=True)
+  return model, data
 
 
 # ----------------------------------------------------------------------------------

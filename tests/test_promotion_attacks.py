@@ -162,6 +162,9 @@ def test_results_independent_of_chunk_size_and_no_recompiles():
                                              with_mismatch=False)
     outs.append(runner.run(attack, ctx, tgts))
     runner.run(attack, ctx, tgts[::-1])  # same compiled function, never retraced
+    ctx2 = promotion.build_context(surface, np.arange(1, 12, 2), k=4,
+                                   train_pairs=np.array([[1, 2]]))
+    runner.run(attack, ctx2, tgts)  # another anchor set of the same size (a seed)
     assert runner.trace_counts == {attack: 1}
   a, b = outs
   for key in ("hit_before", "hit_after", "rank_before", "rank_after", "masked_hit_after",
