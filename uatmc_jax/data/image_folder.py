@@ -15,9 +15,10 @@ selects a subset). Within a class, files are read in sorted name order.
 
 Decoding runs on a thread pool (PIL releases the GIL while decoding). With
 ``cache_dir`` the decoded arrays are saved as an uncompressed ``.npz`` keyed by the
-folder's absolute path, its class list, every class folder's modification time and
-the list of file names, so a later call loads them in a fraction of a second and any
-added, removed or renamed file invalidates the cache.
+folder's absolute path, its class list, ``max_per_class`` and every class folder's
+modification time, so a later call skips decoding (and listing), and any added,
+removed or renamed file invalidates the cache (a directory's mtime changes then). A
+file rewritten in place under the same name is not detected: delete the cache.
 """
 from __future__ import annotations
 
@@ -40,6 +41,47 @@ _CACHE_VERSION = "v1"
 _CHUNK = 512  # images per decoding task
 
 
+def _class_folder_names(root: pathlib.Path, class_names: Sequence[str] | None) -> list[str]:
+  if not root.exists():
+    raise DataFormatError(f"{root}: image folder does not exist (expected one sub-folder "
+                          f"per class holding JPEG/PNG images)")
+  if not root.is_dir():
+    raise DataFormatError(f"{root}: is a file, expected a folder with one sub-folder per "
+                          f"class")
+  with os.scandir(root) as it:
+    found = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+  if class_names is None:
+    if not found:
+      raise DataFormatError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
+    return found
+  names = [str(c) for c in class_names]
+  if not names:
+    raise DataFormatError(f"{root}: class_names is empty")
+  if len(set(names)) != len(names):
+    raise DataFormatError(f"{root}: class_names has duplicates: {names}")
+  missing = [c for c in names if c not in found]
+  if missing:
+    raise DataFormatError(f"{root}: class folder(s) {missing} not found; present: {found}")
+  return names
+
+
+def _image_files(root: pathlib.Path, names: Sequence[str],
+                 max_per_class: int | None) -> list[list[pathlib.Path]]:
+  files = []
+  for c in names:
+    with os.scandir(root / c) as it:  # d_type from the directory: no stat per file
+      fs = sorted(root / c / e.name for e in it
+                  if e.is_file() and not e.name.startswith(".")
+                  and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+    if not fs:
+      raise DataFormatError(f"{root / c}: class folder {c!r} holds no images "
+                            f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+    if max_per_class is not None:
+      fs = fs[:max_per_class]
+    files.append(fs)
+  return files
+
+
 def list_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None,
                       max_per_class: int | None = None
                       ) -> tuple[list[str], list[list[pathlib.Path]]]:
@@ -48,38 +90,8 @@ def list_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None
   Same class order, file order and errors (except decoding) as ``load_image_folder``.
   """
   root = pathlib.Path(root)
-  if not root.exists():
-    raise DataFormatError(f"{root}: image folder does not exist (expected one sub-folder "
-                          f"per class holding JPEG/PNG images)")
-  if not root.is_dir():
-    raise DataFormatError(f"{root}: is a file, expected a folder with one sub-folder per "
-                          f"class")
-  found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-  if class_names is None:
-    if not found:
-      raise DataFormatError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
-    names = found
-  else:
-    names = [str(c) for c in class_names]
-    if not names:
-      raise DataFormatError(f"{root}: class_names is empty")
-    if len(set(names)) != len(names):
-      raise DataFormatError(f"{root}: class_names has duplicates: {names}")
-    missing = [c for c in names if c not in found]
-    if missing:
-      raise DataFormatError(f"{root}: class folder(s) {missing} not found; present: {found}")
-  files = []
-  for c in names:
-    fs = sorted(p for p in (root / c).iterdir()
-                if p.is_file() and not p.name.startswith(".")
-                and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not fs:
-      raise DataFormatError(f"{root / c}: class folder {c!r} holds no images "
-                            f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
-    if max_per_class is not None:
-      fs = fs[:max_per_class]
-    files.append(fs)
-  return names, files
+  names = _class_folder_names(root, class_names)
+  return names, _image_files(root, names, max_per_class)
 
 
 def _decode(path: pathlib.Path) -> np.ndarray:
@@ -106,12 +118,13 @@ def _decode_into(out: np.ndarray, start: int, paths: Sequence[pathlib.Path],
 
 
 def _cache_path(cache_dir: pathlib.Path, root: pathlib.Path, names: Sequence[str],
-                files: Sequence[Sequence[pathlib.Path]]) -> pathlib.Path:
+                max_per_class: int | None) -> pathlib.Path:
+  # A directory's mtime changes whenever an entry is added, removed or renamed, so
+  # the class folders' mtimes identify the file lists without listing 50k files.
   h = hashlib.sha256()
-  h.update(f"{_CACHE_VERSION}\0{root.resolve()}\0".encode())
-  for c, fs in zip(names, files):
-    h.update(f"{c}\0{(root / c).stat().st_mtime_ns}\0{len(fs)}\0".encode())
-    h.update("\0".join(p.name for p in fs).encode())
+  h.update(f"{_CACHE_VERSION}\0{root.resolve()}\0{max_per_class}\0".encode())
+  for c in names:
+    h.update(f"{c}\0{(root / c).stat().st_mtime_ns}\0".encode())
   return cache_dir / f"image_folder_{root.name}_{h.hexdigest()[:20]}.npz"
 
 
@@ -142,13 +155,13 @@ def load_image_folder(root: str | os.PathLike, *, class_names: Sequence[str] | N
   root = pathlib.Path(root)
   if max_per_class is not None and max_per_class < 1:
     raise DataFormatError(f"{root}: max_per_class must be >= 1, got {max_per_class}")
-  names, files = list_image_folder(root, class_names, max_per_class)
+  names = _class_folder_names(root, class_names)
   source = str(root)
 
   cache_file = None
   if cache_dir is not None:
     cache_dir = pathlib.Path(cache_dir)
-    cache_file = _cache_path(cache_dir, root, names, files)
+    cache_file = _cache_path(cache_dir, root, names, max_per_class)
     if cache_file.is_file():
       try:
         with np.load(cache_file) as z:
@@ -156,6 +169,7 @@ def load_image_folder(root: str | os.PathLike, *, class_names: Sequence[str] | N
       except (OSError, ValueError, KeyError, DataFormatError):
         pass  # a corrupt / stale cache file is rebuilt below
 
+  files = _image_files(root, names, max_per_class)
   flat = [p for fs in files for p in fs]
   labels = np.concatenate([np.full(len(fs), c, np.int32) for c, fs in enumerate(files)])
   first = _decode(flat[0])
