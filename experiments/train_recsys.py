@@ -12,7 +12,7 @@ newest checkpoint. Library entry points (flag-free, for other experiments):
 """
 from __future__ import annotations
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import launch
@@ -38,6 +38,7 @@ def results_table(results: dict, ks=(10, 20, 50)) -> str:
 def main(argv):
   del argv
   launch.setup()
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
   if not FLAGS.workdir:
     raise ConfigError("--workdir is required (checkpoints and results.json go there)")
   if _CONFIG.value is None:
