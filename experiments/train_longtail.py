@@ -1,0 +1,131 @@
+"""Long-tailed adversarial training: data -> LT subset -> one trainer -> results.json.
+
+  python -m experiments.train_longtail \\
+    --config=experiments/configs/longtail.py:dataset=folder,data_dir=../shared/data/cifar10,imbalance_ratio=100,method=mcat,model=small_cnn,runlocal=True \\
+    --workdir=/tmp/lt
+
+Writes ``<workdir>/results.json``: dataset, imbalance_ratio, n_max, method, model,
+class_counts (the training counts used), train_seconds, and for ``clean`` and
+``pgd20`` the block {per_class, overall, balanced, many, medium, few, tail}
+(METHODS.md B.1/B.5). Checkpoints go to ``<workdir>/checkpoints``; rerunning the same
+command resumes. ``eval_robust=pgd20+cw+autoattack`` runs experiments.eval_robust on
+the trained model afterwards.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import launch
+from experiments.configs import common
+from uatmc_jax.data import image_folder, longtail
+from uatmc_jax.data.image_pipeline import TrainPipeline, eval_batches
+from uatmc_jax.errors import ConfigError
+from uatmc_jax.evaluation import reporting
+from uatmc_jax.parallel import mesh as mesh_lib
+from uatmc_jax.training import longtail_methods, longtail_trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/longtail.py:<args>")
+FLAGS = flags.FLAGS
+
+TFDS_NAMES = ("cifar10", "cifar100")
+
+
+def load_datasets(cfg):
+  """(train ImageDataset, test ImageDataset) for dataset = cifar10 | cifar100 | folder."""
+  if cfg.dataset == "folder":
+    if not cfg.data_dir:
+      raise ConfigError("dataset=folder needs data_dir=<root with train/ and test/>")
+    n_max = cfg.n_max
+    # Only the first n_max files of each class can be drawn from when n_max is set.
+    train = image_folder.load_image_folder(os.path.join(cfg.data_dir, "train"),
+                                           max_per_class=n_max)
+    test = image_folder.load_image_folder(os.path.join(cfg.data_dir, "test"),
+                                          class_names=train.class_names,
+                                          max_per_class=cfg.test_per_class)
+    return train, test
+  if cfg.dataset in TFDS_NAMES:
+    from uatmc_jax.data import tfds_images  # imported lazily: TFDS is slow to import
+    train = tfds_images.load_tfds_images(cfg.dataset, "train", cfg.data_dir)
+    test = tfds_images.load_tfds_images(cfg.dataset, "test", cfg.data_dir)
+    if cfg.test_per_class:
+      counts = np.full(test.num_classes, int(cfg.test_per_class))
+      test = test.subset(longtail.longtail_indices(test.labels, counts, seed=0))
+    return train, test
+  raise ConfigError(f"dataset: expected one of {TFDS_NAMES + ('folder',)}, got {cfg.dataset!r}")
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+  t_start = time.perf_counter()
+  train_full, test = load_datasets(cfg)
+  train, counts = longtail.make_longtail(train_full, float(cfg.imbalance_ratio),
+                                         n_max=cfg.n_max, seed=int(cfg.data_seed))
+  n_max = int(counts[0])
+  method = longtail_methods.resolve_method(cfg.method, beta=cfg.beta, etf_weight=cfg.etf_weight,
+                                           manifold_weight=cfg.manifold_weight)
+  config = longtail_trainer.LongTailTrainConfig(
+      model=cfg.model, num_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
+      learning_rate=float(cfg.lr), schedule=cfg.schedule, weight_decay=float(cfg.weight_decay),
+      attack_steps=int(cfg.pgd_steps), latent_dim=int(cfg.latent_dim),
+      manifold_hidden_dim=int(cfg.manifold_hidden), latent_steps=int(cfg.latent_steps),
+      latent_step_size=float(cfg.latent_step_size), manifold_refresh=cfg.manifold_refresh,
+      manifold_warmup_epochs=int(cfg.manifold_warmup_epochs),
+      manifold_fit_steps=int(cfg.manifold_fit_steps),
+      manifold_learning_rate=float(cfg.manifold_lr), seed=int(cfg.seed))
+  batch_size = min(config.batch_size, len(train))
+  pipe = TrainPipeline(train.images, train.labels, batch_size=batch_size,
+                       seed=int(cfg.seed))
+  trainer = longtail_trainer.LongTailTrainer(
+      config, method, num_classes=train.num_classes, class_counts=counts,
+      steps_per_epoch=pipe.steps_per_epoch, mesh=mesh_lib.make_mesh())
+  print(f"train_longtail: {cfg.dataset} IR={cfg.imbalance_ratio} n_max={n_max} "
+        f"counts={counts.tolist()} method={method.name} model={cfg.model} "
+        f"test={len(test)} images", file=sys.stderr, flush=True)
+  state, info = trainer.fit(pipe, workdir)
+  t_eval = time.perf_counter()
+  eval_bs = 256 if len(test) >= 256 else 8 * ((len(test) + 7) // 8)
+  blocks = trainer.evaluate(state, eval_batches(test.images, test.labels, batch_size=eval_bs),
+                            pgd_steps=int(cfg.eval_pgd_steps), seed=int(cfg.seed))
+  results = {
+      "dataset": cfg.dataset, "data_dir": cfg.data_dir,
+      "imbalance_ratio": float(cfg.imbalance_ratio), "n_max": n_max,
+      "n_max_note": ("runlocal: reduced n_max" if cfg.runlocal else "") or None,
+      "method": method.name,
+      "method_spec": {k: getattr(method, k) for k in method.__dataclass_fields__},
+      "model": cfg.model, "epochs": int(cfg.epochs), "seed": int(cfg.seed),
+      "class_counts": counts.tolist(), "n_train": int(len(train)), "n_test": int(len(test)),
+      "class_names": list(train.class_names),
+      "train_seconds": info["train_seconds"], "eval_seconds": time.perf_counter() - t_eval,
+      "total_seconds": time.perf_counter() - t_start,
+      "last_epoch_metrics": info["last_epoch_metrics"],
+      "runlocal": bool(cfg.runlocal),
+      **blocks,
+  }
+  if mesh_lib.is_primary_process():
+    reporting.write_json(os.path.join(workdir, "results.json"), results)
+    rows = [[k, results[k]["overall"], results[k]["balanced"], results[k]["tail"]]
+            for k in blocks]
+    print(reporting.markdown_table(["eval", "overall", "balanced", "tail"], rows))
+  attacks = common.as_list(cfg.eval_robust, str)
+  if attacks:
+    subprocess.run([sys.executable, "-m", "experiments.eval_robust", f"--workdir={workdir}",
+                    f"--attacks={','.join(attacks)}"], check=True)
+  return results
+
+
+def main(argv):
+  del argv
+  launch.setup()
+  if not FLAGS.workdir:
+    raise ConfigError("--workdir is required")
+  train_and_evaluate(_CONFIG.value, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  launch.run(main)
