@@ -43,6 +43,8 @@ from uatmc_jax.models import image_classifiers as ic
 from uatmc_jax.objectives import classification_losses as cl
 from uatmc_jax.objectives import manifold as manifold_lib
 from uatmc_jax.parallel import mesh as mesh_lib
+from uatmc_jax.parallel import multihost
+from uatmc_jax.parallel import precision
 from uatmc_jax.training import longtail_methods as methods
 from uatmc_jax.training.checkpointing import CheckpointStore
 
@@ -73,6 +75,9 @@ class LongTailTrainConfig:
   manifold_fit_steps: int = 1         # Adam steps on each batch's clean features
   manifold_learning_rate: float = 1e-3
   seed: int = 0
+  # float32 | bfloat16: the model's compute dtype (params, BN statistics and optimiser
+  # state stay float32); see uatmc_jax.parallel.precision.
+  compute_dtype: str = "float32"
 
   def validate(self) -> None:
     if self.schedule not in ("cosine", "step"):
@@ -134,6 +139,8 @@ class LongTailTrainer:
   # --- model and state ------------------------------------------------------------------
   def model_kwargs(self) -> dict:
     kw = dict(self.config.model_kwargs)
+    if self.config.compute_dtype != "float32":
+      kw.setdefault("dtype", precision.Policy.from_name(self.config.compute_dtype).compute_dtype)
     if self.method.head == "cosine":
       kw.update(head="cosine", cosine_scale=self.method.robal_scale)
     return kw
@@ -272,10 +279,12 @@ class LongTailTrainer:
     for i, batch in enumerate(batches):
       dev = mesh_lib.shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
       key = jax.random.fold_in(jax.random.key(seed), i)
+      # Multi-process: predictions, labels and mask of the *global* batch on every process.
+      labels, mask = multihost.gather_process_local((batch["label"], batch["mask"]))
       for name, steps in (("clean", 0), (f"pgd{pgd_steps}", pgd_steps)):
-        pred = np.asarray(self._eval_fn(state["params"], state["batch_stats"], dev["image"],
-                                        dev["label"], key, steps))
-        ok, tot = class_accuracy.per_class_counts(pred, batch["label"], batch["mask"], c)
+        pred = multihost.to_host(self._eval_fn(state["params"], state["batch_stats"],
+                                               dev["image"], dev["label"], key, steps))
+        ok, tot = class_accuracy.per_class_counts(pred, labels, mask, c)
         correct[name] += ok
       total += tot
     return {k: class_accuracy.accuracy_block(v, total, self.class_counts)
