@@ -64,8 +64,19 @@ def defence_hyperparameters(name: str, config: Mapping[str, Any] | None = None) 
 
 
 def make_defence_loss(name: str, config: Mapping[str, Any] | None = None):
-  """The loss-seam function of defence ``name`` with hyper-parameters from ``config``."""
+  """The loss-seam function of defence ``name`` with hyper-parameters from ``config``.
+
+  The same (name, hyper-parameters) always gives the same function object, so jitted
+  training epochs keyed on it (static argument) compile once per process, not once per
+  trainer (e.g. once for all seeds of an experiment).
+  """
   hp = defence_hyperparameters(name, config)
+  return _loss_fn(name, tuple(sorted(hp.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_fn(name: str, hp_items: tuple):
+  hp = dict(hp_items)
   if name == "vanilla":
     return functools.partial(recsys_losses.bpr_objective, reg_weight=hp["reg_weight"])
   if name == "apr":
