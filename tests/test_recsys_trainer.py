@@ -128,3 +128,26 @@ def test_loss_seam_uses_the_given_function_and_names_resolve():
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trainer.params), before)
   with pytest.raises(ConfigError, match="no module"):
     resolve_loss_fn({"loss": "no_such_defence"})
+
+
+def test_train_and_evaluate_writes_results_and_reloads(tmp_path):
+  from uatmc_jax.evaluation.ranking_metrics import RankingEvaluator
+  from uatmc_jax.training.recsys_trainer import load_trained_recommender, train_and_evaluate
+
+  config = {"model": "vbpr", "dataset": "synthetic",
+            "dataset_kwargs": {"n_users": 60, "n_items": 40, "mean_interactions": 8.0},
+            "model_config": {"embedding_dim": 8},
+            "train": {**CONFIG, "epochs": 2}, "mesh_data": -1}
+  res = train_and_evaluate(config, str(tmp_path))
+  for key in ("dataset", "model", "n_users", "n_items", "n_train", "epochs_run", "best_epoch",
+              "train_seconds", "valid", "test", "popularity_test"):
+    assert key in res, key
+  assert res["epochs_run"] == 2 and set(res["test"]) >= {"recall@20", "ndcg@5", "map@20", "hr@5"}
+  assert (tmp_path / "results.json").is_file()
+  model, data, cfg = load_trained_recommender(str(tmp_path))
+  assert cfg["model"] == "vbpr" and data.n_users == 60
+  users, items = nnx.jit(lambda m, f: m.encode(m.project(f)))(
+      model, {m: jnp.asarray(x) for m, x in data.features.items()})
+  again = RankingEvaluator(data, "test", ks=(5, 20)).evaluate(users, items)
+  for k in again:
+    np.testing.assert_allclose(again[k], res["test"][k], rtol=1e-5, atol=1e-7, err_msg=k)

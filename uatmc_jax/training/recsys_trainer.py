@@ -54,6 +54,7 @@ from uatmc_jax.evaluation.ranking_metrics import DEFAULT_KS, RankingEvaluator
 from uatmc_jax.evaluation.reporting import ProgressLogger
 from uatmc_jax.objectives.recsys_losses import LossFn, make_bpr_objective
 from uatmc_jax.parallel import mesh as mesh_lib
+from uatmc_jax.parallel import multihost, precision, sharding_rules
 from uatmc_jax.training.checkpointing import CheckpointStore
 
 TRAIN_DEFAULTS = dict(
@@ -158,6 +159,9 @@ class RecsysTrainer:
     self.data = data
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     self.loss_fn = loss_fn if loss_fn is not None else resolve_loss_fn(self.config)
+    # compute_dtype="bfloat16": bf16 forward/backward, float32 params and Adam state.
+    self.loss_fn = precision.mixed_precision_loss(
+        self.loss_fn, precision.Policy.from_name(self.config.get("compute_dtype")))
     self.batch_size = int(self.config["batch_size"])
     n_data = mesh_lib.data_axis_size(self.mesh)
     if self.batch_size % n_data:
@@ -169,9 +173,13 @@ class RecsysTrainer:
     self.graphdef, params, rest = nnx.split(model, trainable, ...)
     self.tx = _adam(float(self.config["learning_rate"]))
     replicate = lambda t: mesh_lib.replicate(t, self.mesh)
-    self.params = replicate(params)
-    self.rest = replicate(rest)
-    self.opt_state = replicate(self.tx.init(params))
+    # Placement from config: user/item tables (and their Adam moments) split by rows over
+    # the mesh `model` axis, the rest replicated (uatmc_jax.parallel.sharding_rules).
+    rules = self.config.get("param_sharding", sharding_rules.RECSYS_TABLE_RULES)
+    place = lambda t: sharding_rules.shard_tree(t, self.mesh, rules)
+    self.params = place(params)
+    self.rest = place(rest)
+    self.opt_state = place(self.tx.init(params))
     self.features = replicate({m: jnp.asarray(x, jnp.float32) for m, x in data.features.items()})
     self._epoch_sharding = NamedSharding(self.mesh, P(None, mesh_lib.DATA_AXIS))
 
@@ -244,7 +252,7 @@ class RecsysTrainer:
   # -- training -------------------------------------------------------------
   def _device_epoch(self, epoch: int):
     batches = epoch_batches(self.sampler, self.data.train, self.batch_size, self.seed, epoch)
-    return jax.device_put(batches, self._epoch_sharding)
+    return multihost.put_global(batches, self._epoch_sharding)  # each process: its columns
 
   def train_epoch(self, epoch: int) -> dict[str, float]:
     """One epoch of updates; returns the epoch's mean loss terms."""
@@ -334,9 +342,13 @@ def parse_random_features(spec: Any) -> dict[str, int] | None:
 
 
 def load_experiment_data(config: Mapping[str, Any]) -> InteractionData:
-  """The dataset named by ``config["dataset"]`` (+ optional ``random_features``)."""
+  """The dataset named by ``config["dataset"]``.
+
+  Optional keys: ``random_features`` (see :func:`parse_random_features`) and
+  ``dataset_kwargs`` (forwarded to ``load_dataset``, e.g. synthetic generator sizes).
+  """
   from uatmc_jax.data.mmrec import load_dataset
-  kwargs = {}
+  kwargs = dict(config.get("dataset_kwargs") or {})
   extra = parse_random_features(config.get("random_features"))
   if extra:
     if config["dataset"] == "synthetic":
@@ -357,7 +369,8 @@ def _build(config: Mapping[str, Any], data: InteractionData, workdir: str | None
   train_cfg = dict(config.get("train") or {})
   model = build_recommender(config["model"], data, config.get("model_config"),
                             nnx.Rngs(int(train_cfg.get("seed", TRAIN_DEFAULTS["seed"]))))
-  mesh = mesh_lib.make_mesh(data=int(config.get("mesh_data", -1)))
+  mesh = mesh_lib.make_mesh(data=int(config.get("mesh_data", -1)),
+                            model=int(config.get("mesh_model", 1)))
   return RecsysTrainer(model, data, train_cfg, workdir=workdir, mesh=mesh)
 
 
