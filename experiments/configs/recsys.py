@@ -11,7 +11,9 @@ Arguments (``k=v`` joined by ``,``):
     ``image:4096+text:384`` (None).
   seed: training seed (999, MMRec's).
   epochs: maximum epochs (1000); patience: early-stopping patience (20).
-  batch_size (2048), lr (1e-3), reg_weight (1e-4): BPR protocol.
+  batch_size (2048), lr (1e-3): BPR protocol.
+  reg_weight: EmbLoss weight; default = MMRec's first grid value per model
+    (VBPR 2.0, also used for VBPR-MLP; MMGCN 0.0).
   embedding_dim (64), align_weight (0.1, VBPR-MLP InfoNCE), wide_threshold (1024),
     num_layers (2, MMGCN).
   loss: training objective by name (bpr; defences add theirs, see recsys_trainer).
@@ -25,9 +27,11 @@ import ml_collections
 from experiments.configs import common
 
 DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, seed=999,
-                epochs=1000, patience=20, batch_size=2048, lr=1e-3, reg_weight=1e-4,
+                epochs=1000, patience=20, batch_size=2048, lr=1e-3, reg_weight=None,
                 embedding_dim=64, align_weight=0.1, wide_threshold=1024, num_layers=2,
                 loss="bpr", mesh_data=-1, eval_batch_size=2048, runlocal=False)
+# MMRec's configs/model/<MODEL>.yaml, first value of the reg_weight grid.
+DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 2.0, "mmgcn": 0.0}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,7 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           num_layers=int(a["num_layers"]))
   cfg.train = dict(loss=str(a["loss"]), seed=int(a["seed"]), epochs=int(a["epochs"]),
                    patience=int(a["patience"]), batch_size=int(a["batch_size"]),
-                   learning_rate=float(a["lr"]), reg_weight=float(a["reg_weight"]),
+                   learning_rate=float(a["lr"]),
+                   reg_weight=float(a["reg_weight"] if a["reg_weight"] is not None
+                                    else DEFAULT_REG_WEIGHT.get(cfg.model, 1e-4)),
                    eval_batch_size=int(a["eval_batch_size"]), ks=(5, 10, 20, 50))
   cfg.mesh_data = int(a["mesh_data"])
   if cfg.runlocal:
