@@ -47,7 +47,7 @@ def test_rules_shard_tables_and_their_adam_moments_only():
   tree = {"params": params, "opt": optax.adam(1e-3).init(params)}
   rows = {path: spec for path, _, spec in
           sharding_rules.describe(tree, sharding_rules.tree_shardings(tree, mesh, RULES))}
-  table = str(P("model", None))
+  table = str(P("model"))
   for path, spec in rows.items():
     is_table = "user_embedding" in path or "item_embedding" in path
     assert spec == (table if is_table else str(P())), (path, spec)
@@ -62,8 +62,8 @@ def test_mmgcn_preference_vectors_match_the_default_rules():
   specs = sharding_rules.partition_specs(state, RULES, mesh_lib.make_mesh(4, 2))
   flat = {sharding_rules.path_string(p): s for p, s in
           jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]}
-  assert flat["preferences/a/value"] == P("model", None)
-  assert flat["id_embedding/value"] == P("model", None)
+  assert flat["preferences/a/value"] == P("model")
+  assert flat["id_embedding/value"] == P("model")
   assert flat["edge_dst/value"] == P()  # integer graph buffers stay replicated
 
 
@@ -72,7 +72,7 @@ def test_indivisible_table_is_replicated_not_an_error():
   params = nnx.state(_model(n_users=10), nnx.Param)  # 10 rows do not split over 4
   specs = sharding_rules.partition_specs(params, RULES, mesh)
   assert specs["user_embedding"].get_value() == P()
-  assert specs["item_embedding"].get_value() == P("model", None)
+  assert specs["item_embedding"].get_value() == P("model")
 
 
 @pytest.mark.parametrize("rules, match", [
@@ -87,8 +87,9 @@ def test_bad_rules_raise_config_errors(rules, match):
 
 
 def test_parse_spec_forms():
-  assert sharding_rules.parse_spec("model,None") == P("model", None)
-  assert sharding_rules.parse_spec(("data", None)) == P("data", None)
+  assert sharding_rules.parse_spec("model,None") == P("model")
+  assert sharding_rules.parse_spec(("data", None)) == P("data")
+  assert sharding_rules.parse_spec((None, "model")) == P(None, "model")
   assert sharding_rules.parse_spec("") == P()
 
 

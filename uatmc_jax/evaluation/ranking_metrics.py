@@ -32,6 +32,7 @@ import numpy as np
 
 from uatmc_jax.data.interactions import InteractionData
 from uatmc_jax.parallel import mesh as mesh_lib
+from uatmc_jax.parallel import multihost
 
 METRICS = ("recall", "ndcg", "precision", "map", "hr")
 DEFAULT_KS = (5, 10, 20, 50)
@@ -170,7 +171,9 @@ class RankingEvaluator:
          "relevant": relevant[i * self.batch_size:(i + 1) * self.batch_size],
          "weight": weight[i * self.batch_size:(i + 1) * self.batch_size]} for i in range(nb)]
     if mesh is not None:
-      self._batches = [mesh_lib.shard_batch(b, mesh) for b in self._batches]
+      # every process holds all users; each feeds its own block of every batch
+      sharding = mesh_lib.data_sharding(mesh)
+      self._batches = [multihost.put_global(b, sharding) for b in self._batches]
     else:
       self._batches = [jax.tree.map(jnp.asarray, b) for b in self._batches]
 

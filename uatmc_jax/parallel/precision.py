@@ -75,3 +75,24 @@ class Policy:
   def cast_to_output(self, tree: Any) -> Any:
     """Floating leaves -> output dtype (losses, metrics)."""
     return cast_floating(tree, self.output_dtype)
+
+
+def mixed_precision_loss(loss_fn, policy: Policy):
+  """Wraps a recommender loss seam ``loss_fn(model, batch, features, key) -> (loss, aux)``
+  so the model's floating state and the item features enter in the compute dtype and
+  the loss and aux come out float32. Identity for the float32 policy.
+
+  The merged model is split and re-merged with cast state; gradients w.r.t. the
+  caller's float32 parameters flow back through the casts (float32 gradients).
+  """
+  if not policy.is_mixed:
+    return loss_fn
+  from flax import nnx  # local: this module is otherwise framework-free
+
+  def wrapped(model, batch, features, key):
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, policy.cast_to_compute(state))
+    loss, aux = loss_fn(model, batch, policy.cast_to_compute(features), key)
+    return policy.cast_to_output(loss), policy.cast_to_output(aux)
+
+  return wrapped

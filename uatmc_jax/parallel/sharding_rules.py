@@ -38,18 +38,27 @@ Rules = Sequence[tuple[str, Any]]
 
 
 def parse_spec(spec: Any) -> P:
-  """``"model,None"`` / ``("model", None)`` / ``P(...)`` / ``""`` -> PartitionSpec."""
+  """``"model,None"`` / ``("model", None)`` / ``P(...)`` / ``""`` -> PartitionSpec.
+
+  Trailing ``None`` entries are dropped (``P("model", None)`` -> ``P("model")``): the
+  two mean the same placement, but only the short form equals the sharding XLA gives
+  jitted outputs, and a mismatch would retrace a step that takes its own outputs back.
+  """
   if isinstance(spec, P):
-    return spec
-  if spec is None or spec == "" or spec == ():
-    return P()
-  if isinstance(spec, str):
-    parts = [s.strip() for s in spec.split(",")]
-    return P(*[None if s in ("None", "none", "") else s for s in parts])
-  if isinstance(spec, (tuple, list)):
-    return P(*spec)
-  raise ConfigError(f"sharding spec {spec!r}: expected a string like 'model,None', a tuple "
-                    "of axis names / None, or a PartitionSpec")
+    entries = list(spec)
+  elif spec is None or spec == "" or spec == ():
+    entries = []
+  elif isinstance(spec, str):
+    entries = [None if s.strip() in ("None", "none", "") else s.strip()
+               for s in spec.split(",")]
+  elif isinstance(spec, (tuple, list)):
+    entries = list(spec)
+  else:
+    raise ConfigError(f"sharding spec {spec!r}: expected a string like 'model,None', a "
+                      "tuple of axis names / None, or a PartitionSpec")
+  while entries and entries[-1] is None:
+    entries.pop()
+  return P(*entries)
 
 
 def parse_rules(rules: Rules | None) -> list[tuple[re.Pattern, P]]:

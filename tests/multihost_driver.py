@@ -1,0 +1,141 @@
+"""One process of a (possibly multi-process) run of both trainers on tiny data.
+
+Started by ``tests/test_multihost.py`` with ``sys.executable``::
+
+  python tests/multihost_driver.py --out DIR --jobs recsys,longtail \\
+      --local_devices 2 --num_processes 2 --process_id 0 --coordinator localhost:PORT
+
+With ``--num_processes 1 --local_devices 4`` it is the single-process reference on the
+same 4-device mesh. Every process writes ``DIR/<job>_p<process_id>.json`` with the
+job's metrics (as seen by that process), so the test can check that all processes
+agree with each other and with the reference. Checkpoints go to ``DIR/<job>_ckpt``
+(orbax, written by all processes together).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--jobs", default="recsys,longtail")
+  ap.add_argument("--local_devices", type=int, default=2)
+  ap.add_argument("--num_processes", type=int, default=1)
+  ap.add_argument("--process_id", type=int, default=0)
+  ap.add_argument("--coordinator", default=None)
+  ap.add_argument("--recsys_model", default="vbpr", help="vbpr (fast to compile) | vbpr_mlp")
+  ap.add_argument("--mesh_model", type=int, default=1,
+                  help="model-axis size for the recommender's tables")
+  return ap.parse_args(argv)
+
+
+def setup(args):
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  jax.config.update("jax_num_cpu_devices", args.local_devices)
+  from uatmc_jax.parallel import mesh as mesh_lib
+  if args.num_processes > 1:
+    mesh_lib.maybe_initialize_distributed(args.coordinator, args.num_processes,
+                                          args.process_id)
+  assert jax.process_count() == args.num_processes, jax.process_count()
+  assert jax.device_count() == args.num_processes * args.local_devices
+
+
+def _sum_of_squares(tree) -> float:
+  """A scalar fingerprint of a (possibly multi-process) pytree, same on every process."""
+  import jax
+  import jax.numpy as jnp
+  return float(jax.jit(lambda t: sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                                     for x in jax.tree.leaves(t)))(tree))
+
+
+def recsys_job(args, workdir):
+  """Two epochs of a recommender (tables over the model axis when --mesh_model > 1)."""
+  import numpy as np
+  from flax import nnx
+  from uatmc_jax.data.interactions import InteractionData
+  from uatmc_jax.models.registry import build_recommender
+  from uatmc_jax.parallel import mesh as mesh_lib
+  from uatmc_jax.training.recsys_trainer import RecsysTrainer
+
+  rng = np.random.default_rng(0)
+  n_users, n_items = 32, 24
+  users = np.repeat(np.arange(n_users), 6)
+  items = (users % 2) * (n_items // 2) + rng.integers(0, n_items // 2, users.size)
+  pairs = np.unique(np.stack([users, items], 1), axis=0).astype(np.int32)
+  label = rng.choice(3, size=len(pairs), p=[0.7, 0.15, 0.15])
+  feats = {"image": rng.standard_normal((n_items, 6)).astype(np.float32),
+           "text": rng.standard_normal((n_items, 4)).astype(np.float32)}
+  data = InteractionData("tiny", n_users, n_items, pairs[label == 0], pairs[label == 1],
+                         pairs[label == 2], feats)
+  mesh = mesh_lib.make_mesh(-1, args.mesh_model)
+  model = build_recommender(args.recsys_model, data, {"embedding_dim": 8}, nnx.Rngs(0))
+  config = dict(batch_size=32, epochs=2, patience=50, seed=3, eval_batch_size=8, log=False,
+                ks=(5, 20), mesh_model=args.mesh_model)
+  # No checkpoints here (the long-tail job covers multi-process orbax saves).
+  del workdir
+  trainer = RecsysTrainer(model, data, config, workdir=None, mesh=mesh)
+  record = trainer.fit()
+  out = {"losses": [h["loss"] for h in record["history"]],
+         "valid_recall@20": [h["valid_recall@20"] for h in record["history"]],
+         "valid": trainer.evaluate("valid"), "params_sum_sq": _sum_of_squares(trainer.params)}
+  table = trainer.params["user_embedding"][...]
+  out["user_table_shard_rows"] = sorted({s.data.shape[0] for s in table.addressable_shards})
+  return out
+
+
+def longtail_job(args, workdir):
+  """One epoch of PGD-AT (2 steps with PGD-2) on random 16x16 images, then clean eval."""
+  import numpy as np
+  from uatmc_jax.data.image_pipeline import TrainPipeline, eval_batches
+  from uatmc_jax.parallel import mesh as mesh_lib
+  from uatmc_jax.training import longtail_methods as lm
+  from uatmc_jax.training import longtail_trainer as lt
+
+  rng = np.random.default_rng(1)
+  counts = np.array([16, 10, 6])
+  labels = np.repeat(np.arange(3), counts).astype(np.int32)
+  images = rng.integers(0, 200, (labels.size, 16, 16, 3))
+  images[..., 0] += 25 * labels[:, None, None]  # a learnable class signal
+  images = images.astype(np.uint8)
+  pipe = TrainPipeline(images, labels, batch_size=16, seed=0)
+  config = lt.LongTailTrainConfig(model="small_cnn", model_kwargs={"widths": (4, 8)},
+                                  num_epochs=1, batch_size=16, attack_steps=2, seed=0)
+  trainer = lt.LongTailTrainer(config, lm.resolve_method("pgd_at"), num_classes=3,
+                               class_counts=counts, steps_per_epoch=pipe.steps_per_epoch,
+                               mesh=mesh_lib.make_mesh())
+  state, info = trainer.fit(pipe, workdir)
+  # every class, a padded last batch; PGD steps 0 keeps the test to one eval compile
+  idx = np.r_[0:6, 16:22, 26:32]
+  blocks = trainer.evaluate(state, eval_batches(images[idx], labels[idx], batch_size=8),
+                            pgd_steps=0)
+  return {"last_epoch_metrics": info["last_epoch_metrics"], "clean": blocks["clean"],
+          "params_sum_sq": _sum_of_squares(state["params"]),
+          "batch_stats_sum_sq": _sum_of_squares(state["batch_stats"])}
+
+
+JOBS = {"recsys": recsys_job, "longtail": longtail_job}
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  setup(args)
+  os.makedirs(args.out, exist_ok=True)
+  for job in args.jobs.split(","):
+    t0 = time.perf_counter()
+    metrics = JOBS[job](args, os.path.join(args.out, f"{job}_ckpt"))
+    metrics["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(args.out, f"{job}_p{args.process_id}.json"), "w") as f:
+      json.dump(metrics, f, indent=1, default=float)
+    print(f"driver p{args.process_id}: {job} done in {metrics['seconds']:.1f}s", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
