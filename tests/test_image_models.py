@@ -157,6 +157,33 @@ def test_bfloat16_compute_float32_params():
   assert not np.array_equal(np.asarray(out16), np.asarray(out32))  # really bf16
 
 
+def test_input_standardisation_inside_model():
+  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+  plain = _small()
+  standard = _small(input_mean=mean, input_std=std)
+  x = _x(2, 8)
+  np.testing.assert_allclose(standard(x, train=False),
+                             plain((x - jnp.array(mean)) / jnp.array(std), train=False),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConfigError, match="together"):
+    _small(input_mean=mean)
+
+
+def test_wrn_with_dropout_splits_and_applies_purely():
+  # Shapes only (jax.eval_shape): building and compiling a WRN costs ~40 s here.
+  def run():
+    model = ic.build_classifier("wrn34_10", 5, nnx.Rngs(0, dropout=1), depth=10,
+                                widen_factor=1, dropout=0.5)
+    g, p, s = ic.split_classifier(model)  # dropout RNG state travels with batch_stats
+    out, new_s = ic.apply_logits(g, p, s, jnp.zeros((2, 8, 8, 3)), train=True)
+    return out, s, new_s
+  out, s, new_s = jax.eval_shape(run)
+  assert out.shape == (2, 5)
+  assert jax.tree.structure(s) == jax.tree.structure(new_s)
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(s)]
+  assert any("dropout" in k for k in paths) and any("mean" in k for k in paths)
+
+
 def test_registry_errors():
   with pytest.raises(ConfigError, match="unknown classifier 'resnet50'"):
     ic.build_classifier("resnet50", 10, nnx.Rngs(0))

@@ -121,6 +121,16 @@ def test_folder_errors(tmp_path, tiny_folder):
     load_image_folder(root)
 
 
+def test_image_dataset_validates():
+  ok = np.zeros((2, 4, 4, 3), np.uint8)
+  with pytest.raises(DataFormatError, match="uint8"):
+    ImageDataset(ok.astype(np.float32), np.zeros(2, np.int32), ("a", "b"), "x")
+  with pytest.raises(DataFormatError, match="int32"):
+    ImageDataset(ok, np.zeros(2, np.int64), ("a", "b"), "x")
+  with pytest.raises(DataFormatError, match="outside"):
+    ImageDataset(ok, np.array([0, 2], np.int32), ("a", "b"), "x")
+
+
 def test_real_cifar10_folder(shared_data):
   names, files = list_image_folder(shared_data / "cifar10" / "train")
   assert names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",

@@ -28,6 +28,7 @@ Pure-function pattern for jitted train steps (BN statistics are ``nnx.BatchStat`
 variables, parameters are ``nnx.Param``)::
 
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    # (split_classifier also puts a WRN's dropout RNG state with the batch stats)
 
     def logits_fn(params, batch_stats, x, train):
       m = nnx.merge(graphdef, params, batch_stats, copy=True)  # fresh Variables
@@ -451,9 +452,19 @@ def build_classifier(name: str, num_classes: int, rngs: nnx.Rngs,
 # ---------------------------------------------------------------------------------
 # Pure functions over (graphdef, params, batch_stats) for jitted steps
 # ---------------------------------------------------------------------------------
+# The non-parameter state a train step carries: BN running statistics, plus the
+# dropout RNG stream of a WRN built with dropout > 0.
+MUTABLE_STATE = (nnx.BatchStat, nnx.RngState)
+
+
 def split_classifier(model: ImageClassifier):
-  """``(graphdef, params, batch_stats)`` = ``nnx.split(model, nnx.Param, nnx.BatchStat)``."""
-  return nnx.split(model, nnx.Param, nnx.BatchStat)
+  """``(graphdef, params, batch_stats)``: ``nnx.split(model, nnx.Param, MUTABLE_STATE)``.
+
+  ``batch_stats`` holds the BN running averages (and, for a WRN with dropout, the
+  dropout RNG state); pass it back in and keep the updated copy the ``apply_*``
+  functions return.
+  """
+  return nnx.split(model, nnx.Param, MUTABLE_STATE)
 
 
 def apply_features(graphdef, params, batch_stats, x: jax.Array, *, train: bool):
@@ -464,14 +475,14 @@ def apply_features(graphdef, params, batch_stats, x: jax.Array, *, train: bool):
   """
   model = nnx.merge(graphdef, params, batch_stats, copy=True)
   phi = model.features(x, train=train)
-  return phi, nnx.state(model, nnx.BatchStat)
+  return phi, nnx.state(model, MUTABLE_STATE)
 
 
 def apply_logits(graphdef, params, batch_stats, x: jax.Array, *, train: bool):
   """Pure ``f(x)``. Returns ``(logits (B, C), new_batch_stats)`` (see ``apply_features``)."""
   model = nnx.merge(graphdef, params, batch_stats, copy=True)
   logits = model(x, train=train)
-  return logits, nnx.state(model, nnx.BatchStat)
+  return logits, nnx.state(model, MUTABLE_STATE)
 
 
 def apply_classify(graphdef, params, batch_stats, phi: jax.Array) -> jax.Array:
