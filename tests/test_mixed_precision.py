@@ -1,0 +1,87 @@
+"""compute_dtype="bfloat16" in both trainers: bf16 compute, float32 state, finite loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uatmc_jax.data.image_pipeline import TrainPipeline
+from uatmc_jax.data.interactions import InteractionData
+from uatmc_jax.models.registry import build_recommender
+from uatmc_jax.objectives.recsys_losses import make_bpr_objective
+from uatmc_jax.parallel import mesh as mesh_lib
+from uatmc_jax.parallel import precision
+from uatmc_jax.training import longtail_methods as lm
+from uatmc_jax.training import longtail_trainer as lt
+from uatmc_jax.training.recsys_trainer import RecsysTrainer
+
+
+def _floating_dtypes(tree):
+  return {x.dtype for x in jax.tree.leaves(tree)
+          if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}
+
+
+def _tiny_interactions(n_users=16, n_items=12, seed=0):
+  rng = np.random.default_rng(seed)
+  users = np.repeat(np.arange(n_users), 5)
+  items = rng.integers(0, n_items, users.size)
+  pairs = np.unique(np.stack([users, items], 1), axis=0).astype(np.int32)
+  label = rng.choice(3, size=len(pairs), p=[0.7, 0.15, 0.15])
+  feats = {"image": rng.standard_normal((n_items, 6)).astype(np.float32),
+           "text": rng.standard_normal((n_items, 4)).astype(np.float32)}
+  return InteractionData("tiny", n_users, n_items, pairs[label == 0], pairs[label == 1],
+                         pairs[label == 2], feats)
+
+
+def test_recsys_trainer_bfloat16_computes_in_bf16_and_keeps_float32_state():
+  data = _tiny_interactions()
+  seen = []
+  bpr = make_bpr_objective({"reg_weight": 1e-3})
+
+  def recording_loss(model, batch, features, key):
+    seen.append((model.user_embedding[...].dtype, features["image"].dtype))
+    return bpr(model, batch, features, key)
+
+  model = build_recommender("vbpr_mlp", data, {"embedding_dim": 8}, nnx.Rngs(0))
+  trainer = RecsysTrainer(model, data, dict(batch_size=16, epochs=1, log=False, ks=(5,),
+                                            eval_batch_size=8, compute_dtype="bfloat16"),
+                          mesh=mesh_lib.make_mesh(2, 1, devices=jax.devices()[:2]),
+                          loss_fn=recording_loss)
+  stats = trainer.train_epoch(0)
+  bf16 = jnp.dtype(jnp.bfloat16)
+  assert seen and set(seen) == {(bf16, bf16)}
+  assert np.isfinite(stats["loss"]) and stats["loss"] > 0
+  assert _floating_dtypes(trainer.params) == {jnp.dtype(jnp.float32)}
+  assert _floating_dtypes(trainer.opt_state) == {jnp.dtype(jnp.float32)}
+  metrics = trainer.evaluate("valid")  # serving stays float32
+  assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_mixed_precision_loss_is_identity_for_float32():
+  fn = lambda model, batch, features, key: (jnp.zeros(()), {})
+  assert precision.mixed_precision_loss(fn, precision.Policy.from_name("float32")) is fn
+
+
+def test_longtail_trainer_bfloat16_step_keeps_float32_params_stats_and_optimiser():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), [8, 5, 3]).astype(np.int32)
+  images = rng.integers(0, 256, (labels.size, 8, 8, 3)).astype(np.uint8)
+  pipe = TrainPipeline(images, labels, batch_size=8, seed=0, prefetch=0)
+  config = lt.LongTailTrainConfig(model="small_cnn", model_kwargs={"widths": (4, 8)},
+                                  num_epochs=1, batch_size=8, attack_steps=1,
+                                  compute_dtype="bfloat16")
+  trainer = lt.LongTailTrainer(config, lm.resolve_method("trades"), num_classes=3,
+                               class_counts=np.bincount(labels),
+                               steps_per_epoch=pipe.steps_per_epoch,
+                               mesh=mesh_lib.make_mesh(2, 1, devices=jax.devices()[:2]))
+  assert trainer.build_model(jax.random.key(0)).dtype == jnp.bfloat16
+  state = trainer.init_state()
+  batch = mesh_lib.shard_batch(next(iter(pipe.epoch(0))), trainer.mesh)
+  # the convolutions really ran in bf16: the (float32) features are bf16-representable
+  phi = np.asarray(trainer.features_eval(state["params"], state["batch_stats"], batch["image"]))
+  assert np.abs(phi).max() > 0
+  np.testing.assert_array_equal(phi, phi.astype(jnp.bfloat16).astype(np.float32))
+  state, metrics = trainer.train_step(state, batch, jax.random.key(1),
+                                      flags=trainer.step_flags(0))
+  assert np.isfinite(float(metrics["loss"]))
+  for part in ("params", "batch_stats", "opt_state"):
+    assert _floating_dtypes(state[part]) == {jnp.dtype(jnp.float32)}, part
