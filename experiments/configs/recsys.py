@@ -17,7 +17,10 @@ Arguments (``k=v`` joined by ``,``):
   embedding_dim (64), align_weight (0.1, VBPR-MLP InfoNCE), wide_threshold (1024),
     num_layers (2, MMGCN).
   loss: training objective by name (bpr; defences add theirs, see recsys_trainer).
-  mesh_data: devices on the data axis (-1 = all).
+  mesh_data: devices on the data axis (-1 = all); mesh_model: devices on the model axis
+    (1), over which the user/item tables and their Adam moments are split by rows.
+  compute_dtype: float32 | bfloat16 (bf16 forward/backward on GPU/TPU; parameters and
+    optimiser state stay float32).
   runlocal: smoke variant, at most 5 epochs (patience 3) -- finishes in about a minute.
 """
 from __future__ import annotations
@@ -29,7 +32,8 @@ from experiments.configs import common
 DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, seed=999,
                 epochs=1000, patience=20, batch_size=2048, lr=1e-3, reg_weight=None,
                 embedding_dim=64, align_weight=0.1, wide_threshold=1024, num_layers=2,
-                loss="bpr", mesh_data=-1, eval_batch_size=2048, runlocal=False)
+                loss="bpr", mesh_data=-1, mesh_model=1, compute_dtype="float32",
+                eval_batch_size=2048, runlocal=False)
 # MMRec's configs/model/<MODEL>.yaml, first value of the reg_weight grid.
 DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 2.0, "mmgcn": 0.0}
 
@@ -52,6 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                     else DEFAULT_REG_WEIGHT.get(cfg.model, 1e-4)),
                    eval_batch_size=int(a["eval_batch_size"]), ks=(5, 10, 20, 50))
   cfg.mesh_data = int(a["mesh_data"])
+  cfg.mesh_model = int(a["mesh_model"])
+  cfg.train["compute_dtype"] = str(a["compute_dtype"])
   if cfg.runlocal:
     cfg.train["epochs"] = min(cfg.train["epochs"], 5)
     cfg.train["patience"] = min(cfg.train["patience"], 3)
