@@ -11,6 +11,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 
+def _process_index() -> int:
+  # jax is imported lazily so reading/writing results never needs it.
+  if "jax" not in sys.modules:
+    return 0
+  return sys.modules["jax"].process_index()
+
+
 def _jsonable(x: Any) -> Any:
   if isinstance(x, Mapping):
     return {str(k): _jsonable(v) for k, v in x.items()}
@@ -25,8 +32,14 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON atomically (tmp file + rename)."""
+def write_json(path: str, obj: Any, *, all_processes: bool = False) -> None:
+  """Writes ``obj`` as indented JSON atomically (tmp file + rename).
+
+  In a multi-process (multi-host) run only process 0 writes (every launcher's results
+  come from one process), unless ``all_processes``.
+  """
+  if not all_processes and _process_index() != 0:
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
