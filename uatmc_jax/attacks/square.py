@@ -61,9 +61,14 @@ def square_attack(logits_fn: LogitsFn,
                   key: jax.Array,
                   num_queries: int = 5000,
                   p_init: float = 0.8,
+                  early_stop: bool = True,
                   clip_min: float = 0.,
                   clip_max: float = 1.) -> SquareResult:
-  """Untargeted Square Attack L∞ on a batch (B, H, W, C); see the module doc."""
+  """Untargeted Square Attack L∞ on a batch (B, H, W, C); see the module doc.
+
+  `early_stop` ends the loop once every example is fooled (results unchanged);
+  turn it off only to time the full query budget.
+  """
   chex.assert_rank(x, 4)
   batch, height, width, channels = x.shape
   chex.assert_shape(labels, (batch,))
@@ -79,7 +84,8 @@ def square_attack(logits_fn: LogitsFn,
 
   def cond(carry):
     i, _, margin, _ = carry
-    return (i < num_queries - 1) & jnp.any(margin > 0)
+    keep = i < num_queries - 1
+    return keep & jnp.any(margin > 0) if early_stop else keep
 
   def body(carry):
     i, x_best, margin, queries = carry
