@@ -258,3 +258,11 @@ def test_single_process_host_moves_are_the_plain_ones():
   assert r.sharding.is_fully_replicated
   box, contiguous = multihost._local_box(mesh_lib.data_sharding(mesh), x.shape)
   assert contiguous and box == (slice(0, 8), slice(0, 6))
+
+
+def test_flops_of_counts_a_loop_body_once_as_documented():
+  x = jnp.ones((16, 16))
+  one = throughput.flops_of(lambda a: a @ a, x)
+  ten = throughput.flops_of(
+      lambda a: jax.lax.scan(lambda b, _: (b @ a, None), a, None, length=10)[0], x)
+  assert ten == pytest.approx(one, rel=0.01)

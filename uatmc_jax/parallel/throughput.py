@@ -61,6 +61,10 @@ def _cost_dict(cost: Any) -> dict:
 def flops_of(fn: Callable, *args, **kwargs) -> float | None:
   """FLOPs of one call of ``fn(*args, **kwargs)`` per device, from XLA's cost analysis.
 
+  Caveat: XLA counts the body of a ``while`` loop (``lax.scan``, ``fori_loop``) *once*,
+  not times its trip count; for a function that loops N identical steps, measure one
+  step (e.g. a 1-step scan) and multiply by N.
+
   Args:
     fn: a ``jax.jit``-wrapped function (a plain function is jitted here).
     *args, **kwargs: arguments or ``jax.ShapeDtypeStruct`` placeholders.
