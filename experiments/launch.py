@@ -22,7 +22,9 @@ from uatmc_jax import errors
 from uatmc_jax.parallel import mesh as mesh_lib
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for multi-host runs; 'auto' lets JAX detect the "
+                    "cluster (Cloud TPU pods, SLURM, Open MPI).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.DEFINE_integer("num_cpu_devices", None,

@@ -25,7 +25,9 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   """Initialises ``jax.distributed`` when a multi-process run is requested.
 
   A no-op for a single process (``num_processes`` in (None, 1) and no coordinator),
-  so every launcher can call it unconditionally.
+  so every launcher can call it unconditionally. ``coordinator_address="auto"`` calls
+  ``jax.distributed.initialize()`` without arguments, so JAX detects the cluster itself
+  (Cloud TPU pods, SLURM, Open MPI).
   """
   global _DISTRIBUTED_INITIALISED
   if _DISTRIBUTED_INITIALISED:
@@ -35,6 +37,10 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   # CPU-only processes need a cross-process collectives backend (gloo ships with jaxlib);
   # GPU/TPU use their own (NCCL / ICI), for which this setting is ignored.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address == "auto":
+    jax.distributed.initialize()
+    _DISTRIBUTED_INITIALISED = True
+    return
   kwargs: dict[str, Any] = dict(coordinator_address=coordinator_address,
                                 num_processes=num_processes, process_id=process_id)
   if local_device_ids is not None:
