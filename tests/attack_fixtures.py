@@ -49,3 +49,23 @@ def brute_force_scores(surface, target, delta):
            for m in surface.modalities}
   users, items = surface.encode_fn(surface.params, table)
   return users @ items.T
+
+
+def make_raw_surface(key, *, raw_dims=(("a", 7), ("b", 3)), p=5, **kw):
+  """A raw-feature attack surface: x̂^m = tanh(x^m A_m), widths differ per modality."""
+  base = make_surface(key, dims=tuple((m, p) for m, _ in raw_dims), **kw)
+  keys = jax.random.split(jax.random.fold_in(key, 1), 2 * len(raw_dims))
+  lift_mats = {m: jax.random.normal(keys[i], (d, p)) / np.sqrt(d)
+               for i, (m, d) in enumerate(raw_dims)}
+  n_items = next(iter(base.attack_table.values())).shape[0]
+  raw = {m: jax.random.normal(keys[len(raw_dims) + i], (n_items, d))
+         for i, (m, d) in enumerate(raw_dims)}
+  params = dict(base.params, A=lift_mats)
+
+  def lift_fn(prm, rows):
+    return {m: jnp.tanh(rows[m] @ prm["A"][m]) for m in rows}
+
+  projected = lift_fn(params, raw)
+  return AttackSurface(base.modalities, base.is_graph, "raw", params, raw, projected, lift_fn,
+                       base.item_vectors_fn, base.encode_fn)
+

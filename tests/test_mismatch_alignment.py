@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attack_fixtures import make_surface
+from attack_fixtures import make_raw_surface, make_surface
 from uatmc_jax.attacks import alignment, mismatch, promotion, user_groups
 
 
@@ -159,3 +159,35 @@ def test_kmeans_recovers_separated_blobs():
   assign = np.asarray(assign)
   assert len(set(assign[:20])) == 1 and len(set(assign[20:])) == 1
   assert assign[0] != assign[20]
+
+
+def test_raw_feature_attack_aligns_in_the_projected_space():
+  """Raw widths differ (7 vs 3): the cosine is taken on ∇_{x̂} L (shared 5-d space)."""
+  # Non-linear in x̂ (tanh inside the item vector): with a score linear in x̂ (VBPR-MLP's
+  # fusion) ∇_x̂ L is piecewise constant in δ and the reward has zero gradient a.e.
+  surface = make_raw_surface(jax.random.key(4), nonlinear=True)
+  ctx = promotion.build_context(surface, np.arange(12), k=3)
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=2)
+  out = runner.run(promotion.pgd_attack(0.2, k=3, alignment="cosine", align_weight=5.0,
+                                        margin=50.0), ctx, [2, 6])
+  assert out["delta"]["a"].shape == (2, 7) and out["delta"]["b"].shape == (2, 3)
+  assert np.all(np.isfinite(out["mismatch"].cosine))
+  # The projected-space gradient the cosine uses is the gradient w.r.t. x̂ (by hand).
+  view = promotion._target_view(surface, surface.params, surface.attack_table,
+                                surface.projected_table, ctx, jnp.asarray(2), 3)
+  loss = lambda d, e=None: promotion.promotion_per_user_loss(*view.scores_fn(d, e), 50.0)
+  eta0 = {m: jnp.zeros(5) for m in surface.modalities}
+  zero = {"a": jnp.zeros(7), "b": jnp.zeros(3)}
+  g = alignment.shared_space_gradient(loss, zero, (loss, eta0))
+  users = surface.params["U"]
+  for m in surface.modalities:
+    slope = 1 - jnp.tanh(surface.projected_table[m][2]) ** 2
+    np.testing.assert_allclose(np.asarray(g[m]),
+                               np.asarray(slope * (surface.params["W"][m] @ users.mean(0))),
+                               rtol=1e-4, atol=1e-6)
+  # And the reward steers (second order through the tanh lift): aligned != naive.
+  kw = dict(group_weights=None, group_temperature=0.1, probe=(loss, eta0))
+  d = {"a": 0.1 * jnp.ones(7), "b": -0.1 * jnp.ones(3)}
+  aligned = alignment.cosine_direction(loss, d, align_weight=5.0, **kw)
+  naive = alignment.naive_direction(loss, d, align_weight=5.0, **kw)
+  assert max(float(jnp.abs(aligned[m] - naive[m]).max()) for m in d) > 1e-4

@@ -5,10 +5,13 @@ to a direction {m: (d_m,)} on which the attack takes its sign step:
 
 * ``"none"``: ∇_δ L, L = mean_u ℓ_u (the naive attacker).
 * ``"cosine"`` (the paper's / reference mechanism, the default of ``pgd_aligned``):
-  ∇_δ J with J(δ) = L(δ) + λ_align · mean_{pairs m<m'} cos(∇_{δ^m} L, ∇_{δ^m'} L) — a
+  ∇_δ J with J(δ) = L(δ) + λ_align · mean_{pairs m<m'} cos(∇_{x̂^m} L, ∇_{x̂^m'} L) — a
   gradient of a function of gradients (``jax.grad`` of a function calling
-  ``jax.grad``). Only modality pairs of equal width (one shared space) enter the mean;
-  with none, J = L. A target whose gradient is zero contributes cosine 0 (the
+  ``jax.grad``). The cosine compares the modalities in their shared projected space
+  (for the reference's projected-space attack that is ∇_{δ^m} L; for raw-feature
+  attacks the gradient w.r.t. an additive probe on x̂^m at the perturbed point, so
+  the second-order term runs through the projection MLPs). Only modality pairs of
+  equal projected width enter the mean; with none, J = L. A target whose gradient is zero contributes cosine 0 (the
   reference's average over zero-gradient rows is not reproduced: every target is its
   own problem here).
   Note: when the score is piecewise linear in δ (e.g. VBPR-MLP attacked in its
@@ -56,28 +59,50 @@ def mean_pairwise_cosine(grads: Mapping[str, jax.Array],
   return jnp.mean(jnp.stack([mismatch.safe_cosine(grads[a], grads[b]) for a, b in pairs]))
 
 
-def cosine_reward_objective(per_user_loss_fn, align_weight: float):
-  """J(δ) = L(δ) + λ_align · mean_pairs cos(∇_{δ^m} L, ∇_{δ^m'} L)  (A.6)."""
+def shared_space_gradient(per_user_loss_fn, delta, probe=None) -> Direction:
+  """∇L in the shared (projected) space at the perturbation δ.
+
+  Args:
+    per_user_loss_fn: δ -> (n,) per-user loss.
+    delta: {m: (d_m,)} the attacked-space perturbation.
+    probe: None when δ already lives in the projected space (the gradient is ∇_δ L);
+      else ``(probe_loss_fn, eta0)`` with probe_loss_fn(δ, η) -> (n,) the loss when an
+      extra η^m is added to the projected features x̂^m, and eta0 = {m: zeros (p_m,)}:
+      the gradient is ∇_η L(δ, η) at η = 0 (raw-feature attacks compare modalities in
+      the projected space they share).
+  """
+  if probe is None:
+    return jax.grad(mean_loss_fn(per_user_loss_fn))(dict(delta))
+  probe_loss_fn, eta0 = probe
+  return jax.grad(lambda e: jnp.mean(probe_loss_fn(delta, e)))(dict(eta0))
+
+
+def cosine_reward_objective(per_user_loss_fn, align_weight: float, probe=None):
+  """J(δ) = L(δ) + λ_align · mean_pairs cos(∇_{x̂^m} L, ∇_{x̂^m'} L)  (A.6).
+
+  The gradients in the cosine are taken in the projected space (= ∇_{δ^m} L for the
+  reference's projected-space attack; see ``shared_space_gradient``).
+  """
   loss = mean_loss_fn(per_user_loss_fn)
-  grad_loss = jax.grad(loss)
 
   def objective(delta):
-    pairs = comparable_pairs(delta)
-    return loss(delta) + align_weight * mean_pairwise_cosine(grad_loss(delta), pairs)
+    grads = shared_space_gradient(per_user_loss_fn, delta, probe)
+    pairs = comparable_pairs(grads)
+    return loss(delta) + align_weight * mean_pairwise_cosine(grads, pairs)
 
   return objective
 
 
 def naive_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
-                    group_temperature) -> Direction:
-  del group_weights, align_weight, group_temperature
+                    group_temperature, probe=None) -> Direction:
+  del group_weights, align_weight, group_temperature, probe
   return jax.grad(mean_loss_fn(per_user_loss_fn))(dict(delta))
 
 
 def cosine_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
-                     group_temperature) -> Direction:
+                     group_temperature, probe=None) -> Direction:
   del group_weights, group_temperature
-  return jax.grad(cosine_reward_objective(per_user_loss_fn, align_weight))(dict(delta))
+  return jax.grad(cosine_reward_objective(per_user_loss_fn, align_weight, probe))(dict(delta))
 
 
 def pcgrad_combine(group_grads: jax.Array) -> jax.Array:
@@ -95,8 +120,8 @@ def pcgrad_combine(group_grads: jax.Array) -> jax.Array:
 
 
 def pcgrad_groups_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
-                            group_temperature) -> Direction:
-  del align_weight, group_temperature
+                            group_temperature, probe=None) -> Direction:
+  del align_weight, group_temperature, probe
   _, group_grads = mismatch.per_group_gradients(per_user_loss_fn, delta, group_weights)
   return {m: pcgrad_combine(group_grads[m]) for m in delta}
 
@@ -114,8 +139,8 @@ def shared_group_weights(group_grads: Mapping[str, jax.Array],
 
 
 def shared_groups_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
-                            group_temperature) -> Direction:
-  del align_weight
+                            group_temperature, probe=None) -> Direction:
+  del align_weight, probe
   _, group_grads = mismatch.per_group_gradients(per_user_loss_fn, delta, group_weights)
   alpha = shared_group_weights(group_grads, group_temperature)
   return {m: alpha @ group_grads[m] for m in delta}

@@ -95,21 +95,33 @@ def pearson_masked(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.Array],
-                         group_weights: jax.Array) -> MismatchDiagnostics:
+                         group_weights: jax.Array, probe=None) -> MismatchDiagnostics:
   """The A.5 diagnostics of one target at perturbation ``delta`` (usually 0).
 
   Args:
     per_user_loss_fn: δ -> per-anchor-user promotion loss ℓ (n_users,).
     delta: {m: (d_m,)} for the attacked modalities (their order = dict order).
     group_weights: (n_users, G) group membership (one-hot rows).
+    probe: None when δ lives in the projected space; else ``(probe_loss_fn, eta0)``
+      (see ``alignment.shared_space_gradient``): cosines and group shares are then
+      measured in the projected space, gains still for the attacked-space steps.
 
   Returns:
     ``MismatchDiagnostics``.
   """
   modalities = tuple(delta)
-  _, group_grads = per_group_gradients(per_user_loss_fn, delta, group_weights)
+  if probe is None:
+    _, group_grads = per_group_gradients(per_user_loss_fn, delta, group_weights)
+    step_grads = None
+  else:
+    probe_loss_fn, eta0 = probe
+    _, group_grads = per_group_gradients(lambda e: probe_loss_fn(delta, e), eta0,
+                                         group_weights)
+    step_grads = jax.grad(lambda d: jnp.mean(per_user_loss_fn(d)))(dict(delta))
   full = {m: jnp.sum(group_grads[m], axis=0) for m in modalities}
   norms2 = {m: jnp.sum(full[m] ** 2) for m in modalities}
+  if step_grads is None:
+    step_grads = full
 
   shares, dominant, has_grad = [], [], []
   for m in modalities:
@@ -127,7 +139,7 @@ def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.
   zeros = {m: jnp.zeros_like(delta[m]) for m in modalities}
   for m in modalities:
     tangent = dict(zeros)
-    tangent[m] = jnp.sign(full[m])
+    tangent[m] = jnp.sign(step_grads[m])
     gains[m] = jax.jvp(per_user_loss_fn, (dict(delta),), (tangent,))[1]
   active = jnp.zeros_like(gains[modalities[0]], dtype=bool)
   for m in modalities:

@@ -191,7 +191,7 @@ def project_linf(delta: Mapping[str, jax.Array],
 
 
 def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.Array],
-               group_weights: jax.Array) -> dict[str, jax.Array]:
+               group_weights: jax.Array, probe=None) -> dict[str, jax.Array]:
   """The perturbation {m: (d_m,)} of one target (pure; vmap it over targets).
 
   Args:
@@ -199,6 +199,8 @@ def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.
     per_user_loss_fn: δ -> (n_anchor,) ℓ_u (margin already bound).
     x_t: {m: (d_m,)} clean rows of the attacked modalities (for relative budgets).
     group_weights: (n_anchor, G) user groups (used by group-level alignments).
+    probe: None, or ``(probe_loss_fn(δ, η), η0)`` for attacks outside the projected
+      space (the cosine alignment compares modalities there).
 
   Returns:
     δ, inside the budget.
@@ -206,7 +208,7 @@ def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.
   direction_fn = functools.partial(
       alignment_lib.get_ascent_direction(attack.alignment), per_user_loss_fn,
       group_weights=group_weights, align_weight=attack.align_weight,
-      group_temperature=attack.group_temperature)
+      group_temperature=attack.group_temperature, probe=probe)
   eps = budgets(attack, x_t)
   delta0 = {m: jnp.zeros_like(x) for m, x in x_t.items()}
   if attack.method == "fgsm":
@@ -315,19 +317,23 @@ def _target_view(surface: AttackSurface, params, attack_table, projected_table,
   """The pure functions of one target's attack (closures over traced arrays)."""
   x_t = {m: attack_table[m][target] for m in surface.modalities}
 
-  def perturbed_projected_row(delta):
+  def perturbed_projected_row(delta, eta=None):
     rows = {m: (x_t[m] + delta[m] if m in delta else x_t[m])[None] for m in x_t}
-    return surface.lift_fn(params, rows)
+    projected = surface.lift_fn(params, rows)
+    if eta:  # an additive probe in the projected space (raw attacks: shared space)
+      projected = {m: projected[m] + eta[m] if m in eta else projected[m] for m in projected}
+    return projected
 
   if not surface.is_graph:
     others = others_topk_without_target(ctx.topk_values, ctx.topk_indices, target, k)
 
-    def target_scores(delta):
-      v = surface.item_vectors_fn(params, perturbed_projected_row(delta), target[None])[0]
+    def target_scores(delta, eta=None):
+      v = surface.item_vectors_fn(params, perturbed_projected_row(delta, eta),
+                                  target[None])[0]
       return ctx.anchor_vectors @ v
 
-    def scores_fn(delta):
-      return target_scores(delta), others
+    def scores_fn(delta, eta=None):
+      return target_scores(delta, eta), others
 
     clean_t = ctx.scores[:, target]
 
@@ -345,14 +351,14 @@ def _target_view(surface: AttackSurface, params, attack_table, projected_table,
 
     return _TargetView(x_t, scores_fn, ranks_fn)
 
-  def all_scores(delta):
-    row = perturbed_projected_row(delta)
+  def all_scores(delta, eta=None):
+    row = perturbed_projected_row(delta, eta)
     table = {m: projected_table[m].at[target].set(row[m][0]) for m in projected_table}
     users, items = surface.encode_fn(params, table)
     return jnp.take(users, ctx.anchors, axis=0) @ items.T
 
-  def scores_fn(delta):
-    scores = all_scores(delta)
+  def scores_fn(delta, eta=None):
+    scores = all_scores(delta, eta)
     s = scores[:, target]
     others = jax.lax.top_k(scores.at[:, target].set(-jnp.inf), k)[0]
     return s, others
@@ -391,11 +397,15 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
   attacked = attack.modalities or surface.modalities
   x_att = {m: view.x_t[m] for m in attacked}
 
-  def per_user_loss(delta):
-    s, others = view.scores_fn(delta)
+  def per_user_loss(delta, eta=None):
+    s, others = view.scores_fn(delta, eta)
     return promotion_per_user_loss(s, others, attack.margin)
 
-  delta = run_attack(attack, per_user_loss, x_att, group_weights)
+  probe = None
+  if surface.space != "projected":  # compare modalities in the shared projected space
+    probe = (per_user_loss, {m: jnp.zeros(surface.projected_table[m].shape[1:],
+                                          surface.projected_table[m].dtype) for m in attacked})
+  delta = run_attack(attack, per_user_loss, x_att, group_weights, probe=probe)
   delta = jax.lax.stop_gradient(delta)
   zero = {m: jnp.zeros_like(x) for m, x in x_att.items()}
   out = {"delta": delta,
@@ -408,9 +418,10 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
       out[f"masked_hit_{tag}"], out[f"masked_rank_{tag}"] = _rank_metrics(masked, ks)
   if with_mismatch:
     # A.5 diagnostics at the clean point and at the attacker's final perturbation.
-    out["mismatch"] = mismatch_lib.mismatch_diagnostics(per_user_loss, zero, group_weights)
+    out["mismatch"] = mismatch_lib.mismatch_diagnostics(per_user_loss, zero, group_weights,
+                                                        probe)
     out["mismatch_at_delta"] = mismatch_lib.mismatch_diagnostics(per_user_loss, delta,
-                                                                 group_weights)
+                                                                 group_weights, probe)
   return out
 
 
