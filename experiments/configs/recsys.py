@@ -12,8 +12,9 @@ Arguments (``k=v`` joined by ``,``):
   seed: training seed (999, MMRec's).
   epochs: maximum epochs (1000); patience: early-stopping patience (20).
   batch_size (2048), lr (1e-3): BPR protocol.
-  reg_weight: EmbLoss weight; default = MMRec's first grid value per model
-    (VBPR 2.0, also used for VBPR-MLP; MMGCN 0.0).
+  reg_weight: EmbLoss weight; default = MMRec's first grid value for VBPR (2.0) and
+    MMGCN (0.0); VBPR-MLP 0.01 (with 2.0 its BPR term stays at log 2 on TikTok: the
+    L2-normalised projections give the BPR gradient too little weight against EmbLoss).
   embedding_dim (64), align_weight (0.1, VBPR-MLP InfoNCE), wide_threshold (1024),
     num_layers (2, MMGCN).
   loss: training objective by name (bpr; defences add theirs, see recsys_trainer).
@@ -34,8 +35,8 @@ DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, see
                 embedding_dim=64, align_weight=0.1, wide_threshold=1024, num_layers=2,
                 loss="bpr", mesh_data=-1, mesh_model=1, compute_dtype="float32",
                 eval_batch_size=2048, runlocal=False)
-# MMRec's configs/model/<MODEL>.yaml, first value of the reg_weight grid.
-DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 2.0, "mmgcn": 0.0}
+# MMRec's configs/model/<MODEL>.yaml, first value of the reg_weight grid (VBPR, MMGCN).
+DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 0.01, "mmgcn": 0.0}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
