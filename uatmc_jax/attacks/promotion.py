@@ -295,8 +295,9 @@ def build_context(surface: AttackSurface, anchors: np.ndarray, *, k: int = 50,
   scores, values, indices, sorted_scores, masked_sorted = _context_arrays(
       anchor_vectors, items, mask if mask is not None else jnp.zeros((1, 1), bool), k=k,
       masked=mask is not None)
-  return PromotionContext(jnp.asarray(anchors), anchor_vectors, scores, values, indices,
-                          sorted_scores, masked_sorted, mask)
+  ctx = PromotionContext(jnp.asarray(anchors), anchor_vectors, scores, values, indices,
+                         sorted_scores, masked_sorted, mask)
+  return jax.block_until_ready(ctx)  # so attack timings do not absorb this set-up
 
 
 def count_greater(sorted_rows: jax.Array, values: jax.Array) -> jax.Array:
