@@ -15,6 +15,12 @@ takes 4.7 s per TikTok epoch; the goal is at least 2x faster (<= 2.35 s).
 
   python benchmarks/bench_recsys_train.py                       # all models, both settings
   python benchmarks/bench_recsys_train.py --models vbpr_mlp --settings tiktok --epochs 3
+
+MFU: FLOPs of one training step and of one evaluation batch from XLA's cost analysis
+(``uatmc_jax.parallel.throughput``; a scan body is counted once, so the epoch's FLOPs
+are one step's times the number of steps), over the chip's peak: the table in
+``throughput.PEAK_FLOPS`` on GPU/TPU, ``--peak_gflops`` (or ``UATMC_CPU_PEAK_FLOPS``) on
+CPU, default 256 GFLOP/s = 2 cores x 2.0 GHz x 2 AVX-512 FMA units x 16 fp32 lanes x 2.
 """
 from __future__ import annotations
 
@@ -28,8 +34,11 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from uatmc_jax.data.mmrec import load_mmrec  # noqa: E402
+from uatmc_jax.evaluation import ranking_metrics  # noqa: E402
 from uatmc_jax.models.registry import build_recommender  # noqa: E402
+from uatmc_jax.parallel import throughput  # noqa: E402
 from uatmc_jax.parallel.mesh import make_mesh  # noqa: E402
+from uatmc_jax.training import recsys_trainer  # noqa: E402
 from uatmc_jax.training.recsys_trainer import RecsysTrainer  # noqa: E402
 
 REFERENCE_TIKTOK_EPOCH_SECONDS = 4.7
@@ -44,9 +53,23 @@ def load_setting(name: str):
   raise SystemExit(f"unknown setting {name!r} (tiktok, baby)")
 
 
-def bench(model_name: str, data, epochs: int, eval_repeats: int) -> dict:
-  model = build_recommender(model_name, data, {}, nnx.Rngs(0))
-  trainer = RecsysTrainer(model, data, {"log": False}, mesh=make_mesh())
+def bench(model_name: str, data, epochs: int, eval_repeats: int, max_batches: int = 0) -> dict:
+  """Epoch seconds (first = with compile; then min/median of ``epochs``) and eval users/s.
+
+  With ``max_batches`` > 0 the timed epoch uses only that many batches of the (shuffled)
+  train set and the reported epoch seconds are scaled by full_batches / max_batches.
+  """
+  import dataclasses
+  import numpy as np
+  full_batches = -(-len(data.train) // 2048)
+  scale = 1.0
+  train_data = data
+  if max_batches and max_batches < full_batches:
+    rows = np.random.default_rng(0).permutation(len(data.train))[:max_batches * 2048]
+    train_data = dataclasses.replace(data, train=data.train[np.sort(rows)])
+    scale = full_batches / max_batches
+  model = build_recommender(model_name, train_data, {}, nnx.Rngs(0))
+  trainer = RecsysTrainer(model, train_data, {"log": False}, mesh=make_mesh())
   t0 = time.perf_counter()
   trainer.train_epoch(0)
   first = time.perf_counter() - t0
@@ -61,8 +84,26 @@ def bench(model_name: str, data, epochs: int, eval_repeats: int) -> dict:
   for _ in range(eval_repeats):
     jax.block_until_ready(trainer.evaluate("test"))
   eval_s = (time.perf_counter() - t0) / eval_repeats
-  return {"first_epoch_s": first, "epoch_s": min(times), "epoch_s_median": sorted(times)[len(times) // 2],
+  # FLOPs (per device): one step (a 1-step epoch) x steps; one eval batch x batches.
+  batches = trainer._device_epoch(0)
+  n_steps = int(batches["users"].shape[0])
+  step_flops = throughput.flops_of(
+      recsys_trainer._run_epoch, *trainer._static, trainer.params, trainer.opt_state,
+      trainer.rest, trainer.features, jax.tree.map(lambda x: x[:1], batches),
+      jax.random.key(0))
+  users, items = trainer.vectors()
+  eval_flops = throughput.flops_of(ranking_metrics._user_batch_sums, users, items,
+                                   ev._batches[0], ev.ks)
+  return {"epoch_flops": step_flops and step_flops * n_steps * scale,
+          "eval_flops": eval_flops and eval_flops * len(ev._batches),
+          "first_epoch_s": first, "epoch_s": min(times), "epoch_s_median": sorted(times)[len(times) // 2],
           "eval_users_per_s": ev.n_users / eval_s, "eval_s": eval_s, "eval_users": ev.n_users}
+
+
+def _rate(flops, seconds, peak) -> str:
+  if not flops:
+    return "n/a"
+  return f"{flops / seconds / 1e9:,.1f} ({100 * throughput.mfu(flops, seconds, peak):.1f}%)"
 
 
 def main():
@@ -71,18 +112,26 @@ def main():
   p.add_argument("--settings", default="tiktok,baby")
   p.add_argument("--epochs", type=int, default=3, help="timed epochs after the first")
   p.add_argument("--eval_repeats", type=int, default=2)
+  p.add_argument("--max_batches", type=int, default=0,
+                 help="time only this many batches per epoch and scale up (0 = full epochs)")
+  p.add_argument("--peak_gflops", type=float, default=None,
+                 help="chip peak for MFU (default: GPU/TPU table; CPU 256)")
   args = p.parse_args()
+  peak = (args.peak_gflops * 1e9 if args.peak_gflops else throughput.peak_flops(dtype="float32")
+          or 256e9)
   print(f"devices: {jax.devices()} ({os.cpu_count()} CPUs visible)")
+  print(f"MFU against a peak of {peak / 1e9:,.0f} GFLOP/s per device (float32)")
   print("| setting | model | first epoch s (compile) | epoch s (min) | epoch s (median) | "
-        "train ex/s | eval users/s |")
-  print("|---|---|---|---|---|---|---|")
+        "train ex/s | eval users/s | train GFLOP/s (MFU) | eval GFLOP/s (MFU) |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for setting in args.settings.split(","):
     data = load_setting(setting)
     for name in args.models.split(","):
-      r = bench(name, data, args.epochs, args.eval_repeats)
+      r = bench(name, data, args.epochs, args.eval_repeats, args.max_batches)
       print(f"| {setting} | {name} | {r['first_epoch_s']:.2f} | {r['epoch_s']:.3f} | "
             f"{r['epoch_s_median']:.3f} | {len(data.train) / r['epoch_s']:,.0f} | "
-            f"{r['eval_users_per_s']:,.0f} |", flush=True)
+            f"{r['eval_users_per_s']:,.0f} | {_rate(r['epoch_flops'], r['epoch_s'], peak)} | "
+            f"{_rate(r['eval_flops'], r['eval_s'], peak)} |", flush=True)
       if setting == "tiktok" and name == "vbpr_mlp":
         print(f"  (VBPR-MLP TikTok epoch: {REFERENCE_TIKTOK_EPOCH_SECONDS / r['epoch_s']:.2f}x "
               f"faster than the {REFERENCE_TIKTOK_EPOCH_SECONDS} s PyTorch reference; goal 2x)",
