@@ -54,6 +54,10 @@ ROW_NAMES = {"vanilla": "Vanilla", "apr": "APR", "amr": "AMR",
              "uat_mc_no_align": "UAT-MC w/o align", "uat_mc": "UAT-MC"}
 
 
+def _say(msg: str) -> None:
+  print(f"[uatmc] {msg}", flush=True)
+
+
 def _plain(x: Any) -> Any:
   return x.to_dict() if hasattr(x, "to_dict") else x
 
@@ -205,7 +209,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), _plain(cfg))
   data = load_experiment_data({"dataset": cfg.dataset})
-  logging.info("%s", data.summary())
+  _say(data.summary())
   n_data = int(cfg.mesh_data)
   mesh = (mesh_lib.make_mesh() if n_data == -1
           else mesh_lib.make_mesh(data=n_data, devices=jax.devices()[:n_data]))
@@ -240,9 +244,10 @@ def run_experiment(cfg, workdir: str) -> dict:
                                      defence_train_config(cfg, name, seed), mesh)
       attacks = attack_stage(stage_dir, bench, model, seed, ATTACKERS)
       per_seed[seed][name] = {"train": metrics, "attacks": attacks}
-      logging.info("seed %d %s: test ndcg@10 %.4f, hit@50 pgd %.4f -> %.4f", seed, name,
-                   metrics["test"]["ndcg@10"], attacks["pgd"]["hit@50_before"],
-                   attacks["pgd"]["hit@50_after"])
+      _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@50 "
+           + ", ".join(f"{a} {attacks[a]['hit@50_before']:.3f}->{attacks[a]['hit@50_after']:.3f}"
+                       for a in ATTACKERS)
+           + f"  [{time.perf_counter() - t_start:.0f} s]")
 
     if cfg.sweep and "uat_mc" in cfg.defences and seed in cfg.seeds[:cfg.sweep_seeds]:
       sweep_runs[seed] = {}
@@ -416,6 +421,7 @@ def mismatch_plot(path: str, per_seed: dict) -> None:
 def main(argv):
   del argv
   launch.setup()
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
   if not FLAGS.workdir:
     raise ConfigError("--workdir is required (checkpoints and results.json go there)")
   if _CONFIG.value is None:

@@ -19,8 +19,9 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
     epsilon, adv_weight, align_weight override it.
   apr_epsilon (0.5), apr_weight (1.0); amr_epsilon (0.1, relative), amr_weight (1.0),
     amr_modality (the image-like one).
-  adv_from_backbone: APR/AMR fine-tune the backbone like UAT-MC instead of training
-    from scratch (False).
+  adv_from_backbone: APR/AMR start from the backbone's best checkpoint, as in their
+    papers (APR is initialised from BPR-MF, AMR from VBPR), for finetune_epochs (True);
+    False trains them from scratch for epochs.
   targets (100), attack_epsilon (0.05), anchor_share (0.4), attack_k (50),
     attack_align_weight (1.0, the aligned attacker's λ_align): the A.4 protocol.
   sweep: "adv_weight" or "epsilon" of UAT-MC for the trade-off plot (adv_weight);
@@ -42,7 +43,7 @@ DEFAULTS = dict(
     batch_size=2048, lr=1e-3, reg_weight=1e-4, embedding_dim=64, model_align_weight=0.1,
     preset=None, epsilon=None, adv_weight=None, align_weight=None,
     apr_epsilon=0.5, apr_weight=1.0, amr_epsilon=0.1, amr_weight=1.0, amr_modality=None,
-    adv_from_backbone=False,
+    adv_from_backbone=True,
     targets=100, attack_epsilon=0.05, anchor_share=0.4, attack_k=50,
     attack_align_weight=1.0, chunk_size=64,
     sweep="adv_weight", sweep_values="1+10", sweep_seeds=None,
