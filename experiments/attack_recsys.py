@@ -169,9 +169,9 @@ def write_plot(path: str, results: dict) -> None:
     for eps_key, block in blocks:
       if not str(name).startswith("pgd") or "mismatch" not in block:
         continue
-      if name == "pgd":
+      if name == "pgd" and not drawn:  # δ = 0: the same for every budget
         c = np.asarray(block["mismatch"]["per_target_cosine"], float)
-        ax.hist(c[np.isfinite(c)], bins=bins, alpha=0.5, label=f"clean (δ=0) {eps_key}")
+        ax.hist(c[np.isfinite(c)], bins=bins, alpha=0.5, label="clean (δ = 0), PGD margin")
         drawn = True
       if name in ("pgd", "pgd_aligned", "pgd_shared_groups"):
         c = np.asarray(block["mismatch_after"]["per_target_cosine"], float)
