@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import pathlib
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

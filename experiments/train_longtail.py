@@ -19,7 +19,7 @@ import sys
 import time
 
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import launch
@@ -70,20 +70,21 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   method = longtail_methods.resolve_method(cfg.method, beta=cfg.beta, etf_weight=cfg.etf_weight,
                                            manifold_weight=cfg.manifold_weight)
   config = longtail_trainer.LongTailTrainConfig(
-      model=cfg.model, num_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
+      model=cfg.model, model_kwargs=cfg.model_kwargs.to_dict(), num_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
       learning_rate=float(cfg.lr), schedule=cfg.schedule, weight_decay=float(cfg.weight_decay),
       attack_steps=int(cfg.pgd_steps), latent_dim=int(cfg.latent_dim),
       manifold_hidden_dim=int(cfg.manifold_hidden), latent_steps=int(cfg.latent_steps),
       latent_step_size=float(cfg.latent_step_size), manifold_refresh=cfg.manifold_refresh,
       manifold_warmup_epochs=int(cfg.manifold_warmup_epochs),
       manifold_fit_steps=int(cfg.manifold_fit_steps),
-      manifold_learning_rate=float(cfg.manifold_lr), seed=int(cfg.seed))
+      manifold_learning_rate=float(cfg.manifold_lr), seed=int(cfg.seed),
+      compute_dtype=str(cfg.compute_dtype))
   batch_size = min(config.batch_size, len(train))
   pipe = TrainPipeline(train.images, train.labels, batch_size=batch_size,
                        seed=int(cfg.seed))
   trainer = longtail_trainer.LongTailTrainer(
       config, method, num_classes=train.num_classes, class_counts=counts,
-      steps_per_epoch=pipe.steps_per_epoch, mesh=mesh_lib.make_mesh())
+      steps_per_epoch=pipe.steps_per_epoch, mesh=mesh_lib.make_mesh(data=int(cfg.mesh_data)))
   print(f"train_longtail: {cfg.dataset} IR={cfg.imbalance_ratio} n_max={n_max} "
         f"counts={counts.tolist()} method={method.name} model={cfg.model} "
         f"test={len(test)} images", file=sys.stderr, flush=True)
@@ -122,6 +123,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 def main(argv):
   del argv
   launch.setup()
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   if not FLAGS.workdir:
     raise ConfigError("--workdir is required")
   train_and_evaluate(_CONFIG.value, FLAGS.workdir)

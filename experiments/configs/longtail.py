@@ -14,6 +14,9 @@ Arguments (``k=v`` joined by ``,``):
     "+etf", "+manifold" (e.g. trades+etf, at_bsl+manifold).
   etf_weight, manifold_weight, beta: override the method's weights.
   model: resnet18 | preact_resnet18 | wrn34_10 | reduced_resnet | small_cnn (resnet18).
+  widths: small_cnn channel widths, e.g. "16+32+64" (the model's default otherwise).
+  compute_dtype: float32 | bfloat16 (bf16 convolutions on GPU/TPU; parameters, BN
+    statistics and optimiser state stay float32). mesh_data: data-axis devices (-1 = all).
   epochs (100), batch_size (128), lr (0.1), schedule (cosine | step), weight_decay
     (5e-4), pgd_steps (10, training), eval_pgd_steps (20).
   latent_dim (128), manifold_hidden (1024), latent_steps (T_z, 5), latent_step_size
@@ -39,7 +42,7 @@ DEFAULTS = dict(
     eval_pgd_steps=20, latent_dim=128, manifold_hidden=None, latent_steps=5,
     latent_step_size=0.01, manifold_refresh="every_step", manifold_warmup_epochs=None,
     manifold_fit_steps=1, manifold_lr=1e-3, test_per_class=None, seed=0, data_seed=0,
-    eval_robust="", runlocal=False)
+    eval_robust="", widths=None, compute_dtype="float32", mesh_data=-1, runlocal=False)
 
 RUNLOCAL = dict(n_max=300, epochs=4, test_per_class=50, manifold_hidden=256,
                 manifold_warmup_epochs=1)
@@ -57,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if v is not None:
       cfg[k] = v
   # Keys whose default is None stay visible (as None) so the launcher can test them.
+  cfg.model_kwargs = {}
+  if a["widths"] is not None:
+    cfg.model_kwargs = {"widths": tuple(common.as_list(a["widths"], int))}
   for k in ("data_dir", "n_max", "etf_weight", "manifold_weight", "beta", "test_per_class"):
     if k not in cfg:
       cfg[k] = ml_collections.FieldReference(None, field_type=object)
