@@ -33,6 +33,8 @@ def test_others_topk_without_target_matches_recomputation():
     got = promotion.others_topk_without_target(vals, idx, jnp.asarray(t), k)
     expect = -np.sort(-np.delete(scores, t, axis=1), axis=1)[:, :k]
     np.testing.assert_array_equal(np.asarray(got), expect)
+    pair = promotion.others_threshold_columns(vals, idx, jnp.asarray(t), k)
+    np.testing.assert_array_equal(np.asarray(pair), expect[:, -2:])
 
 
 def _per_user_brute(surface, anchors, target, delta, k, margin):
