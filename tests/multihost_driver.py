@@ -2,14 +2,16 @@
 
 Started by ``tests/test_multihost.py`` with ``sys.executable``::
 
-  python tests/multihost_driver.py --out DIR --jobs recsys,longtail \\
+  python tests/multihost_driver.py --out DIR --jobs recsys:2,recsys:4,longtail \\
       --local_devices 2 --num_processes 2 --process_id 0 --coordinator localhost:PORT
 
-With ``--num_processes 1 --local_devices 4`` it is the single-process reference on the
-same 4-device mesh. Every process writes ``DIR/<job>_p<process_id>.json`` with the
-job's metrics (as seen by that process), so the test can check that all processes
-agree with each other and with the reference. Checkpoints go to ``DIR/<job>_ckpt``
-(orbax, written by all processes together).
+``recsys:M`` trains the recommender on a (4/M) x M mesh (user/item tables split over a
+model axis of M devices; M = 4 splits them across both processes). With
+``--num_processes 1 --local_devices 4`` it is the single-process reference. Every
+process writes ``DIR/<job>_p<process_id>.json`` (``recsys:2`` -> ``recsys_m2``) with the
+job's metrics as seen by that process, so the test can check that all processes agree
+with each other and with the reference. Checkpoints go to ``DIR/<job>_ckpt`` (orbax,
+written by all processes together).
 """
 from __future__ import annotations
 
@@ -23,14 +25,12 @@ import time
 def parse_args(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
-  ap.add_argument("--jobs", default="recsys,longtail")
+  ap.add_argument("--jobs", default="recsys:1,longtail")
   ap.add_argument("--local_devices", type=int, default=2)
   ap.add_argument("--num_processes", type=int, default=1)
   ap.add_argument("--process_id", type=int, default=0)
   ap.add_argument("--coordinator", default=None)
   ap.add_argument("--recsys_model", default="vbpr", help="vbpr (fast to compile) | vbpr_mlp")
-  ap.add_argument("--mesh_model", type=int, default=1,
-                  help="model-axis size for the recommender's tables")
   return ap.parse_args(argv)
 
 
@@ -54,8 +54,8 @@ def _sum_of_squares(tree) -> float:
                                      for x in jax.tree.leaves(t)))(tree))
 
 
-def recsys_job(args, workdir):
-  """Two epochs of a recommender (tables over the model axis when --mesh_model > 1)."""
+def recsys_job(args, workdir, mesh_model: int):
+  """Two epochs of a recommender (tables over the model axis when mesh_model > 1)."""
   import numpy as np
   from flax import nnx
   from uatmc_jax.data.interactions import InteractionData
@@ -73,10 +73,10 @@ def recsys_job(args, workdir):
            "text": rng.standard_normal((n_items, 4)).astype(np.float32)}
   data = InteractionData("tiny", n_users, n_items, pairs[label == 0], pairs[label == 1],
                          pairs[label == 2], feats)
-  mesh = mesh_lib.make_mesh(-1, args.mesh_model)
+  mesh = mesh_lib.make_mesh(-1, mesh_model)
   model = build_recommender(args.recsys_model, data, {"embedding_dim": 8}, nnx.Rngs(0))
   config = dict(batch_size=32, epochs=2, patience=50, seed=3, eval_batch_size=8, log=False,
-                ks=(5, 20), mesh_model=args.mesh_model)
+                ks=(5, 20))
   # No checkpoints here (the long-tail job covers multi-process orbax saves).
   del workdir
   trainer = RecsysTrainer(model, data, config, workdir=None, mesh=mesh)
@@ -127,9 +127,12 @@ def main(argv=None) -> int:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   setup(args)
   os.makedirs(args.out, exist_ok=True)
-  for job in args.jobs.split(","):
+  for spec in args.jobs.split(","):
+    name, _, arg = spec.partition(":")
+    job = f"{name}_m{arg}" if arg else name
     t0 = time.perf_counter()
-    metrics = JOBS[job](args, os.path.join(args.out, f"{job}_ckpt"))
+    metrics = JOBS[name](args, os.path.join(args.out, f"{job}_ckpt"),
+                         *([int(arg)] if arg else []))
     metrics["seconds"] = time.perf_counter() - t0
     with open(os.path.join(args.out, f"{job}_p{args.process_id}.json"), "w") as f:
       json.dump(metrics, f, indent=1, default=float)

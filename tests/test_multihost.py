@@ -5,9 +5,9 @@ forming one ``jax.distributed`` run over localhost (process 0 is the coordinator
 and a single-process reference on 4 faked devices. Each runs a few steps of the
 recommender trainer and of the long-tail trainer (tiny data and models; orbax
 checkpoints written by both processes together) and writes its metrics; every number
-must agree to 1e-5. The 2-process recommender run also splits its user/item tables
-over a model axis of 2 (mesh 2 x 2; the reference is 4 x 1), so the test covers
-model-axis sharding and multi-process data parallelism at once.
+must agree to 1e-5. The 2-process recommender runs also split their user/item tables
+over a model axis: of 2 (mesh 2 x 2: data parallel across the processes) and of 4
+(mesh 1 x 4: every table split across both processes); the reference is 4 x 1.
 """
 import json
 import os
@@ -23,7 +23,8 @@ import pytest
 DRIVER = pathlib.Path(__file__).with_name("multihost_driver.py")
 ROOT = DRIVER.parent.parent
 TIMEOUT_S = 300
-JOBS = ("recsys", "longtail")
+MULTI_JOBS = ("recsys_m2", "recsys_m4", "longtail")  # 2 processes
+REFERENCE = {"recsys_m2": "recsys_m1", "recsys_m4": "recsys_m1", "longtail": "longtail"}
 
 
 def _free_port() -> int:
@@ -85,23 +86,23 @@ def runs(tmp_path_factory):
   port = _free_port()
   multi = tmp_path_factory.mktemp("two_processes")
   single = tmp_path_factory.mktemp("one_process")
-  jobs = ",".join(JOBS)
-  procs = [_start(multi, "--jobs", jobs, "--local_devices", "2", "--num_processes", "2",
-                  "--process_id", str(i), "--coordinator", f"localhost:{port}",
-                  "--mesh_model", "2")
+  procs = [_start(multi, "--jobs", "recsys:2,recsys:4,longtail", "--local_devices", "2",
+                  "--num_processes", "2", "--process_id", str(i),
+                  "--coordinator", f"localhost:{port}")
            for i in range(2)]
-  procs.append(_start(single, "--jobs", jobs, "--local_devices", "4", "--num_processes", "1"))
+  procs.append(_start(single, "--jobs", "recsys:1,longtail", "--local_devices", "4",
+                      "--num_processes", "1"))
   _wait_all(procs, multi)
   read = lambda d, job, p: json.loads((d / f"{job}_p{p}.json").read_text())
   return {job: {"p0": read(multi, job, 0), "p1": read(multi, job, 1),
-                "ref": read(single, job, 0)} for job in JOBS}
+                "ref": read(single, REFERENCE[job], 0)} for job in MULTI_JOBS}
 
 
 def _metrics(result):
   return {k: v for k, v in result.items() if k not in ("seconds", "user_table_shard_rows")}
 
 
-@pytest.mark.parametrize("job", JOBS)
+@pytest.mark.parametrize("job", MULTI_JOBS)
 def test_two_processes_equal_one_process_on_four_devices(runs, job):
   r = runs[job]
   _assert_close(_metrics(r["p1"]), _metrics(r["p0"]), f"{job}: process 1 vs process 0")
@@ -110,12 +111,15 @@ def test_two_processes_equal_one_process_on_four_devices(runs, job):
 
 def test_recommender_tables_were_split_over_the_model_axis(runs):
   n_users = 32
-  assert runs["recsys"]["p0"]["user_table_shard_rows"] == [n_users // 2]
-  assert runs["recsys"]["ref"]["user_table_shard_rows"] == [n_users]
+  assert runs["recsys_m2"]["ref"]["user_table_shard_rows"] == [n_users]
+  assert runs["recsys_m2"]["p0"]["user_table_shard_rows"] == [n_users // 2]
+  # model axis 4 spans both processes: each process holds only half of the table
+  for p in ("p0", "p1"):
+    assert runs["recsys_m4"][p]["user_table_shard_rows"] == [n_users // 4]
 
 
 def test_runs_trained_and_evaluated_something(runs):
-  rec = runs["recsys"]["ref"]
+  rec = runs["recsys_m2"]["ref"]
   assert len(rec["losses"]) == 2 and rec["losses"][1] < rec["losses"][0]
   assert 0 < rec["valid"]["recall@20"] <= 1
   lt = runs["longtail"]["ref"]
