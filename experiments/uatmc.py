@@ -347,8 +347,9 @@ def markdown(results: dict) -> str:
   table = markdown_table(header, rows)
   drops = results.get("relative_ndcg@10_drop")
   if drops:
-    table += "\n\nRelative clean NDCG@10 drop vs Vanilla: " + ", ".join(
-        f"{ROW_NAMES.get(n, n)} {100 * d:+.1f}%" for n, d in drops.items() if d is not None)
+    table += "\n\nRelative clean NDCG@10 drop vs Vanilla (negative = gain): " + ", ".join(
+        f"{ROW_NAMES.get(n, n)} {100 * d:.1f}%" for n, d in drops.items()
+        if d is not None and n != "vanilla")
   return table
 
 
