@@ -14,7 +14,8 @@ survivors are regathered and processed in fixed-size, padded, jitted batches, so
 every stage compiles once whatever the data set size. APGD uses the original
 100-iteration schedule (not a 10-step shortcut). Targets of APGD-T / FAB-T are the
 ranks 2 … n_target_classes + 1 of the clean logits, one run each, like the authors.
-A point counts as non-robust only if its adversarial example is misclassified, lies
+With fewer than 4 classes APGD-T is skipped (targeted DLR needs z_π4). A point counts
+as non-robust only if its adversarial example is misclassified, lies
 in the ε-ball and in the box — checked again at the end on the returned examples.
 """
 
@@ -159,7 +160,8 @@ class AutoAttack:
     if images.shape[0] != labels.shape[0]:
       raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     cfg = self.config
-    n_classes = int(np.asarray(self.logits_fn(jnp.asarray(images[:1]))).shape[-1])
+    n_classes = int(jax.eval_shape(
+        self.logits_fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)).shape[-1])
     n_targets = min(cfg.n_target_classes, n_classes - 1)
 
     clean_correct = self.predict(images) == labels if len(images) else np.zeros(0, bool)
@@ -170,6 +172,10 @@ class AutoAttack:
     for name in suite:
       start = time.time()
       ranks = range(2, n_targets + 2) if name in ("apgd-t", "fab-t") else (0,)
+      if name == "apgd-t" and n_classes < 4:
+        ranks = ()  # the targeted DLR loss needs 4 classes; the stage is skipped
+        if log is not None:
+          log(f"autoattack apgd-t: skipped, the targeted DLR loss needs >= 4 classes")
       for rank in ranks:
         idx = np.flatnonzero(robust)
         if idx.size == 0:
