@@ -186,7 +186,12 @@ class RankingEvaluator:
     chex.assert_rank([user_vecs, item_vecs], 2)
     chex.assert_axis_dimension(item_vecs, 0, self.n_items)
     if self.mesh is not None:
-      user_vecs = mesh_lib.replicate(user_vecs, self.mesh)
+      # A user table already placed on this mesh (e.g. split over the `model` axis) stays
+      # as it is: the jitted gather takes each batch's rows, no device holds it whole.
+      on_mesh = (isinstance(user_vecs, jax.Array)
+                 and getattr(user_vecs.sharding, "mesh", None) == self.mesh)
+      if not on_mesh:
+        user_vecs = mesh_lib.replicate(user_vecs, self.mesh)
       item_vecs = mesh_lib.replicate(item_vecs, self.mesh)
     totals = None
     for batch in self._batches:
