@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,12 @@ def _hit_rank_block(runs, prefix: str, ks) -> dict:
 
 
 def _mismatch_block(diags, pairs) -> dict:
+  with warnings.catch_warnings():  # all-NaN rows (no shared space / no active user)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return _mismatch_summary(diags, pairs)
+
+
+def _mismatch_summary(diags, pairs) -> dict:
   cos = np.concatenate([d.cosine for d in diags])            # (T, P)
   corr = np.concatenate([d.gain_correlation for d in diags])  # (T, P)
   differs = np.concatenate([d.dominant_differs for d in diags])

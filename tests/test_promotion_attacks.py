@@ -228,3 +228,22 @@ def test_target_sets_and_anchors_are_seeded_and_correct():
   a = targets_lib.select_anchors(1000, 0.4, 2)
   assert len(a) == 400 and len(np.unique(a)) == 400
   np.testing.assert_array_equal(a, targets_lib.select_anchors(1000, 0.4, 2))
+
+
+def test_attack_config_and_attacker_names():
+  from experiments import attack_recsys
+  from experiments.configs import attack as attack_config
+  from uatmc_jax import errors
+  cfg = attack_config.get_config("targets=7,seeds=2,epsilon=0.05;0.1,attack=pgd_aligned")
+  assert cfg.seeds == [1, 2] and cfg.epsilons == [0.05, 0.1] and cfg.attacks == ["pgd_aligned"]
+  assert attack_config.get_config("runlocal=True,seeds=5").seeds == [1]
+  mods = ("audio", "image")
+  make = lambda n: attack_recsys.make_attacker(n, 0.1, cfg, mods)
+  assert make("pgd_aligned").alignment == "cosine"
+  assert make("pgd_shared_groups").alignment == "shared_groups"
+  assert make("fgsm").budget == "relative" and make("fgsm").margin == 10.0
+  assert make("pgd").budget == "absolute" and make("pgd").margin == 1.0
+  assert make("pgd_image").modalities == ("image",)
+  assert set(attack_recsys.attacker_names(mods)) >= {"fgsm", "pgd", "pgd_aligned", "pgd_audio"}
+  with pytest.raises(errors.ConfigError, match="attack"):
+    make("pgd_video")
