@@ -68,8 +68,11 @@ def make_mesh(data: int = -1, model: int = 1,
     raise ValueError(f"mesh: model axis {model} does not divide {n} devices")
   if data == -1:
     data = n // model
-  if data * model != n:
-    raise ValueError(f"mesh: data*model = {data}*{model} != {n} devices")
+  if data < 1 or data * model > n:
+    raise ValueError(f"mesh: data*model = {data}*{model} needs more than the {n} devices")
+  # A smaller mesh than the machine (e.g. mesh_data=1 for a single-device baseline)
+  # uses the first data*model devices.
+  devices = devices[:data * model]
   auto = jax.sharding.AxisType.Auto
   return jax.make_mesh((data, model), (DATA_AXIS, MODEL_AXIS), axis_types=(auto, auto),
                        devices=devices)
