@@ -83,8 +83,9 @@ def test_three_modalities_pairwise_info_nce():
   ids = jnp.arange(11)
   t = model.temperature()
   views = [proj[m] for m in ("a", "b", "c")]
-  expect = 0.5 * (base.info_nce(views[0], views[1], t, ids) + base.info_nce(views[0], views[2], t, ids)
-                  + base.info_nce(views[1], views[2], t, ids)) / 3
+  nce = base.unit_info_nce
+  expect = 0.5 * (nce(views[0], views[1], t, ids) + nce(views[0], views[2], t, ids)
+                  + nce(views[1], views[2], t, ids)) / 3
   np.testing.assert_allclose(model.auxiliary_loss(proj, ids), expect, rtol=1e-6)
 
 
@@ -183,3 +184,19 @@ def test_gradient_wrt_projected_perturbation_flows():
       assert float(jnp.abs(g[m][3]).sum()) > 0
       if name == "vbpr_mlp":  # only the target row matters for a non-graph model
         assert float(jnp.abs(g[m][4]).sum()) == 0
+
+
+def test_unit_info_nce_equals_masked_info_nce_with_duplicates():
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, 12, 40))          # many duplicated items
+  table_a = base.l2_normalize(jnp.asarray(rng.standard_normal((12, 5)), jnp.float32))
+  table_b = base.l2_normalize(jnp.asarray(rng.standard_normal((12, 5)), jnp.float32))
+  a, b = table_a[ids], table_b[ids]                    # duplicate ids -> identical rows
+  assert int(base.duplicate_counts(ids).max()) > 1
+  for tau in (0.05, 1.0 / base.UNIT_LOGIT_BOUND):
+    f = jax.jit(jax.value_and_grad(lambda x, y, g: g(x, y, tau, ids), argnums=(0, 1)),
+                static_argnums=2)
+    (v1, g1), (v0, g0) = f(a, b, base.unit_info_nce), f(a, b, base.info_nce)
+    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+    for x, y in zip(g1, g0):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)

@@ -197,10 +197,49 @@ def info_nce(a: jax.Array, b: jax.Array, temperature: jax.Array | float,
   return 0.5 * (jnp.mean(loss_ab) + jnp.mean(loss_ba))
 
 
+# Largest |logit| for which unit_info_nce may skip the log-sum-exp shift: exp(64) * rows
+# stays far below float32's max for any realistic batch, exp(-64) far above its min.
+UNIT_LOGIT_BOUND = 64.0
+
+
+def duplicate_counts(item_ids: jax.Array) -> jax.Array:
+  """(n,) how many rows share each row's id (>= 1), by sorting (no n x n compare)."""
+  ordered = jnp.sort(item_ids)
+  return (jnp.searchsorted(ordered, item_ids, side="right")
+          - jnp.searchsorted(ordered, item_ids, side="left"))
+
+
+def unit_info_nce(a: jax.Array, b: jax.Array, temperature: jax.Array | float,
+                  item_ids: jax.Array | None = None) -> jax.Array:
+  """:func:`info_nce` for unit-norm rows, with one exp pass instead of two log-sum-exps.
+
+  Preconditions (the VBPR-MLP auxiliary loss meets both): every row of ``a`` and ``b``
+  has unit L2 norm and ``temperature >= 1 / UNIT_LOGIT_BOUND``, so |logit| <= 64 and
+  exp needs no shift; rows with the same id are identical (they are the projection of
+  the same item), so a duplicate pair's logit equals the diagonal one and the duplicate
+  terms are removed in closed form, (count − 1)·exp(diag), instead of by an n x n mask.
+  Equal to :func:`info_nce` under these conditions (a test checks value and gradient);
+  about 2x cheaper on CPU for 2048 rows.
+  """
+  chex.assert_equal_shape([a, b])
+  chex.assert_rank(a, 2)
+  logits = (a @ b.T) / temperature
+  diag = jnp.sum(a * b, axis=-1) / temperature
+  e = jnp.exp(logits)
+  row, col = jnp.sum(e, axis=1), jnp.sum(e, axis=0)
+  if item_ids is not None:
+    e_diag = jnp.exp(diag)
+    extra = (duplicate_counts(item_ids) - 1).astype(e.dtype) * e_diag
+    row = jnp.maximum(row - extra, e_diag)  # the true sum is >= its diagonal term
+    col = jnp.maximum(col - extra, e_diag)
+  return 0.5 * (jnp.mean(jnp.log(row) - diag) + jnp.mean(jnp.log(col) - diag))
+
+
 def pairwise_info_nce(views: Sequence[jax.Array], temperature: jax.Array | float,
-                      item_ids: jax.Array | None = None) -> jax.Array:
-  """Mean of :func:`info_nce` over all unordered pairs of views (0 for one view)."""
+                      item_ids: jax.Array | None = None, *, nce=None) -> jax.Array:
+  """Mean of ``nce`` (default :func:`info_nce`) over all unordered pairs of views."""
+  nce = nce or info_nce
   pairs = [(i, j) for i in range(len(views)) for j in range(i + 1, len(views))]
   if not pairs:
     return jnp.zeros((), jnp.float32)
-  return sum(info_nce(views[i], views[j], temperature, item_ids) for i, j in pairs) / len(pairs)
+  return sum(nce(views[i], views[j], temperature, item_ids) for i, j in pairs) / len(pairs)

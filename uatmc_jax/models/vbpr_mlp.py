@@ -53,7 +53,7 @@ class VBPRMLP(base.RecommenderBase):
     embedding_dim: ID / projected width (64); user vectors are 2x (128).
     wide_threshold: raw width from which a modality gets the wide MLP.
     align_weight: weight of the InfoNCE auxiliary loss (0 disables it).
-    init_temperature: initial InfoNCE temperature (learnable, kept in [0.01, 100]).
+    init_temperature: initial InfoNCE temperature (learnable, kept in [1/64, 100]).
     rngs: NNX random streams.
   """
 
@@ -92,11 +92,13 @@ class VBPRMLP(base.RecommenderBase):
     return self.user_embedding[...]
 
   def temperature(self) -> jax.Array:
-    return jnp.exp(jnp.clip(self.log_temperature[...], math.log(0.01), math.log(100.0)))
+    lower = math.log(1.0 / base.UNIT_LOGIT_BOUND)  # keeps |logits| <= 64 (unit_info_nce)
+    return jnp.exp(jnp.clip(self.log_temperature[...], lower, math.log(100.0)))
 
   def auxiliary_loss(self, projected_batch: base.Features, item_ids: jax.Array) -> jax.Array:
     """align_weight · mean pairwise InfoNCE(x̂^a, x̂^b) over the batch's items."""
     if self.align_weight == 0.0 or len(self.modalities) < 2:
       return jnp.zeros((), jnp.float32)
     views = [projected_batch[m] for m in self.modalities]
-    return self.align_weight * base.pairwise_info_nce(views, self.temperature(), item_ids)
+    return self.align_weight * base.pairwise_info_nce(views, self.temperature(), item_ids,
+                                                      nce=base.unit_info_nce)
