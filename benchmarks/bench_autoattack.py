@@ -8,8 +8,9 @@ Two numbers, because AutoAttack's cost depends on how robust the model is:
    APGD-CE + 9·APGD-T + 9·FAB-T + Square, and "apgd" is APGD-CE + 9·APGD-T. A
    non-robust example costs only up to the stage that fools it.
 2. End-to-end `AutoAttack.run` examples/s (compilation excluded by a warm-up run on
-   the same shapes) on the given model — here an untrained network, which is fooled
-   by APGD-CE almost at once, so this is the cheap end.
+   the same shapes) on the given model, labelled with its own predictions. An untrained
+   network predicts almost one class everywhere and ε = 8/255 rarely changes that, so
+   most points survive every stage: this is close to the worst case, not the cheap end.
 
   python benchmarks/bench_autoattack.py                          # small CNN, batch 32
   python benchmarks/bench_autoattack.py --model resnet18 --batch 8 --square_queries 500
