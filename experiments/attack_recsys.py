@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from ml_collections import config_flags
 
 from experiments import launch
 from uatmc_jax import errors
@@ -37,7 +36,7 @@ from uatmc_jax.attacks.surface import surface_from_recommender
 from uatmc_jax.evaluation import reporting
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Attack config file.")
+_CONFIG = launch.define_config_flag("Attack config file.")
 
 RANKING_NOTE = ("ranks over all items; users' train items NOT masked (the reference's "
                 "protocol); the masked variant is under 'masked'")

@@ -17,6 +17,7 @@ import sys
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from uatmc_jax import errors
 from uatmc_jax.parallel import mesh as mesh_lib
@@ -31,6 +32,18 @@ flags.DEFINE_integer("num_cpu_devices", None,
                      "Fake this many CPU devices (testing sharding on one machine).")
 
 FLAGS = flags.FLAGS
+
+
+def define_config_flag(help_text: str) -> flags.FlagHolder:
+  """``--config`` (a config file with ``:args``), defined once per process.
+
+  Launchers are also imported as libraries (``experiments.uatmc`` calls the attack and
+  training code, tests import several launchers); absl refuses a second definition of a
+  flag, so later launchers share the first definition (same type, same semantics).
+  """
+  if "config" in FLAGS:
+    return flags.FlagHolder(FLAGS, FLAGS["config"])
+  return config_flags.DEFINE_config_file("config", None, help_text)
 
 
 def setup() -> None:

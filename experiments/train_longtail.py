@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 from absl import flags, logging
-from ml_collections import config_flags
 
 from experiments import launch
 from experiments.configs import common
@@ -31,7 +30,7 @@ from uatmc_jax.evaluation import reporting
 from uatmc_jax.parallel import mesh as mesh_lib
 from uatmc_jax.training import longtail_methods, longtail_trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/longtail.py:<args>")
+_CONFIG = launch.define_config_flag("experiments/configs/longtail.py:<args>")
 FLAGS = flags.FLAGS
 
 TFDS_NAMES = ("cifar10", "cifar100")

@@ -13,13 +13,12 @@ newest checkpoint. Library entry points (flag-free, for other experiments):
 from __future__ import annotations
 
 from absl import flags, logging
-from ml_collections import config_flags
 
 from experiments import launch
 from uatmc_jax.errors import ConfigError
 from uatmc_jax.evaluation.reporting import markdown_table
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/recsys.py:...")
+_CONFIG = launch.define_config_flag("experiments/configs/recsys.py:...")
 FLAGS = flags.FLAGS
 
 

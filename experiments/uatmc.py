@@ -37,13 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from experiments import launch
 from uatmc_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/uatmc.py:...")
+_CONFIG = launch.define_config_flag("experiments/configs/uatmc.py:...")
 
 TRAIN_FILE = "train_results.json"
 ATTACK_FILE = "attack_results.json"
