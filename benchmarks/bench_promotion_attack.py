@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from uatmc_jax.attacks import promotion, targets as targets_lib  # noqa: E402
+from uatmc_jax.parallel import throughput
 from uatmc_jax.attacks.surface import surface_from_recommender  # noqa: E402
 from uatmc_jax.data import load_dataset  # noqa: E402
 from uatmc_jax.data.mmrec import read_inter_file  # noqa: E402
@@ -92,7 +93,18 @@ def bench(name: str, n_targets: int, chunk: int, repeats: int) -> dict:
   mem = compiled.memory_analysis()
   temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem is not None else float("nan")
   tps = n_targets / best
+  # Model FLOPs per target (analytic; XLA's cost analysis counts a fori_loop body once):
+  # the attack lives in the projected space, so each PGD step is a forward + backward
+  # (~3x forward) of the fusion layer on the target's row and of its scores for every
+  # anchor (2*anchors*D); one more scoring pass after the attack gives Hit@K and ranks.
+  d_user = int(model.user_embedding.value.shape[1])
+  fusion = 2 * model.fusion.kernel.value.size
+  forward = fusion + 2 * len(anchors) * d_user
+  flops_per_target = (3 * attack.steps + 2) * forward
+  peak = throughput.peak_flops(jax.devices()[0], "float32")
   return {
+      "gflops_per_second": flops_per_target * tps / 1e9,
+      "mfu": throughput.mfu(flops_per_target * n_targets, best, peak),
       "setting": name, "users": n_users, "items": n_items, "anchors": len(anchors),
       "targets": n_targets, "chunk": chunk, "setup_s": setup_s, "compile_s": compile_s,
       "seconds": best, "targets_per_second": tps,
@@ -120,7 +132,10 @@ def main():
           f"reference style's 1/{REFERENCE_SECONDS_PER_TARGET}s); chunk {r['chunk']}, "
           f"compile+first chunk {r['compile_s']:.1f}s, setup {r['setup_s']:.1f}s; "
           f"hit@50 {r['hit50_before']:.4f} -> {r['hit50_after']:.4f}; chunk temp "
-          f"{r['chunk_temp_mib']:.0f} MiB, max RSS {r['max_rss_mib']:.0f} MiB", flush=True)
+          f"{r['chunk_temp_mib']:.0f} MiB, max RSS {r['max_rss_mib']:.0f} MiB; model "
+          f"{r['gflops_per_second']:.2f} GFLOP/s, MFU "
+          + (f"{100 * r['mfu']:.3f}%" if r["mfu"] is not None else
+             f"n/a (set {throughput.CPU_PEAK_ENV} for a CPU peak)"), flush=True)
 
 
 if __name__ == "__main__":
