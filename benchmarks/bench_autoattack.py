@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from uatmc_jax.parallel import throughput
 from uatmc_jax.attacks import apgd, attack_losses, autoattack, fab, square  # noqa: E402
 from uatmc_jax.models import image_classifiers as ic  # noqa: E402
 
@@ -73,12 +74,26 @@ def main():
   sq = jax.jit(lambda x, y: square.square_attack(
       logits_fn, x, y, epsilon=eps, key=key, num_queries=args.square_queries,
       early_stop=False).robust)
+  # Model FLOPs per stage (XLA counts a loop body once, so count per iteration):
+  # F = one forward of the batch; an attack iteration with an input gradient is ~3F,
+  # FAB's iteration needs the logits and the Jacobian rows of 2 classes (~5F), a Square
+  # query is one forward.
+  forward = throughput.flops_of(jax.jit(logits_fn), x) or 0.0
+  peak = throughput.peak_flops(jax.devices()[0], "float32")
+  stage_flops = {"apgd-ce": 3 * forward * args.apgd_iterations,
+                 "apgd-t (1 target)": 3 * forward * args.apgd_iterations,
+                 "fab-t (1 target)": 5 * forward * 100,
+                 f"square ({args.square_queries} q)": forward * args.square_queries}
   per_example = {}
   for name, fn in (("apgd-ce", apgd_ce), ("apgd-t (1 target)", apgd_t),
                    ("fab-t (1 target)", fab_t), (f"square ({args.square_queries} q)", sq)):
     t = _time(fn, x, y)
     per_example[name] = t / b
-    print(f"  {name:24s} {t:8.2f} s/batch  {b / t:8.2f} examples/s")
+    util = throughput.mfu(stage_flops[name], t, peak)
+    print(f"  {name:24s} {t:8.2f} s/batch  {b / t:8.2f} examples/s  "
+          f"{stage_flops[name] / t / 1e9:7.2f} model GFLOP/s  MFU "
+          + (f"{100 * util:.2f}%" if util is not None else
+             f"n/a (set {throughput.CPU_PEAK_ENV})"))
   square_full = per_example[f"square ({args.square_queries} q)"] * 5000 / args.square_queries
   apgd_scale = 100 / args.apgd_iterations
   worst_apgd = apgd_scale * (per_example["apgd-ce"] + 9 * per_example["apgd-t (1 target)"])
