@@ -298,6 +298,7 @@ class PreActResNet(ImageClassifier):
                     input_std=input_std, rngs=rngs)
 
   def _features(self, x, train):
+    # Pre-activation trunk: the last block's output still needs BN + ReLU.
     h = self.stem_conv(x)
     for block in self.blocks:
       h = block(h, train)
@@ -305,7 +306,7 @@ class PreActResNet(ImageClassifier):
     return jnp.mean(h, axis=(1, 2))
 
 
-class WideResNet(ImageClassifier):
+class WideResNet(PreActResNet):
   """Wide ResNet WRN-depth-k (Zagoruyko & Komodakis 2016); defaults = WRN-34-10.
 
   ``(depth - 4) / 6`` pre-activation blocks per group, group widths
@@ -336,12 +337,7 @@ class WideResNet(ImageClassifier):
                     cosine_scale=cosine_scale, input_mean=input_mean,
                     input_std=input_std, rngs=rngs)
 
-  def _features(self, x, train):
-    h = self.stem_conv(x)
-    for block in self.blocks:
-      h = block(h, train)
-    h = jax.nn.relu(self.final_bn(h, _use_running_average(train)))
-    return jnp.mean(h, axis=(1, 2))
+  # _features: the pre-activation trunk of PreActResNet (same stem/blocks/final BN layout).
 
 
 # ---------------------------------------------------------------------------------
