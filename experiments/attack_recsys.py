@@ -25,7 +25,6 @@ import time
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
@@ -217,11 +216,8 @@ def markdown(results: dict) -> str:
 
 def main(argv):
   del argv
-  launch.setup()
-  cfg = _CONFIG.value
-  workdir = FLAGS.workdir
-  if not workdir:
-    raise errors.ConfigError("--workdir (a trained model's directory) is required")
+  cfg, workdir = launch.start(_CONFIG, "experiments/configs/attack.py:runlocal=True",
+                              "the directory of a model trained by experiments.train_recsys")
   model, data = load_trained(workdir)
   surface = surface_from_recommender(model, data.features, space=cfg.space)
   modalities = surface.modalities

@@ -29,7 +29,6 @@ import time
 from typing import Callable, Dict, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 

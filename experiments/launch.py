@@ -57,6 +57,27 @@ def setup() -> None:
                jax.devices()[0].platform)
 
 
+def start(config: flags.FlagHolder, example: str,
+          workdir_role: str = "checkpoints and results go there"):
+  """Every launcher's first lines: runtime set-up, then the required flags checked.
+
+  Args:
+    config: the ``--config`` flag holder (from :func:`define_config_flag`).
+    example: a working ``--config`` value, quoted in the error when it is missing.
+    workdir_role: what ``--workdir`` is for, quoted in the error when it is missing.
+
+  Returns:
+    ``(config, workdir)``.
+  """
+  setup()
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
+  if not FLAGS.workdir:
+    raise errors.ConfigError(f"--workdir is required ({workdir_role})")
+  if config.value is None:
+    raise errors.ConfigError(f"--config is required, e.g. --config={example}")
+  return config.value, FLAGS.workdir
+
+
 def run(main) -> None:
   """``app.run(main)``, but bad input exits 2 with one clear line on stderr."""
 

@@ -19,7 +19,7 @@ import sys
 import time
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from experiments import launch
 from experiments.configs import common
@@ -121,11 +121,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  launch.setup()
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  if not FLAGS.workdir:
-    raise ConfigError("--workdir is required")
-  train_and_evaluate(_CONFIG.value, FLAGS.workdir)
+  cfg, workdir = launch.start(
+      _CONFIG, "experiments/configs/longtail.py:dataset=folder,data_dir=../shared/data/cifar10,"
+      "runlocal=True")
+  train_and_evaluate(cfg, workdir)
 
 
 if __name__ == "__main__":

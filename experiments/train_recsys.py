@@ -12,10 +12,9 @@ newest checkpoint. Library entry points (flag-free, for other experiments):
 """
 from __future__ import annotations
 
-from absl import flags, logging
+from absl import flags
 
 from experiments import launch
-from uatmc_jax.errors import ConfigError
 from uatmc_jax.evaluation.reporting import markdown_table
 
 _CONFIG = launch.define_config_flag("experiments/configs/recsys.py:...")
@@ -36,15 +35,10 @@ def results_table(results: dict, ks=(10, 20, 50)) -> str:
 
 def main(argv):
   del argv
-  launch.setup()
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
-  if not FLAGS.workdir:
-    raise ConfigError("--workdir is required (checkpoints and results.json go there)")
-  if _CONFIG.value is None:
-    raise ConfigError("--config is required, e.g. --config=experiments/configs/recsys.py:"
-                      "model=vbpr_mlp,dataset=synthetic")
+  cfg, workdir = launch.start(
+      _CONFIG, "experiments/configs/recsys.py:model=vbpr_mlp,dataset=synthetic")
   from uatmc_jax.training.recsys_trainer import train_and_evaluate
-  results = train_and_evaluate(_CONFIG.value, FLAGS.workdir)
+  results = train_and_evaluate(cfg, workdir)
   print(f"\n{results['dataset']}: {results['n_users']} users, {results['n_items']} items, "
         f"{results['n_train']} train; {results['epochs_run']} epochs, best epoch "
         f"{results['best_epoch']}, {results['train_seconds']:.1f} s\n")

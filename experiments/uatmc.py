@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import nnx
 
 from experiments import launch
@@ -420,14 +420,10 @@ def mismatch_plot(path: str, per_seed: dict) -> None:
 
 def main(argv):
   del argv
-  launch.setup()
-  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
-  if not FLAGS.workdir:
-    raise ConfigError("--workdir is required (checkpoints and results.json go there)")
-  if _CONFIG.value is None:
-    raise ConfigError("--config is required, e.g. --config=experiments/configs/uatmc.py:"
-                      "dataset=synthetic,model=vbpr_mlp,seeds=1+2+3,runlocal=True")
-  results = run_experiment(_CONFIG.value, FLAGS.workdir)
+  cfg, workdir = launch.start(
+      _CONFIG, "experiments/configs/uatmc.py:dataset=synthetic,model=vbpr_mlp,seeds=1+2+3,"
+      "runlocal=True")
+  results = run_experiment(cfg, workdir)
   print(markdown(results), flush=True)
   print(f"\n{results['seconds']:.1f} s; results: {FLAGS.workdir}/results.json, results.md, "
         "tradeoff.png, mismatch.png", flush=True)

@@ -200,6 +200,22 @@ class BasicBlock(nnx.Module):
     return jax.nn.relu(h + sc)
 
 
+def _residual_stages(make_block, in_features: int, widths: Sequence[int],
+                     counts: Sequence[int]) -> tuple[nnx.List, int]:
+  """Stacks residual stages: stage s has ``counts[s]`` blocks of width ``widths[s]``;
+  the first block of every stage but the first downsamples (stride 2).
+
+  ``make_block(in_f, out_f, stride)`` builds one block. Returns (blocks, out width).
+  """
+  blocks = []
+  in_f = in_features
+  for stage, (out_f, n) in enumerate(zip(widths, counts)):
+    for i in range(n):
+      blocks.append(make_block(in_f, out_f, 2 if (stage > 0 and i == 0) else 1))
+      in_f = out_f
+  return nnx.List(blocks), in_f
+
+
 class ResNet(ImageClassifier):
   """ResNet with the CIFAR stem: 3x3 conv (stride 1), no max-pool (METHODS.md B.2).
 
@@ -217,15 +233,9 @@ class ResNet(ImageClassifier):
     self.dtype = dtype
     self.stem_conv = _conv(3, width, 3, 1, dtype, rngs)
     self.stem_bn = _bn(width, dtype, rngs)
-    blocks = []
-    in_f = width
-    for stage, n in enumerate(stage_blocks):
-      out_f = width * 2 ** stage
-      for i in range(n):
-        stride = 2 if (stage > 0 and i == 0) else 1
-        blocks.append(BasicBlock(in_f, out_f, stride, dtype, rngs))
-        in_f = out_f
-    self.blocks = nnx.List(blocks)
+    self.blocks, in_f = _residual_stages(
+        lambda i, o, st: BasicBlock(i, o, st, dtype, rngs), width,
+        [width * 2 ** s for s in range(4)], stage_blocks)
     self._init_head(in_f, num_classes, use_bias=use_bias, head=head,
                     cosine_scale=cosine_scale, input_mean=input_mean,
                     input_std=input_std, rngs=rngs)
@@ -283,15 +293,9 @@ class PreActResNet(ImageClassifier):
                         f">= 1, got stage_blocks={tuple(stage_blocks)}, width={width}")
     self.dtype = dtype
     self.stem_conv = _conv(3, width, 3, 1, dtype, rngs)
-    blocks = []
-    in_f = width
-    for stage, n in enumerate(stage_blocks):
-      out_f = width * 2 ** stage
-      for i in range(n):
-        stride = 2 if (stage > 0 and i == 0) else 1
-        blocks.append(PreActBlock(in_f, out_f, stride, dtype, rngs))
-        in_f = out_f
-    self.blocks = nnx.List(blocks)
+    self.blocks, in_f = _residual_stages(
+        lambda i, o, st: PreActBlock(i, o, st, dtype, rngs), width,
+        [width * 2 ** s for s in range(4)], stage_blocks)
     self.final_bn = _bn(in_f, dtype, rngs)
     self._init_head(in_f, num_classes, use_bias=use_bias, head=head,
                     cosine_scale=cosine_scale, input_mean=input_mean,
@@ -324,14 +328,9 @@ class WideResNet(PreActResNet):
     n = (depth - 4) // 6
     widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
     self.stem_conv = _conv(3, 16, 3, 1, dtype, rngs)
-    blocks = []
-    in_f = 16
-    for group, out_f in enumerate(widths):
-      for i in range(n):
-        stride = 2 if (group > 0 and i == 0) else 1
-        blocks.append(PreActBlock(in_f, out_f, stride, dtype, rngs, dropout=dropout))
-        in_f = out_f
-    self.blocks = nnx.List(blocks)
+    self.blocks, in_f = _residual_stages(
+        lambda i, o, st: PreActBlock(i, o, st, dtype, rngs, dropout=dropout), 16, widths,
+        (n, n, n))
     self.final_bn = _bn(in_f, dtype, rngs)
     self._init_head(in_f, num_classes, use_bias=use_bias, head=head,
                     cosine_scale=cosine_scale, input_mean=input_mean,
