@@ -14,7 +14,8 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
   epochs / patience: backbone (and APR/AMR) training (1000 / 20, A.3).
   finetune_epochs / finetune_patience: UAT-MC fine-tuning from the backbone (50 / 20, A.7).
   batch_size (2048), lr (1e-3), reg_weight (1e-4), embedding_dim (64),
-    model_align_weight (0.1, VBPR-MLP InfoNCE): the training protocol.
+    model_align_weight (VBPR-MLP InfoNCE; per-dataset default of
+    ``recsys.default_model_align_weight``: 0 on synthetic, else 0.1): the training protocol.
   preset: UAT-MC reference hyper-parameters (default vbpr_baby / mmgcn_baby by model);
     epsilon, adv_weight, align_weight override it.
   apr_epsilon (0.5), apr_weight (1.0); amr_epsilon (0.1, relative), amr_weight (1.0),
@@ -34,13 +35,14 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import common
+from experiments.configs import recsys
 
 DEFENCE_NAMES = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 
 DEFAULTS = dict(
     dataset="synthetic", model="vbpr_mlp", seeds="1+2+3", defences=None,
     epochs=1000, patience=20, finetune_epochs=50, finetune_patience=20,
-    batch_size=2048, lr=1e-3, reg_weight=1e-4, embedding_dim=64, model_align_weight=0.1,
+    batch_size=2048, lr=1e-3, reg_weight=1e-4, embedding_dim=64, model_align_weight=None,
     preset=None, epsilon=None, adv_weight=None, align_weight=None,
     apr_epsilon=0.5, apr_weight=1.0, amr_epsilon=0.1, amr_weight=1.0, amr_modality=None,
     adv_from_backbone=True,
@@ -61,7 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.defences = common.as_list(a["defences"], str) or list(DEFENCE_NAMES)
   cfg.runlocal = bool(a["runlocal"])
   cfg.model_config = dict(embedding_dim=int(a["embedding_dim"]),
-                          align_weight=float(a["model_align_weight"]))
+                          align_weight=float(a["model_align_weight"]
+                                             if a["model_align_weight"] is not None
+                                             else recsys.default_model_align_weight(cfg.dataset)))
   cfg.train = dict(epochs=int(a["epochs"]), patience=int(a["patience"]),
                    batch_size=int(a["batch_size"]), learning_rate=float(a["lr"]),
                    reg_weight=float(a["reg_weight"]), eval_batch_size=int(a["eval_batch_size"]),
