@@ -17,6 +17,14 @@ Writes into the workdir:
   attacker's entry holds one block per budget, keyed ``"epsilon=<ε>"``.
 * ``attack_cosines.png``: histograms of the per-target cross-modal gradient cosines.
 * ``attack_results.md``: a Markdown table.
+(all three by process 0 only).
+
+Multi-host: add ``--coordinator_address=<host:port of process 0> --num_processes=N
+--process_id=i`` (or ``--coordinator_address=auto`` on a TPU pod / SLURM) on every host.
+Each chunk of targets is split over the ``mesh_data`` devices of all processes
+(``chunk_size`` targets per device); each process attacks only its targets and the
+per-target results are gathered, so the numbers equal a one-process run. The model,
+anchors' clean scores and groups are replicated (each process holds the model).
 """
 from __future__ import annotations
 
@@ -214,11 +222,24 @@ def markdown(results: dict) -> str:
   return reporting.markdown_table(header, rows)
 
 
-def main(argv):
-  del argv
-  cfg, workdir = launch.start(_CONFIG, "experiments/configs/attack.py:runlocal=True",
-                              "the directory of a model trained by experiments.train_recsys")
-  model, data = load_trained(workdir)
+def attack_mesh(mesh_data: int):
+  """The attack's mesh: ``mesh_data`` devices over all processes (-1 = all), model 1."""
+  from uatmc_jax.parallel import mesh as mesh_lib
+  return mesh_lib.make_mesh(data=int(mesh_data), model=1)
+
+
+def run_attacks(cfg, model, data, mesh=None):
+  """Every configured attacker x budget x seed on one trained model.
+
+  Returns ``(results, runs, runner)``: the aggregated results, ``runs[(ε, name)]`` the
+  per-seed per-target outputs of ``PromotionAttackRunner.run``, and the runner.
+
+  The model and data must be the same on every process (process-local copies: see
+  ``multihost.to_local``). With a ``mesh`` each chunk of targets is split over its
+  devices (``cfg.chunk_size`` targets per device, capped so that one chunk holds about
+  ``cfg.targets``), so every process attacks only its share and the per-target results
+  are gathered on every process; the numbers do not depend on the mesh.
+  """
   surface = surface_from_recommender(model, data.features, space=cfg.space)
   modalities = surface.modalities
   names = cfg.attacks or attacker_names(modalities)
@@ -230,7 +251,10 @@ def main(argv):
   if use_planted and data.user_groups is None:
     raise errors.ConfigError(f"groups=planted but dataset {data.name!r} has no user groups")
   chunk = min(cfg.chunk_size, 4) if surface.is_graph else cfg.chunk_size
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=cfg.mismatch)
+  if mesh is not None:  # per device; no more padding than one target per device
+    chunk = max(1, min(chunk, -(-cfg.targets // mesh.size)))
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=cfg.mismatch,
+                                           mesh=mesh)
   pop = data.item_popularity()
   runs = {(eps, n): [] for eps in cfg.epsilons for n in names}
   t_start = time.perf_counter()
@@ -261,7 +285,9 @@ def main(argv):
       "fgsm": "one sign step, eps_m = eps*||x_t^m||_2, margin 10",
       "pgd": "10 sign steps of 1.25*eps/10, ||delta^m||_inf <= eps, no random start, margin 1",
       "align_weight": cfg.align_weight, "group_temperature": cfg.group_temperature,
-      "chunk_size": chunk, "total_seconds": time.perf_counter() - t_start}}
+      "chunk_size": chunk, "chunk_targets": runner.targets_per_chunk,
+      "devices": 1 if runner.mesh is None else runner.mesh.size,
+      "processes": jax.process_count(), "total_seconds": time.perf_counter() - t_start}}
   from uatmc_jax.attacks.mismatch import modality_pairs
   for n in names:
     blocks = {}
@@ -275,15 +301,37 @@ def main(argv):
                      "modalities": list(a.modalities or modalities)}
       blocks[f"epsilon={eps}"] = b
     results[n] = blocks[f"epsilon={cfg.epsilons[0]}"] if len(blocks) == 1 else blocks
+  return results, runs, runner
+
+
+def write_outputs(workdir: str, results: dict, cfg, data_name: str, model_name: str) -> None:
+  """attack_results.json / .md / attack_cosines.png, by process 0 only."""
+  if jax.process_index() != 0:
+    return
   reporting.write_json(os.path.join(workdir, "attack_results.json"), results)
   if cfg.mismatch:
     write_plot(os.path.join(workdir, "attack_cosines.png"), results)
   table = markdown(results)
   with open(os.path.join(workdir, "attack_results.md"), "w") as f:
-    f.write(f"Promotion attacks on {data.name} / {type(model).__name__} ({cfg.target_set} "
+    f.write(f"Promotion attacks on {data_name} / {model_name} ({cfg.target_set} "
             f"targets, {cfg.targets}/seed x seeds {list(cfg.seeds)}; {RANKING_NOTE}; "
             f"Hit@K after unless stated)\n\n{table}\n")
   print(table, flush=True)
+
+
+def main(argv):
+  del argv
+  cfg, workdir = launch.start(_CONFIG, "experiments/configs/attack.py:runlocal=True",
+                              "the directory of a model trained by experiments.train_recsys")
+  model, data = load_trained(workdir)
+  if jax.process_count() > 1:
+    # The checkpoint was restored onto the training mesh (global arrays); the attack
+    # code computes the context per process, so every process takes a full local copy.
+    from flax import nnx
+    from uatmc_jax.parallel import multihost
+    nnx.update(model, multihost.to_local(nnx.state(model)))
+  results, _, _ = run_attacks(cfg, model, data, attack_mesh(cfg.mesh_data))
+  write_outputs(workdir, results, cfg, data.name, type(model).__name__)
 
 
 if __name__ == "__main__":

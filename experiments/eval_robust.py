@@ -14,6 +14,10 @@ Writes into the workdir:
   eval_results.md    the Markdown table
   per_class_robust_accuracy.png  per-class accuracy under each attack, classes sorted
                       by training frequency (head left, tail right).
+(written by process 0 only). Multi-host: add ``--coordinator_address=<host:port of
+process 0> --num_processes=N --process_id=i`` (or ``--coordinator_address=auto`` on a TPU
+pod / SLURM); every batch (``--batch_size``, divisible by the device count) is split over
+the ``--mesh_data`` devices of all processes and each process attacks only its rows.
 
 The classifier comes from `longtail_trainer.load_trained_classifier(workdir)`; the
 test set is reloaded as recorded in the run's results.json (dataset, data_dir, class
@@ -49,15 +53,18 @@ flags.DEFINE_integer("test_per_class", None,
 flags.DEFINE_integer("apgd_iterations", 100, "APGD iterations (100 = reference).")
 flags.DEFINE_integer("square_queries", 5000, "Square Attack queries (5000 = reference).")
 flags.DEFINE_bool("best", False, "Restore the best checkpoint instead of the latest.")
+flags.DEFINE_integer("mesh_data", -1, "Devices (over all processes) that share every "
+                     "evaluation batch (-1 = all).")
 FLAGS = flags.FLAGS
 
 TABLE_KEYS = ("overall", "balanced", "many", "medium", "few", "tail", "seconds")
 
 
-def batched_features(features_fn, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """φ(x) for (N, ...) images in fixed-size jitted batches."""
+def batched_features(features_fn, images: np.ndarray, batch_size: int,
+                     mesh=None) -> np.ndarray:
+  """φ(x) for (N, ...) images in fixed-size jitted batches (split over ``mesh``)."""
   from uatmc_jax.attacks import batching
-  fn = jax.jit(lambda x, _: (features_fn(x),))
+  fn = batching.on_mesh(jax.jit(lambda x, _: (features_fn(x),)), mesh, 1)
   (out,) = batching.map_in_fixed_batches(fn, [images], batch_size)
   return out
 
@@ -110,17 +117,24 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
                         attacks: Sequence[str], config: robust_accuracy.RobustEvalConfig,
                         out_dir: Optional[str] = None,
                         class_names: Optional[Sequence[str]] = None,
-                        log: Callable[[str], None] = print) -> dict:
-  """Runs clean + `attacks`, geometry, and (if out_dir) writes json / md / png."""
+                        log: Callable[[str], None] = print, mesh=None,
+                        evaluator: Optional[robust_accuracy.RobustEvaluator] = None) -> dict:
+  """Runs clean + `attacks`, geometry, and (if out_dir) writes json / md / png.
+
+  With a `mesh` every batch is split over its devices (one host or many): each process
+  attacks its rows, the per-example results are gathered on every process, and process
+  0 writes the files. `logits_fn` / `features_fn` must then close over arrays
+  replicated on the mesh. `evaluator` (optional) is used instead of a new one."""
   for a in attacks:
     if a not in robust_accuracy.ATTACK_NAMES or a == "clean":
       raise ConfigError(f"--attacks: unknown attack {a!r}; expected some of "
                         f"{robust_accuracy.ATTACK_NAMES[1:]}")
   names = ["clean"] + [a for a in attacks if a != "clean"]
   blocks, outcomes = robust_accuracy.evaluate_robustness(
-      logits_fn, images, labels, train_counts, names, config, log=log)
+      logits_fn, images, labels, train_counts, names, config, log=log, mesh=mesh,
+      evaluator=evaluator)
   num_classes = len(train_counts)
-  clean_feats = batched_features(features_fn, images, config.batch_size)
+  clean_feats = batched_features(features_fn, images, config.batch_size, mesh)
   results = dict(blocks)
   results["nc1"] = geometry.nc1(clean_feats, labels, num_classes)
   results["equiangularity"] = geometry.equiangularity(clean_feats, labels, num_classes)
@@ -131,7 +145,8 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
     results["margin_bound"] = None
     results["margin_bound_note"] = "needs an attack to estimate L; none was run"
   else:
-    adv_feats = batched_features(features_fn, outcomes[adv_name].x_adv, config.batch_size)
+    adv_feats = batched_features(features_fn, outcomes[adv_name].x_adv, config.batch_size,
+                                 mesh)
     results["margin_bound"] = dict(
         geometry.margin_bound(weight, labels, clean_feats, adv_feats, images,
                               outcomes[adv_name].x_adv, config.epsilon),
@@ -142,8 +157,9 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
       "apgd_iterations": config.apgd_iterations, "fab_iterations": config.fab_iterations,
       "square_queries": config.square_queries, "n_target_classes": config.n_target_classes,
       "batch_size": config.batch_size, "seed": config.seed, "n_test": int(len(labels)),
-      "geometry_features": "test set", "device": jax.devices()[0].platform}
-  if out_dir is not None:
+      "geometry_features": "test set", "device": jax.devices()[0].platform,
+      "devices": 1 if mesh is None else int(mesh.size), "processes": jax.process_count()}
+  if out_dir is not None and jax.process_index() == 0:
     reporting.write_json(os.path.join(out_dir, "eval_results.json"), results)
     md = markdown_report(blocks, results)
     with open(os.path.join(out_dir, "eval_results.md"), "w") as f:
@@ -179,37 +195,59 @@ def load_test_set(run: dict, test_per_class: Optional[int]):
   return to_float(test.images), test.labels, list(test.class_names)
 
 
-def main(argv):
-  del argv
-  launch.setup()
-  workdir = FLAGS.workdir
-  if not workdir:
-    raise ConfigError("--workdir is required")
+def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8. / 255.,
+                     step_size: float = 2. / 255., batch_size: int = 128, seed: int = 0,
+                     test_per_class: Optional[int] = None, apgd_iterations: int = 100,
+                     square_queries: int = 5000, best: bool = False,
+                     mesh_data: int = -1) -> dict:
+  """eval_robust on a finished train_longtail workdir (the launcher's body).
+
+  The classifier is restored replicated on a mesh of ``mesh_data`` devices (all
+  processes; -1 = all) and every evaluation batch is split over it.
+  """
   from uatmc_jax.models import image_classifiers as ic
+  from uatmc_jax.parallel import mesh as mesh_lib
+  from uatmc_jax.parallel import multihost
   from uatmc_jax.training import longtail_trainer
   results_path = os.path.join(workdir, "results.json")
   if not os.path.exists(results_path):
     raise ConfigError(f"{results_path}: not found; eval_robust needs a finished "
                       f"train_longtail run (it records the data set to reload)")
   run = reporting.read_json(results_path)
-  trained = longtail_trainer.load_trained_classifier(workdir, best=FLAGS.best)
-  images, labels, class_names = load_test_set(run, FLAGS.test_per_class)
+  mesh = mesh_lib.make_mesh(data=int(mesh_data))
+  if batch_size % mesh.size:
+    raise ConfigError(f"--batch_size {batch_size} must be divisible by the {mesh.size} "
+                      f"devices of the evaluation mesh (--mesh_data)")
+  trained = longtail_trainer.load_trained_classifier(workdir, best=best, mesh=mesh)
+  images, labels, class_names = load_test_set(run, test_per_class)
   graphdef, params, batch_stats = ic.split_classifier(trained.model)
   features_fn = lambda x: ic.apply_features(graphdef, params, batch_stats, x, train=False)[0]
-  weight = np.asarray(trained.model.classifier_weight)
+  weight = np.asarray(multihost.to_host(trained.model.classifier_weight))
   config = robust_accuracy.RobustEvalConfig(
-      epsilon=FLAGS.epsilon, step_size=FLAGS.step_size, batch_size=FLAGS.batch_size,
-      seed=FLAGS.seed, apgd_iterations=FLAGS.apgd_iterations,
-      square_queries=FLAGS.square_queries)
+      epsilon=epsilon, step_size=step_size, batch_size=batch_size, seed=seed,
+      apgd_iterations=apgd_iterations, square_queries=square_queries)
   start = time.time()
   print(f"eval_robust: {workdir} method={run.get('method')} test={len(labels)} "
-        f"attacks={FLAGS.attacks}", file=sys.stderr, flush=True)
+        f"attacks={list(attacks)} devices={mesh.size} processes={jax.process_count()}",
+        file=sys.stderr, flush=True)
   results = evaluate_classifier(
       trained.logits_fn, features_fn, weight, images, labels, trained.class_counts,
-      FLAGS.attacks, config, out_dir=workdir, class_names=class_names,
-      log=lambda s: print(s, file=sys.stderr, flush=True))
+      attacks, config, out_dir=workdir, class_names=class_names,
+      log=lambda s: print(s, file=sys.stderr, flush=True), mesh=mesh)
   print(f"eval_robust: done in {time.time() - start:.1f}s", file=sys.stderr)
   return results
+
+
+def main(argv):
+  del argv
+  launch.setup()
+  if not FLAGS.workdir:
+    raise ConfigError("--workdir is required")
+  return evaluate_workdir(
+      FLAGS.workdir, FLAGS.attacks, epsilon=FLAGS.epsilon, step_size=FLAGS.step_size,
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, test_per_class=FLAGS.test_per_class,
+      apgd_iterations=FLAGS.apgd_iterations, square_queries=FLAGS.square_queries,
+      best=FLAGS.best, mesh_data=FLAGS.mesh_data)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 from absl import flags
 
@@ -113,7 +114,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             for k in blocks]
     print(reporting.markdown_table(["eval", "overall", "balanced", "tail"], rows))
   attacks = common.as_list(cfg.eval_robust, str)
-  if attacks:
+  if attacks and jax.process_count() > 1:
+    # Multi-host: evaluate in this jax.distributed run (a subprocess would be a separate,
+    # single-process job on every host), after process 0 has written results.json.
+    from jax.experimental import multihost_utils
+    from experiments import eval_robust
+    multihost_utils.sync_global_devices("train_longtail: results.json written")
+    eval_robust.evaluate_workdir(workdir, attacks, mesh_data=int(cfg.mesh_data))
+  elif attacks:
     subprocess.run([sys.executable, "-m", "experiments.eval_robust", f"--workdir={workdir}",
                     f"--attacks={','.join(attacks)}"], check=True)
   return results

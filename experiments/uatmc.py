@@ -126,8 +126,10 @@ class AttackBench:
   attacker compiles once, not once per (defence, seed).
   """
 
-  def __init__(self, cfg, data):
-    self.cfg, self.data = cfg, data
+  def __init__(self, cfg, data, mesh=None):
+    # mesh: each chunk of targets is split over its devices (all processes); the model
+    # is replicated for the attack (see PromotionAttackRunner).
+    self.cfg, self.data, self.mesh = cfg, data, mesh
     self.attackers = make_attackers(cfg)
     self.runner = None
 
@@ -136,11 +138,18 @@ class AttackBench:
     from uatmc_jax.attacks.surface import surface_from_recommender
 
     a, data = self.cfg.attack, self.data
+    if jax.process_count() > 1:
+      # Trained on the global mesh; the attack's set-up is per process: a local copy.
+      from uatmc_jax.parallel import multihost
+      model = nnx.merge(*nnx.split(model))
+      nnx.update(model, multihost.to_local(nnx.state(model)))
     surface = surface_from_recommender(model, data.features, space="projected")
     if self.runner is None:
       chunk = min(a["chunk_size"], 4) if surface.is_graph else a["chunk_size"]
+      if self.mesh is not None:  # per device, at most one padded target per device
+        chunk = max(1, min(chunk, -(-min(a["targets"], data.n_items) // self.mesh.size)))
       self.runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk,
-                                                    with_mismatch=True)
+                                                    with_mismatch=True, mesh=self.mesh)
     self.runner.surface = surface
     anchors = targets_lib.select_anchors(data.n_users, a["anchor_share"], seed)
     targets = targets_lib.select_targets("random", min(a["targets"], data.n_items),
@@ -212,7 +221,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   n_data = int(cfg.mesh_data)
   mesh = (mesh_lib.make_mesh() if n_data == -1
           else mesh_lib.make_mesh(data=n_data, devices=jax.devices()[:n_data]))
-  bench = AttackBench(cfg, data)
+  bench = AttackBench(cfg, data, mesh)
   per_seed: dict[int, dict] = {}
   sweep_runs: dict[int, dict] = {}
 
@@ -273,6 +282,8 @@ def run_experiment(cfg, workdir: str) -> dict:
   }
   results["seconds"] = time.perf_counter() - t_start
   write_json(os.path.join(workdir, "results.json"), results)
+  if jax.process_index() != 0:  # the Markdown table and the plots: process 0 only
+    return results
   table = markdown(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"

@@ -6,7 +6,10 @@ Started by ``tests/test_multihost.py`` with ``sys.executable``::
       --local_devices 2 --num_processes 2 --process_id 0 --coordinator localhost:PORT
 
 ``recsys:M`` trains the recommender on a (4/M) x M mesh (user/item tables split over a
-model axis of M devices; M = 4 splits them across both processes). With
+model axis of M devices; M = 4 splits them across both processes). ``attack`` and
+``eval`` run the cores of ``experiments.attack_recsys`` and ``experiments.eval_robust``
+with their work split over the 4 devices (``eval`` restores the ``longtail`` job's
+checkpoint, so it runs after it). With
 ``--num_processes 1 --local_devices 4`` it is the single-process reference. Every
 process writes ``DIR/<job>_p<process_id>.json`` (``recsys:2`` -> ``recsys_m2``) with the
 job's metrics as seen by that process, so the test can check that all processes agree
@@ -119,7 +122,121 @@ def longtail_job(args, workdir):
           "batch_stats_sum_sq": _sum_of_squares(state["batch_stats"])}
 
 
-JOBS = {"recsys": recsys_job, "longtail": longtail_job}
+def _numeric(tree):
+  """JSON-ready numbers of a result tree: arrays -> lists, None -> NaN, strings dropped."""
+  import numpy as np
+  if isinstance(tree, dict):
+    return {str(k): v for k, v in ((k, _numeric(v)) for k, v in tree.items()) if v is not None}
+  if hasattr(tree, "_asdict"):
+    return _numeric(tree._asdict())
+  if isinstance(tree, (list, tuple)) and any(isinstance(v, str) for v in tree):
+    return None
+  if isinstance(tree, (list, tuple)) and any(isinstance(v, dict) or hasattr(v, "_asdict")
+                                             for v in tree):
+    return [_numeric(v) for v in tree]
+  if isinstance(tree, str):
+    return None
+  if tree is None:
+    return float("nan")
+  return np.asarray(tree, np.float64).tolist()
+
+
+def attack_job(args, workdir):
+  """The promotion-attack launcher's core (experiments.attack_recsys.run_attacks) on a
+  tiny initialised VBPR: aligned PGD on 7 targets (padded to 8) split over the 4 devices
+  of a global mesh; per-target hits, ranks, losses, perturbations and mismatch
+  diagnostics, the aggregated results, and the launcher's files (process 0 only)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from experiments import attack_recsys
+  from experiments.configs import attack as attack_config
+  from uatmc_jax.data.interactions import InteractionData
+  from uatmc_jax.models.registry import build_recommender
+
+  rng = np.random.default_rng(2)
+  n_users, n_items = 20, 40
+  users = np.repeat(np.arange(n_users), 4)
+  pairs = np.unique(np.stack([users, rng.integers(0, n_items, users.size)], 1),
+                    axis=0).astype(np.int32)
+  feats = {"image": rng.standard_normal((n_items, 6)).astype(np.float32),
+           "text": rng.standard_normal((n_items, 4)).astype(np.float32)}
+  data = InteractionData("tiny", n_users, n_items, pairs, pairs[:4], pairs[:4], feats,
+                         user_groups=(np.arange(n_users) % 2).astype(np.int32))
+  model = build_recommender("vbpr", data, {"embedding_dim": 8}, nnx.Rngs(0))
+  cfg = attack_config.get_config("targets=7,seeds=1,epsilon=1.0,attack=pgd_aligned,"
+                                 "k=5,anchor_share=0.5")
+  results, runs, runner = attack_recsys.run_attacks(cfg, model, data,
+                                                    attack_recsys.attack_mesh(-1))
+  # The launcher's outputs from process 0 only: one folder per process to check it.
+  out_dir = f"{workdir}_p{jax.process_index()}"
+  os.makedirs(out_dir, exist_ok=True)
+  attack_recsys.write_outputs(out_dir, results, cfg, data.name, "VBPR")
+  per_target = {f"{name}@{eps}": [{k: v for k, v in r.items() if k not in ("seconds",)}
+                                  for r in rs] for (eps, name), rs in runs.items()}
+  timing = ("targets_per_second", "seconds_per_seed", "total_seconds")
+  summary = {n: {k: v for k, v in b.items() if k not in timing}
+             for n, b in results.items() if n != "protocol"}
+  return {"per_target": _numeric(per_target), "summary": _numeric(summary),
+          "local_targets": runner.local_targets,
+          "chunk_targets": runner.targets_per_chunk,
+          "files_written": sorted(os.listdir(out_dir))}
+
+
+def eval_job(args, workdir):
+  """The robust-evaluation launcher's core on the long-tail job's checkpoint, restored
+  replicated on the global mesh, then clean, PGD-2 and APGD-CE (3 iterations; the
+  AutoAttack code path) over 12 images in batches of 8 split over the 4 devices, plus
+  the geometry (NC1 of the gathered features, margin bound on the adversarial ones)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from experiments import eval_robust
+  from uatmc_jax.evaluation import robust_accuracy
+  from uatmc_jax.parallel import mesh as mesh_lib
+  from uatmc_jax.parallel import multihost
+  from uatmc_jax.training import longtail_trainer
+
+  del workdir
+  mesh = mesh_lib.make_mesh()
+  # The launcher's restore path: the long-tail job's checkpoint, replicated on the mesh.
+  trained = longtail_trainer.load_trained_classifier(
+      os.path.join(args.out, "longtail_ckpt"), mesh=mesh)
+  restored_sum_sq = _sum_of_squares(nnx.state(trained.model, nnx.Param))
+  # One epoch leaves that net predicting one class (so does a fresh small CNN); the
+  # attacks are checked on a random tanh-feature linear classifier (a pure logits_fn /
+  # features_fn / W, as eval_robust.evaluate_classifier takes) whose arrays are
+  # replicated on the mesh: some points right, some flipped by each attack.
+  rng = np.random.default_rng(5)
+  proj = rng.standard_normal((768, 8)).astype(np.float32) / np.sqrt(768)
+  head = rng.standard_normal((3, 8)).astype(np.float32)
+  images = rng.uniform(0, 1, (12, 16, 16, 3)).astype(np.float32)
+  pred = (np.tanh(images.reshape(12, -1) @ proj * 4) @ head.T).argmax(1)
+  labels = np.where(np.arange(12) < 9, pred, (pred + 1) % 3).astype(np.int32)
+  proj_d, head_d = multihost.put_replicated((proj, head), mesh)
+  features_fn = lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ proj_d * 4)
+  logits_fn = jax.jit(lambda x: features_fn(x) @ head_d.T)
+  weight = head
+  config = robust_accuracy.RobustEvalConfig(epsilon=1. / 255., step_size=.5 / 255.,
+                                            pgd_steps=2, cw_steps=2, apgd_iterations=3,
+                                            batch_size=8)
+  evaluator = robust_accuracy.RobustEvaluator(logits_fn, config, mesh=mesh)
+  out_dir = os.path.join(args.out, f"eval_p{jax.process_index()}")
+  os.makedirs(out_dir, exist_ok=True)
+  res = eval_robust.evaluate_classifier(
+      logits_fn, features_fn, weight, images, labels, np.array([40, 10, 3]),
+      ["pgd20", "autoattack_apgd"], config, out_dir=out_dir, log=lambda s: None,
+      mesh=mesh, evaluator=evaluator)
+  res = {k: ({kk: vv for kk, vv in v.items() if kk != "seconds"} if isinstance(v, dict)
+             else v) for k, v in res.items() if k != "settings"}
+  return {"results": _numeric(res), "restored_params_sum_sq": restored_sum_sq,
+          "local_rows": evaluator.local_rows,
+          "files_written": sorted(os.listdir(out_dir))}
+
+
+JOBS = {"recsys": recsys_job, "longtail": longtail_job, "attack": attack_job,
+        "eval": eval_job}
 
 
 def main(argv=None) -> int:

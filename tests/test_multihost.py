@@ -8,6 +8,11 @@ checkpoints written by both processes together) and writes its metrics; every nu
 must agree to 1e-5. The 2-process recommender runs also split their user/item tables
 over a model axis: of 2 (mesh 2 x 2: data parallel across the processes) and of 4
 (mesh 1 x 4: every table split across both processes); the reference is 4 x 1.
+Then the attack launchers' cores on the same meshes: promotion attacks
+(``attack_recsys.run_attacks``: 7 targets split over the 4 devices) and the robust
+evaluation (``eval_robust.evaluate_classifier``: clean, PGD, CW, APGD batches split over
+the 4 devices, after restoring the long-tail checkpoint replicated on the mesh); each
+process must attack only its half and only process 0 writes the reports.
 """
 import json
 import os
@@ -23,8 +28,11 @@ import pytest
 DRIVER = pathlib.Path(__file__).with_name("multihost_driver.py")
 ROOT = DRIVER.parent.parent
 TIMEOUT_S = 300
-MULTI_JOBS = ("recsys_m2", "recsys_m4", "longtail")  # 2 processes
-REFERENCE = {"recsys_m2": "recsys_m1", "recsys_m4": "recsys_m1", "longtail": "longtail"}
+MULTI_JOBS = ("recsys_m2", "recsys_m4", "longtail", "attack", "eval")  # 2 processes
+REFERENCE = {"recsys_m2": "recsys_m1", "recsys_m4": "recsys_m1", "longtail": "longtail",
+             "attack": "attack", "eval": "eval"}
+PER_PROCESS = ("seconds", "user_table_shard_rows", "local_targets", "local_rows",
+               "files_written")
 
 
 def _free_port() -> int:
@@ -86,11 +94,12 @@ def runs(tmp_path_factory):
   port = _free_port()
   multi = tmp_path_factory.mktemp("two_processes")
   single = tmp_path_factory.mktemp("one_process")
-  procs = [_start(multi, "--jobs", "recsys:2,recsys:4,longtail", "--local_devices", "2",
+  procs = [_start(multi, "--jobs", "recsys:2,recsys:4,longtail,attack,eval",
+                  "--local_devices", "2",
                   "--num_processes", "2", "--process_id", str(i),
                   "--coordinator", f"localhost:{port}")
            for i in range(2)]
-  procs.append(_start(single, "--jobs", "recsys:1,longtail", "--local_devices", "4",
+  procs.append(_start(single, "--jobs", "recsys:1,longtail,attack,eval", "--local_devices", "4",
                       "--num_processes", "1"))
   _wait_all(procs, multi)
   read = lambda d, job, p: json.loads((d / f"{job}_p{p}.json").read_text())
@@ -99,7 +108,7 @@ def runs(tmp_path_factory):
 
 
 def _metrics(result):
-  return {k: v for k, v in result.items() if k not in ("seconds", "user_table_shard_rows")}
+  return {k: v for k, v in result.items() if k not in PER_PROCESS}
 
 
 @pytest.mark.parametrize("job", MULTI_JOBS)
@@ -125,3 +134,33 @@ def test_runs_trained_and_evaluated_something(runs):
   lt = runs["longtail"]["ref"]
   assert np.isfinite(lt["last_epoch_metrics"]["loss"])
   assert len(lt["clean"]["per_class"]) == 3
+
+
+def test_attack_and_eval_processes_did_only_their_share(runs):
+  at = runs["attack"]
+  # one chunk of 8 targets (7 + 1 padding) over 4 devices: 2 per device
+  assert at["ref"]["chunk_targets"] == 8 and at["ref"]["local_targets"] == 8
+  assert at["p0"]["local_targets"] == at["p1"]["local_targets"] == 4
+  ev = runs["eval"]
+  assert ev["ref"]["local_rows"] > 0 and ev["ref"]["local_rows"] % 8 == 0
+  assert ev["p0"]["local_rows"] == ev["p1"]["local_rows"] == ev["ref"]["local_rows"] // 2
+
+
+def test_reports_written_by_process_zero_only(runs):
+  assert runs["attack"]["p0"]["files_written"] == [
+      "attack_cosines.png", "attack_results.json", "attack_results.md"]
+  assert runs["eval"]["p0"]["files_written"] == [
+      "eval_results.json", "eval_results.md", "per_class_robust_accuracy.png"]
+  assert runs["attack"]["p1"]["files_written"] == runs["eval"]["p1"]["files_written"] == []
+
+
+def test_attacks_did_something_and_checkpoint_restored_on_the_mesh(runs):
+  per_target = runs["attack"]["ref"]["per_target"]["pgd_aligned@1.0"][0]
+  assert np.any(np.asarray(per_target["rank_after"]) != np.asarray(per_target["rank_before"]))
+  assert len(per_target["targets"]) == 7
+  res = runs["eval"]["ref"]["results"]
+  assert 0 < res["clean"]["overall"] < 1
+  assert min(res[a]["overall"] for a in ("pgd20", "autoattack_apgd")) < res["clean"]["overall"]
+  for p in ("p0", "p1", "ref"):
+    np.testing.assert_allclose(runs["eval"][p]["restored_params_sum_sq"],
+                               runs["longtail"][p]["params_sum_sq"], rtol=1e-6)

@@ -265,3 +265,70 @@ def test_flops_of_counts_a_loop_body_once_as_documented():
   ten = throughput.flops_of(
       lambda a: jax.lax.scan(lambda b, _: (b @ a, None), a, None, length=10)[0], x)
   assert ten == pytest.approx(one, rel=0.01)
+
+
+# ----------------------------------------------------------------------------------
+# Attack launchers on a mesh (one process here; tests/test_multihost.py runs two).
+
+
+def _leaves_close(a, b, tol=1e-6):
+  fa = jax.tree_util.tree_leaves_with_path(a)
+  fb = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in fa] == [p for p, _ in fb]
+  for (p, x), (_, y) in zip(fa, fb):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                               rtol=tol, atol=tol, err_msg=jax.tree_util.keystr(p))
+
+
+@pytest.mark.parametrize("is_graph", [False, True])
+def test_promotion_runner_on_a_mesh_equals_one_device(is_graph):
+  import sys
+  sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+  from attack_fixtures import make_surface
+  from uatmc_jax.attacks import promotion
+
+  surface = make_surface(jax.random.key(4), n_items=25, is_graph=is_graph)
+  ctx = promotion.build_context(surface, np.arange(0, 12, 2), k=4,
+                                train_pairs=np.array([[0, 1], [2, 3], [4, 5], [6, 1]]))
+  tgts = np.array([1, 3, 4, 8, 13, 21, 24])
+  groups = np.eye(2, dtype=np.float32)[np.arange(6) % 2]
+  attack = promotion.pgd_attack(0.2, k=4, alignment="cosine")
+  plain = promotion.PromotionAttackRunner(surface, chunk_size=3).run(attack, ctx, tgts, groups)
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=1,
+                                           mesh=mesh_lib.make_mesh(4, 2))
+  assert runner.targets_per_chunk == 8  # one target per device, both mesh axes
+  out = runner.run(attack, ctx, tgts, groups)
+  runner.run(attack, ctx, tgts[::-1], groups)
+  assert runner.trace_counts == {attack: 1} and runner.local_targets == 16
+  del plain["seconds"], out["seconds"]
+  _leaves_close(out, plain)
+  # a one-device mesh in one process takes the plain path
+  assert promotion.PromotionAttackRunner(
+      surface, mesh=mesh_lib.make_mesh(devices=jax.devices()[:1])).mesh is None
+
+
+def test_robust_evaluator_on_a_mesh_equals_one_device():
+  from uatmc_jax.evaluation import robust_accuracy
+
+  rng = np.random.default_rng(5)
+  proj = jnp.asarray(rng.standard_normal((48, 6)) / 7, jnp.float32)
+  head = jnp.asarray(rng.standard_normal((3, 6)), jnp.float32)
+  logits_fn = lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ proj * 4) @ head.T
+  images = rng.uniform(0, 1, (11, 4, 4, 3)).astype(np.float32)
+  labels = np.asarray(jnp.argmax(logits_fn(images), -1)).astype(np.int32)
+  labels[8:] = (labels[8:] + 1) % 3
+  cfg = robust_accuracy.RobustEvalConfig(epsilon=4 / 255, step_size=2 / 255, pgd_steps=3,
+                                         cw_steps=3, apgd_iterations=4, batch_size=8)
+  plain = robust_accuracy.RobustEvaluator(logits_fn, cfg)
+  sharded = robust_accuracy.RobustEvaluator(logits_fn, cfg, mesh=mesh_lib.make_mesh(4, 2))
+  flipped = 0
+  for attack in ("clean", "pgd20", "cw", "autoattack_apgd"):
+    a, b = plain.run(attack, images, labels), sharded.run(attack, images, labels)
+    np.testing.assert_array_equal(a.correct, b.correct, err_msg=attack)
+    np.testing.assert_allclose(a.x_adv, b.x_adv, rtol=0, atol=1e-6, err_msg=attack)
+    flipped += int((~b.correct & ~np.isclose(b.x_adv, images).all((1, 2, 3))).sum())
+  assert flipped > 0  # the attacks found adversarial examples (not a vacuous check)
+  assert sharded.local_rows > 0 and plain.local_rows == 0
+  with pytest.raises(ValueError, match="divisible"):
+    robust_accuracy.RobustEvaluator(logits_fn, robust_accuracy.RobustEvalConfig(batch_size=6),
+                                    mesh=mesh_lib.make_mesh(4, 1))

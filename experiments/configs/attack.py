@@ -21,6 +21,8 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``;`` or ``+``):
   group_temperature: τ of pgd_shared_groups (0.1).
   chunk_size: targets per vmapped chunk (64; graph models use min(chunk_size, 4)).
   mismatch: compute the A.5 diagnostics (True).
+  mesh_data: devices (over all processes) that share the targets of each chunk (-1 =
+    all); chunk_size is then per device. The model is replicated for the attack.
   runlocal: smoke variant (at most 10 targets, 1 seed).
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from experiments.configs import common
 DEFAULTS = dict(targets=100, seeds=3, epsilon=0.05, attack=None, target_set="random",
                 anchor_share=0.4, k=50, space="projected", groups="auto", n_groups=4,
                 align_weight=1.0, group_temperature=0.1, chunk_size=64, mismatch=True,
-                runlocal=False)
+                mesh_data=-1, runlocal=False)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.group_temperature = float(a["group_temperature"])
   cfg.chunk_size = int(a["chunk_size"])
   cfg.mismatch = bool(a["mismatch"])
+  cfg.mesh_data = int(a["mesh_data"])
   cfg.runlocal = bool(a["runlocal"])
   if cfg.runlocal:
     cfg.targets = min(cfg.targets, 10)

@@ -86,7 +86,10 @@ class AutoAttack:
     robust_accuracy = result.robust.mean()
   """
 
-  def __init__(self, logits_fn: LogitsFn, config: AutoAttackConfig = AutoAttackConfig()):
+  def __init__(self, logits_fn: LogitsFn, config: AutoAttackConfig = AutoAttackConfig(),
+               mesh=None):
+    """``mesh``: split every batch over the mesh's devices (all processes); see
+    ``batching.OnMesh`` (``config.batch_size`` must be divisible by ``mesh.size``)."""
     self.logits_fn = logits_fn
     self.config = config
     config.attacks()  # validates the version
@@ -138,6 +141,17 @@ class AutoAttack:
                     "fab-t": counted("fab-t", fab_t),
                     "square": counted("square", square_stage)}
     self._predict = jax.jit(lambda x, _: (jnp.argmax(logits_fn(x), axis=-1),))
+    # On a mesh: (x, y) batches split over its devices; each process attacks its rows.
+    self._stages = {k: batching.on_mesh(f, mesh, 2) for k, f in self._stages.items()}
+    self._predict = batching.on_mesh(self._predict, mesh, 1)
+    for f in (self._predict, *self._stages.values()):
+      if isinstance(f, batching.OnMesh):
+        f.check_batch_size(config.batch_size)
+
+  @property
+  def local_rows(self) -> int:
+    """Rows this process fed to the stages and predictions (0 without a mesh)."""
+    return sum(getattr(f, "local_rows", 0) for f in (self._predict, *self._stages.values()))
 
   def predict(self, images: np.ndarray) -> np.ndarray:
     (pred,) = batching.map_in_fixed_batches(self._predict, [images],

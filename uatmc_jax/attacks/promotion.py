@@ -38,7 +38,11 @@ the user interacted with gets score −∞ for that user).
 Many targets are attacked at once: ``PromotionAttackRunner`` vmaps the per-target
 attack over a fixed-size chunk of targets (padding the last chunk) with one jitted
 function reused for every chunk, so memory is bounded and nothing recompiles; results
-do not depend on the chunk size.
+do not depend on the chunk size. Given a ``mesh`` the runner splits each chunk of targets
+over all of the mesh's devices (``shard_map``; every target's attack is independent), on
+one host or many: each process feeds and attacks only its block of targets and the
+per-target results are gathered on every process. The model tables, context and groups
+are replicated for the attack.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uatmc_jax import errors
 from uatmc_jax.attacks import alignment as alignment_lib
@@ -453,16 +458,45 @@ class PromotionAttackRunner:
     chunk_size: targets per vmapped chunk (memory ~ chunk_size × one target's attack).
     ks: Hit@K cut-offs.
     with_mismatch: compute the A.5 diagnostics too.
+    mesh: None (one device), or a mesh whose devices (all axes, all processes) share
+      each chunk: ``chunk_size`` is then per device, a chunk holds
+      ``chunk_size * mesh.size`` targets laid out as a global array split over every
+      mesh axis, and every process attacks only its devices' targets
+      (``local_targets`` counts them, padding included). Parameters, tables, context
+      and groups are replicated over the mesh (pass arrays that are identical on every
+      process, e.g. local copies). A one-device, one-process mesh takes the plain path.
   """
 
   def __init__(self, surface: AttackSurface, *, chunk_size: int = 64,
-               ks: Sequence[int] = METRIC_KS, with_mismatch: bool = True):
+               ks: Sequence[int] = METRIC_KS, with_mismatch: bool = True,
+               mesh: jax.sharding.Mesh | None = None):
     self.surface = surface
     self.chunk_size = int(chunk_size)
+    if self.chunk_size < 1:
+      raise errors.ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     self.ks = tuple(int(k) for k in ks)
     self.with_mismatch = with_mismatch
+    if mesh is not None and mesh.size == 1 and jax.process_count() == 1:
+      mesh = None
+    self.mesh = mesh
+    self.local_targets = 0
+    self._replicated: dict[str, tuple[Any, Any]] = {}
     self._compiled: dict[PromotionAttack, Any] = {}
     self.trace_counts: dict[PromotionAttack, int] = {}
+
+  @property
+  def targets_per_chunk(self) -> int:
+    """Targets in one call of the chunk function (all devices together)."""
+    return self.chunk_size * (1 if self.mesh is None else self.mesh.size)
+
+  def _on_mesh(self, key: str, tree):
+    """``tree`` replicated over the mesh, cached while the same object is passed."""
+    from uatmc_jax.parallel import multihost
+    held = self._replicated.get(key)
+    if held is None or held[0] is not tree:
+      held = (tree, multihost.put_replicated(tree, self.mesh))
+      self._replicated[key] = held
+    return held[1]
 
   def chunk_function(self, attack: PromotionAttack):
     """The jitted (params, tables, ctx, groups, targets (chunk,)) -> per-target dict."""
@@ -485,7 +519,15 @@ class PromotionAttackRunner:
                                 with_mismatch=with_mismatch)
         return jax.vmap(one)(targets)
 
-      self._compiled[attack] = jax.jit(chunk)
+      if self.mesh is None:
+        self._compiled[attack] = jax.jit(chunk)
+      else:
+        # Targets split over every mesh axis; everything else replicated. Each device
+        # vmaps over its own chunk_size targets, no communication inside.
+        split = P(tuple(self.mesh.axis_names))
+        self._compiled[attack] = jax.jit(jax.shard_map(
+            chunk, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P(), split),
+            out_specs=split, check_vma=False))
     return self._compiled[attack]
 
   def run(self, attack: PromotionAttack, ctx: PromotionContext, targets: Sequence[int],
@@ -514,17 +556,29 @@ class PromotionAttackRunner:
     n = len(targets)
     if n == 0:
       raise errors.ConfigError("no targets to attack")
-    c = self.chunk_size
+    c = self.targets_per_chunk
     n_chunks = math.ceil(n / c)
     padded = np.concatenate([targets, np.full(n_chunks * c - n, targets[0], np.int32)])
     fn = self.chunk_function(attack)
     s = self.surface
     t0 = time.perf_counter()
     pieces = []
-    for i in range(n_chunks):
-      out = fn(s.params, s.attack_table, s.projected_table, ctx, group_weights,
-               jnp.asarray(padded[i * c:(i + 1) * c]))
-      pieces.append(jax.device_get(out))
+    if self.mesh is None:
+      for i in range(n_chunks):
+        out = fn(s.params, s.attack_table, s.projected_table, ctx, group_weights,
+                 jnp.asarray(padded[i * c:(i + 1) * c]))
+        pieces.append(jax.device_get(out))
+    else:
+      from uatmc_jax.parallel import multihost
+      args = [self._on_mesh(k, v) for k, v in (
+          ("params", s.params), ("attack_table", s.attack_table),
+          ("projected_table", s.projected_table), ("ctx", ctx))]
+      groups = multihost.put_replicated(group_weights, self.mesh)
+      split = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
+      for i in range(n_chunks):
+        chunk_targets = multihost.put_global(padded[i * c:(i + 1) * c], split)
+        self.local_targets += len(chunk_targets.addressable_shards) * self.chunk_size
+        pieces.append(multihost.to_host(fn(*args, groups, chunk_targets)))
     seconds = time.perf_counter() - t0
     result = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *pieces)
     result["targets"] = targets

@@ -55,7 +55,11 @@ class AttackOutcome(NamedTuple):
 class RobustEvaluator:
   """Per-example correctness of a classifier under each attack of B.5."""
 
-  def __init__(self, logits_fn: LogitsFn, config: RobustEvalConfig = RobustEvalConfig()):
+  def __init__(self, logits_fn: LogitsFn, config: RobustEvalConfig = RobustEvalConfig(),
+               mesh=None):
+    """``mesh``: split every batch over its devices (on one host or many; see
+    ``batching.OnMesh``): each process attacks only its rows, per-example results are
+    gathered on every process, and the numbers do not depend on the mesh."""
     self.logits_fn = logits_fn
     self.config = config
     base_key = jax.random.PRNGKey(config.seed)
@@ -78,12 +82,19 @@ class RobustEvaluator:
       return xa, jnp.argmax(logits_fn(xa), -1) == y
 
     self._batch_fns = {"clean": jax.jit(predict), "pgd20": jax.jit(pgd), "cw": jax.jit(cw)}
+    self._batch_fns = {k: batching.on_mesh(f, mesh, 2) for k, f in self._batch_fns.items()}
     # One AutoAttack for both suites: the APGD stages are compiled once.
     self.autoattack = autoattack.AutoAttack(logits_fn, autoattack.AutoAttackConfig(
         epsilon=config.epsilon, version="standard",
         n_target_classes=config.n_target_classes, apgd_iterations=config.apgd_iterations,
         fab_iterations=config.fab_iterations, square_queries=config.square_queries,
-        batch_size=config.batch_size, seed=config.seed))
+        batch_size=config.batch_size, seed=config.seed), mesh=mesh)
+
+  @property
+  def local_rows(self) -> int:
+    """Rows (examples, padding included) this process attacked or predicted on a mesh."""
+    return self.autoattack.local_rows + sum(getattr(f, "local_rows", 0)
+                                            for f in self._batch_fns.values())
 
   def run(self, attack: str, images: np.ndarray, labels: np.ndarray,
           log: Optional[Callable[[str], None]] = None) -> AttackOutcome:
@@ -119,9 +130,11 @@ def evaluate_robustness(logits_fn: LogitsFn, images: np.ndarray, labels: np.ndar
                         train_counts: np.ndarray, attacks: Iterable[str] = ("clean", "pgd20"),
                         config: RobustEvalConfig = RobustEvalConfig(),
                         evaluator: Optional[RobustEvaluator] = None,
-                        log: Optional[Callable[[str], None]] = None):
-  """Runs each attack and returns ({name: block with "seconds"}, {name: AttackOutcome})."""
-  evaluator = evaluator or RobustEvaluator(logits_fn, config)
+                        log: Optional[Callable[[str], None]] = None, mesh=None):
+  """Runs each attack and returns ({name: block with "seconds"}, {name: AttackOutcome}).
+
+  ``mesh``: the batches are split over its devices (see ``RobustEvaluator``)."""
+  evaluator = evaluator or RobustEvaluator(logits_fn, config, mesh=mesh)
   blocks, outcomes = {}, {}
   for name in attacks:
     outcome = evaluator.run(name, images, labels, log=log)

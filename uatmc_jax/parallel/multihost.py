@@ -12,6 +12,8 @@ of a global array fails. These helpers are the only data moves a trainer needs:
   (e.g. the image pipeline's per-process slices) becomes a global array;
 * :func:`put_replicated` — identical host values (initial parameters) replicated;
 * :func:`to_host` — a global array back to numpy, the full value on every process;
+* :func:`to_local` — a global array as a full copy on this process's default device
+  (e.g. a trained model that per-process code then uses, replicated);
 * :func:`gather_process_local` — per-process numpy rows concatenated in process order.
 
 With one process each reduces to the obvious ``device_put`` / ``np.asarray``.
@@ -57,7 +59,8 @@ def put_global(tree: Any, sharding: jax.sharding.Sharding | Any) -> Any:
     x = np.asarray(x)
     box, contiguous = _local_box(s, x.shape)
     if contiguous:
-      return jax.make_array_from_process_local_data(s, np.ascontiguousarray(x[box]), x.shape)
+      # np.array, not np.ascontiguousarray: the latter makes a 0-d value 1-d.
+      return jax.make_array_from_process_local_data(s, np.array(x[box], order="C"), x.shape)
     return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
 
   if isinstance(sharding, jax.sharding.Sharding):
@@ -91,6 +94,13 @@ def to_host(tree: Any) -> Any:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(get, tree)
+
+
+def to_local(tree: Any) -> Any:
+  """Global arrays -> full copies on this process's default device (``to_host`` then
+  ``jnp.asarray``); use it before process-local code that mixes them with local arrays."""
+  import jax.numpy as jnp
+  return jax.tree.map(jnp.asarray, to_host(tree))
 
 
 def gather_process_local(tree: Any) -> Any:

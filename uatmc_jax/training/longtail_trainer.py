@@ -362,8 +362,12 @@ class TrainedClassifier(NamedTuple):
   info: dict
 
 
-def load_trained_classifier(workdir: str, *, best: bool = False) -> TrainedClassifier:
+def load_trained_classifier(workdir: str, *, best: bool = False,
+                            mesh: jax.sharding.Mesh | None = None) -> TrainedClassifier:
   """Rebuilds the model of a ``train_longtail`` run and restores its latest checkpoint.
+
+  ``mesh``: restore the state replicated on it (e.g. a global mesh of a multi-process
+  evaluation; the default is this process's first device).
 
   Raises:
     ConfigError: no trainer config or no checkpoint under ``workdir``.
@@ -379,7 +383,7 @@ def load_trained_classifier(workdir: str, *, best: bool = False) -> TrainedClass
   counts = np.asarray(info["class_counts"], np.int64)
   trainer = LongTailTrainer(config, method, num_classes=info["num_classes"],
                             class_counts=counts, steps_per_epoch=1,
-                            mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]))
+                            mesh=mesh or mesh_lib.make_mesh(devices=jax.local_devices()[:1]))
   template = trainer.init_state()
   store = CheckpointStore(os.path.join(workdir, "checkpoints"))
   restored = store.restore_best(template) if best else store.restore_latest(template)
