@@ -73,6 +73,8 @@ def _wait_all(procs, out):
 
 
 def _flatten(tree, prefix=""):
+  if isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+    tree = {str(i): v for i, v in enumerate(tree)}  # e.g. per-seed result blocks
   if isinstance(tree, dict):
     out = {}
     for k, v in tree.items():
