@@ -43,12 +43,14 @@ def load_datasets(cfg):
     if not cfg.data_dir:
       raise ConfigError("dataset=folder needs data_dir=<root with train/ and test/>")
     n_max = cfg.n_max
+    cache_dir = cfg.get("cache_dir") or None
     # Only the first n_max files of each class can be drawn from when n_max is set.
     train = image_folder.load_image_folder(os.path.join(cfg.data_dir, "train"),
-                                           max_per_class=n_max)
+                                           max_per_class=n_max, cache_dir=cache_dir)
     test = image_folder.load_image_folder(os.path.join(cfg.data_dir, "test"),
                                           class_names=train.class_names,
-                                          max_per_class=cfg.test_per_class)
+                                          max_per_class=cfg.test_per_class,
+                                          cache_dir=cache_dir)
     return train, test
   if cfg.dataset in TFDS_NAMES:
     from uatmc_jax.data import tfds_images  # imported lazily: TFDS is slow to import

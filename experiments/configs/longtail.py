@@ -8,6 +8,8 @@ Arguments (``k=v`` joined by ``,``):
   dataset: cifar10 | cifar100 (TFDS, prepared under data_dir) | folder (an image
     folder with train/ and test/ sub-folders, one sub-folder per class).
   data_dir: TFDS data_dir, or the image folder root.
+  cache_dir: dataset=folder only: cache the decoded images there as .npz so repeat
+    runs skip JPEG decoding ("" / unset = no cache).
   imbalance_ratio: IR of the exponential profile (100).
   n_max: head-class count (default 5000 for 10 classes, 500 for 100; runlocal 300).
   method: pgd_at | trades | mart | at_bsl | robal | mcat, with optional add-ons
@@ -42,7 +44,8 @@ DEFAULTS = dict(
     eval_pgd_steps=20, latent_dim=128, manifold_hidden=None, latent_steps=5,
     latent_step_size=0.01, manifold_refresh="every_step", manifold_warmup_epochs=None,
     manifold_fit_steps=1, manifold_lr=1e-3, test_per_class=None, seed=0, data_seed=0,
-    eval_robust="", widths=None, compute_dtype="float32", mesh_data=-1, runlocal=False)
+    eval_robust="", cache_dir=None, widths=None, compute_dtype="float32", mesh_data=-1,
+    runlocal=False)
 
 RUNLOCAL = dict(n_max=300, epochs=4, test_per_class=50, manifold_hidden=256,
                 manifold_warmup_epochs=1)
@@ -63,7 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model_kwargs = {}
   if a["widths"] is not None:
     cfg.model_kwargs = {"widths": tuple(common.as_list(a["widths"], int))}
-  for k in ("data_dir", "n_max", "etf_weight", "manifold_weight", "beta", "test_per_class"):
+  for k in ("data_dir", "cache_dir", "n_max", "etf_weight", "manifold_weight", "beta",
+            "test_per_class"):
     if k not in cfg:
       cfg[k] = ml_collections.FieldReference(None, field_type=object)
   return cfg
