@@ -1,0 +1,75 @@
+"""experiments.longtail_table: grouping by (IR, method), mean ± std over seeds, Markdown."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import longtail_table as lt
+from uatmc_jax.errors import ConfigError
+
+COUNTS = [50, 20, 5]  # many / medium / few; tail = rarest 30% of 3 classes = class 2
+
+
+def _block(per_class):
+  pc = np.asarray(per_class, float)
+  return {"per_class": list(pc), "overall": float(pc.mean()), "balanced": float(pc.mean()),
+          "many": float(pc[0]), "medium": float(pc[1]), "few": float(pc[2]),
+          "tail": float(pc[2]), "seconds": 1.0}
+
+
+def _write_run(root, name, *, ir, method, seed, clean, pgd, evals=None):
+  d = os.path.join(root, name)
+  os.makedirs(d)
+  with open(os.path.join(d, "results.json"), "w") as f:
+    json.dump({"imbalance_ratio": ir, "method": method, "seed": seed, "class_counts": COUNTS,
+               "class_names": ["a", "b", "c"], "clean": _block(clean),
+               "pgd20": _block(pgd)}, f)
+  if evals is not None:
+    with open(os.path.join(d, "eval_results.json"), "w") as f:
+      json.dump({**{k: _block(v) for k, v in evals.items()}, "settings": {"n_test": 3}}, f)
+  return d
+
+
+def test_aggregate_mean_std_over_seeds_and_markdown(tmp_path):
+  root = str(tmp_path)
+  _write_run(root, "ir100_mcat_s0", ir=100.0, method="mcat", seed=0, clean=[.9, .5, .1],
+             pgd=[.6, .2, .0], evals={"cw": [.5, .2, .0], "autoattack_apgd": [.4, .1, .0]})
+  _write_run(root, "ir100_mcat_s1", ir=100.0, method="mcat", seed=1, clean=[.7, .3, .3],
+             pgd=[.4, .2, .2], evals={"cw": [.3, .2, .2]})  # no AA for seed 1
+  _write_run(root, "ir10_pgd_at_s0", ir=10.0, method="pgd_at", seed=0, clean=[.8, .6, .4],
+             pgd=[.5, .3, .1])
+  runs = [lt.load_run(d) for d in lt.expand_workdirs([os.path.join(root, "ir*")])]
+  agg = lt.aggregate(runs)
+  assert list(agg) == [(100.0, "mcat"), (10.0, "pgd_at")]  # IR descending
+  a = agg[(100.0, "mcat")]
+  assert a["seeds"] == [0, 1]
+  np.testing.assert_allclose(a["clean"]["tail"]["mean"], 0.2)
+  np.testing.assert_allclose(a["clean"]["tail"]["std"], 0.1)   # |0.1 - 0.3| / 2
+  np.testing.assert_allclose(a["pgd20"]["overall"]["mean"], (0.8 / 3 + 0.8 / 3) / 2)
+  np.testing.assert_allclose(a["cw"]["per_class"], [.4, .2, .1])
+  assert a["autoattack_apgd"]["n"] == 1 and a["autoattack_apgd"]["tail"]["std"] == 0.0
+  assert "cw" not in agg[(10.0, "pgd_at")]
+  md = lt.markdown(agg)
+  # Compact row: clean tail 20.0 ± 10.0; AA present only for IR 100 (n/a for IR 10).
+  row100 = next(l for l in md.splitlines() if l.startswith("| 100 | mcat | 2 |"))
+  assert "20.0 ± 10.0" in row100
+  row10 = next(l for l in md.splitlines() if l.startswith("| 10 | pgd_at | 1 |"))
+  assert row10.count("n/a") == 6  # CW and AA-apgd x overall/balanced/tail
+  assert "| 100 | mcat | AA-apgd | 1 |" in md
+  plot = tmp_path / "pc.png"
+  assert lt.per_class_plot(str(plot), agg) == {100.0: "autoattack_apgd", 10.0: "pgd20"}
+  assert plot.stat().st_size > 0
+
+
+def test_errors_name_the_problem(tmp_path):
+  with pytest.raises(ConfigError, match="no directory matches"):
+    lt.expand_workdirs([str(tmp_path / "nothing*")])
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(ConfigError, match="results.json: not found"):
+    lt.load_run(str(tmp_path / "empty"))
+  root = str(tmp_path)
+  a = _write_run(root, "a", ir=100.0, method="mcat", seed=0, clean=[1, 0, 0], pgd=[1, 0, 0])
+  b = _write_run(root, "b", ir=100.0, method="mcat", seed=0, clean=[1, 0, 0], pgd=[1, 0, 0])
+  with pytest.raises(ConfigError, match="seed listed twice"):
+    lt.aggregate([lt.load_run(a), lt.load_run(b)])
