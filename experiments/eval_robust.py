@@ -243,7 +243,9 @@ def main(argv):
   launch.setup()
   if not FLAGS.workdir:
     raise ConfigError("--workdir is required")
-  return evaluate_workdir(
+  # Nothing returned: absl's app.run passes main's value to sys.exit, and a dict there
+  # printed it and exited with status 1.
+  evaluate_workdir(
       FLAGS.workdir, FLAGS.attacks, epsilon=FLAGS.epsilon, step_size=FLAGS.step_size,
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, test_per_class=FLAGS.test_per_class,
       apgd_iterations=FLAGS.apgd_iterations, square_queries=FLAGS.square_queries,
