@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from attack_fixtures import make_raw_surface, make_surface
+from uatmc_jax import errors
 from uatmc_jax.attacks import alignment, mismatch, promotion, user_groups
 
 
@@ -191,3 +192,86 @@ def test_raw_feature_attack_aligns_in_the_projected_space():
   aligned = alignment.cosine_direction(loss, d, align_weight=5.0, **kw)
   naive = alignment.naive_direction(loss, d, align_weight=5.0, **kw)
   assert max(float(jnp.abs(aligned[m] - naive[m]).max()) for m in d) > 1e-4
+
+
+def _raw_linear_score_problem():
+  """Score linear in x̂ (VBPR-MLP's fusion), non-linear lift x̂ = tanh(x A), float64."""
+  rng = np.random.default_rng(11)
+  dims, p, n = {"a": 7, "b": 3}, 5, 6
+  lift_mats = {m: jnp.asarray(rng.normal(size=(d, p)) / np.sqrt(d)) for m, d in dims.items()}
+  x = {m: jnp.asarray(rng.normal(size=d)) for m, d in dims.items()}
+  w = {m: jnp.asarray(rng.normal(size=(p, 4))) for m in dims}
+  users = jnp.asarray(rng.uniform(0.5, 1.5, size=(n, 4)))
+
+  def lift(delta):
+    return {m: jnp.tanh((x[m] + delta[m]) @ lift_mats[m]) for m in delta}
+
+  def probe_loss(delta, eta=None):
+    xh = lift(delta)
+    if eta:
+      xh = {m: xh[m] + eta[m] for m in xh}
+    item = sum(xh[m] @ w[m] for m in xh)
+    return jax.nn.relu(users @ item + 50.0)  # margin 50: every hinge active
+
+  loss = lambda delta: probe_loss(delta)
+  eta0 = {m: jnp.zeros(p, users.dtype) for m in dims}
+  delta = {m: jnp.asarray(0.2 * rng.normal(size=d)) for m, d in dims.items()}
+  return loss, alignment.Probe(probe_loss, eta0, lift), delta
+
+
+def test_pushforward_cosine_steers_a_raw_attack_where_the_probe_cosine_is_inert():
+  with jax.enable_x64(True):
+    loss, probe, delta = _raw_linear_score_problem()
+    kw = dict(group_weights=None, group_temperature=0.1, align_weight=5.0, probe=probe)
+    naive = alignment.naive_direction(loss, delta, **kw)
+    probe_cos = alignment.cosine_direction(loss, delta, **kw)
+    pushed = alignment.cosine_pushforward_direction(loss, delta, **kw)
+    for m in delta:  # ∇_x̂ L does not depend on δ: the probe-space reward has no gradient
+      np.testing.assert_allclose(np.asarray(probe_cos[m]), np.asarray(naive[m]), atol=1e-12)
+    assert max(float(jnp.abs(pushed[m] - naive[m]).max()) for m in delta) > 1e-3
+    # v^m = J_m ∇_{δ^m} L = J_m J_m^T ∇_{x̂^m} L, by hand (J_m = A_m^T diag(1 - x̂²)).
+    g_hat = alignment.shared_space_gradient(loss, delta, probe)
+    moved = alignment.pushforward_gradient(loss, delta, probe)
+    for m in delta:
+      jac = jax.jacfwd(lambda d: probe.lift(dict(delta, **{m: d}))[m])(delta[m])  # (p, d)
+      np.testing.assert_allclose(np.asarray(moved[m]), np.asarray(jac @ jac.T @ g_hat[m]),
+                                 rtol=1e-10, atol=1e-12)
+    # The second-order gradient of J matches central finite differences.
+    objective = alignment.pushforward_cosine_objective(loss, 5.0, probe)
+    grad = jax.grad(objective)(delta)
+    h = 1e-6
+    for m in delta:
+      basis = h * jnp.eye(delta[m].shape[0], dtype=jnp.float64)
+      fd = jax.vmap(lambda e: (objective(dict(delta, **{m: delta[m] + e}))
+                               - objective(dict(delta, **{m: delta[m] - e}))) / (2 * h))(basis)
+      np.testing.assert_allclose(np.asarray(grad[m]), np.asarray(fd), rtol=1e-6, atol=1e-9)
+
+
+def test_pushforward_cosine_in_the_runner():
+  """Raw space, linear score in x̂: pushforward PGD differs from naive PGD, the probe
+  cosine does not; in the projected space pushforward is the paper's cosine."""
+  surface = make_raw_surface(jax.random.key(4))
+  ctx = promotion.build_context(surface, np.arange(12), k=3)
+  runner = promotion.PromotionAttackRunner(surface, chunk_size=2, with_mismatch=False)
+  run = lambda name: runner.run(promotion.pgd_attack(0.3, k=3, alignment=name,
+                                                     align_weight=5.0, margin=50.0),
+                                ctx, [2, 6])["delta"]
+  naive, probe_cos, pushed = run("none"), run("cosine"), run("cosine_pushforward")
+  for m in surface.modalities:
+    np.testing.assert_array_equal(np.asarray(probe_cos[m]), np.asarray(naive[m]))
+  assert any(np.any(np.asarray(pushed[m]) != np.asarray(naive[m])) for m in surface.modalities)
+  flat = make_surface(jax.random.key(5), nonlinear=True)
+  ctx = promotion.build_context(flat, np.arange(12), k=3)
+  runner = promotion.PromotionAttackRunner(flat, chunk_size=2, with_mismatch=False)
+  a, b = (runner.run(promotion.pgd_attack(0.2, k=3, alignment=n, align_weight=5.0,
+                                          margin=50.0), ctx, [2, 6])["delta"]
+          for n in ("cosine", "cosine_pushforward"))
+  for m in flat.modalities:
+    np.testing.assert_allclose(np.asarray(a[m]), np.asarray(b[m]), atol=1e-6)
+
+
+def test_pushforward_cosine_without_a_lift_is_a_config_error():
+  loss, probe, delta = _raw_linear_score_problem()
+  with pytest.raises(errors.ConfigError, match="cosine_pushforward.*lift"):
+    alignment.cosine_pushforward_direction(loss, delta, group_weights=None, align_weight=1.0,
+                                           group_temperature=0.1, probe=probe[:2])

@@ -10,7 +10,10 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``;`` or ``+``):
   epsilon: one budget or a list "0.025;0.05;0.1" (0.05).
   attack: one attacker or a list; empty = every attacker: fgsm, pgd, pgd_aligned
     (the paper's cosine reward), pgd_pcgrad_groups, pgd_shared_groups and the
-    single-modal baselines fgsm_<m>, pgd_<m> for every modality m.
+    single-modal baselines fgsm_<m>, pgd_<m> for every modality m. Also by name (not
+    in the default list): pgd_cosine_pushforward / fgsm_cosine_pushforward, the cosine
+    reward on the projected-space displacements of the raw steps (space=raw; equals
+    pgd_aligned in the projected space; see uatmc_jax.attacks.alignment).
   target_set: random | cold | hot (random).
   anchor_share: share of users that are anchors (0.4).
   k: the objective's top-K (50).

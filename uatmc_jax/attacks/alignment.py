@@ -19,6 +19,15 @@ to a direction {m: (d_m,)} on which the attack takes its sign step:
   piecewise linear), the Hessian of L is zero almost everywhere, so this reward has
   zero gradient and the step equals the naive one. It matters for raw-feature attacks
   (through the projection MLPs) and for smooth/graph models.
+* ``"cosine_pushforward"`` (this project's variant for raw-feature attacks): the same
+  J, but each modality's gradient enters the cosine as the projected-space displacement
+  its raw ascent step causes, v^m = J_m ∇_{δ^m} L with J_m the Jacobian of the lift
+  x^m -> x̂^m at x_t^m + δ^m (``jax.jvp`` of the lift; v^m = J_m J_m^T ∇_{x̂^m} L). The
+  probe-based ``"cosine"`` compares ∇_{x̂} L, which on a score linear in x̂ (VBPR-MLP)
+  does not depend on how x̂ is reached, so it is inert in raw space too; v^m moves with
+  δ through the projection MLPs' curvature (LayerNorm, ReLU pattern, L2 normalisation),
+  so this reward steers a raw-space VBPR-MLP attack. With δ in the projected space
+  (J_m = I) it is the paper's reward. Needs ``probe.lift`` (raw attacks).
 * ``"pcgrad_groups"`` (this project's extension): per-group gradients g_k^m (vmap over
   groups); in every modality the component of each group's gradient that conflicts
   with another group's (negative inner product) is removed, PCGrad-style, using the
@@ -30,7 +39,7 @@ to a direction {m: (d_m,)} on which the attack takes its sign step:
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +48,19 @@ from uatmc_jax import errors
 from uatmc_jax.attacks import mismatch
 
 Direction = dict[str, jax.Array]
+
+
+class Probe(NamedTuple):
+  """How a raw-feature attack reaches the shared projected space.
+
+  loss_fn: (δ, η) -> (n,) per-user loss with an additive η^m on x̂^m.
+  eta0: {m: zeros (p_m,)}, the probe's evaluation point.
+  lift: optional δ -> {m: x̂^m (p_m,)}, the target's projected rows at x_t + δ (used by
+    ``cosine_pushforward``).
+  """
+  loss_fn: Callable
+  eta0: dict
+  lift: Optional[Callable] = None
 
 
 def mean_loss_fn(per_user_loss_fn):
@@ -73,8 +95,25 @@ def shared_space_gradient(per_user_loss_fn, delta, probe=None) -> Direction:
   """
   if probe is None:
     return jax.grad(mean_loss_fn(per_user_loss_fn))(dict(delta))
-  probe_loss_fn, eta0 = probe
+  probe_loss_fn, eta0 = probe[0], probe[1]
   return jax.grad(lambda e: jnp.mean(probe_loss_fn(delta, e)))(dict(eta0))
+
+
+def pushforward_gradient(per_user_loss_fn, delta, probe=None) -> Direction:
+  """v^m = J_m ∇_{δ^m} L: the projected-space displacement of a raw gradient step.
+
+  J_m is the Jacobian of the lift δ^m -> x̂^m at the perturbed point (``probe.lift``);
+  with δ in the projected space (``probe`` None) J_m = I and v = ∇_δ L.
+  """
+  grad = jax.grad(mean_loss_fn(per_user_loss_fn))(dict(delta))
+  if probe is None:
+    return grad
+  lift = probe[2] if len(probe) > 2 else None
+  if lift is None:
+    raise errors.ConfigError("alignment 'cosine_pushforward' on a raw-feature attack needs "
+                             "the probe's lift (Probe.lift), got none")
+  _, moved = jax.jvp(lift, (dict(delta),), (grad,))
+  return moved
 
 
 def cosine_reward_objective(per_user_loss_fn, align_weight: float, probe=None):
@@ -93,6 +132,18 @@ def cosine_reward_objective(per_user_loss_fn, align_weight: float, probe=None):
   return objective
 
 
+def pushforward_cosine_objective(per_user_loss_fn, align_weight: float, probe=None):
+  """J(δ) = L(δ) + λ_align · mean_pairs cos(J_m ∇_{δ^m} L, J_m' ∇_{δ^m'} L)."""
+  loss = mean_loss_fn(per_user_loss_fn)
+
+  def objective(delta):
+    moved = pushforward_gradient(per_user_loss_fn, delta, probe)
+    pairs = comparable_pairs(moved)
+    return loss(delta) + align_weight * mean_pairwise_cosine(moved, pairs)
+
+  return objective
+
+
 def naive_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
                     group_temperature, probe=None) -> Direction:
   del group_weights, align_weight, group_temperature, probe
@@ -103,6 +154,13 @@ def cosine_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
                      group_temperature, probe=None) -> Direction:
   del group_weights, group_temperature
   return jax.grad(cosine_reward_objective(per_user_loss_fn, align_weight, probe))(dict(delta))
+
+
+def cosine_pushforward_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
+                                group_temperature, probe=None) -> Direction:
+  del group_weights, group_temperature
+  return jax.grad(pushforward_cosine_objective(per_user_loss_fn, align_weight,
+                                               probe))(dict(delta))
 
 
 def pcgrad_combine(group_grads: jax.Array) -> jax.Array:
@@ -149,6 +207,7 @@ def shared_groups_direction(per_user_loss_fn, delta, group_weights, *, align_wei
 ASCENT_DIRECTIONS: dict[str, Callable[..., Direction]] = {
     "none": naive_direction,
     "cosine": cosine_direction,
+    "cosine_pushforward": cosine_pushforward_direction,
     "pcgrad_groups": pcgrad_groups_direction,
     "shared_groups": shared_groups_direction,
 }

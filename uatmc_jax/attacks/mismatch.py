@@ -114,7 +114,7 @@ def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.
     _, group_grads = per_group_gradients(per_user_loss_fn, delta, group_weights)
     step_grads = None
   else:
-    probe_loss_fn, eta0 = probe
+    probe_loss_fn, eta0 = probe[0], probe[1]
     _, group_grads = per_group_gradients(lambda e: probe_loss_fn(delta, e), eta0,
                                          group_weights)
     step_grads = jax.grad(lambda d: jnp.mean(per_user_loss_fn(d)))(dict(delta))

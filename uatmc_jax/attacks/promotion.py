@@ -219,8 +219,8 @@ def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.
     per_user_loss_fn: δ -> (n_anchor,) ℓ_u (margin already bound).
     x_t: {m: (d_m,)} clean rows of the attacked modalities (for relative budgets).
     group_weights: (n_anchor, G) user groups (used by group-level alignments).
-    probe: None, or ``(probe_loss_fn(δ, η), η0)`` for attacks outside the projected
-      space (the cosine alignment compares modalities there).
+    probe: None, or ``alignment.Probe(probe_loss_fn(δ, η), η0, lift)`` for attacks
+      outside the projected space (the cosine alignments compare modalities there).
 
   Returns:
     δ, inside the budget.
@@ -331,6 +331,7 @@ class _TargetView(NamedTuple):
   x_t: dict            # attacked-space clean rows of the target {m: (d_m,)}
   scores_fn: Any       # δ -> (target scores (n_A,), others' top-k (n_A, k))
   ranks_fn: Any        # δ -> (ranks (n_A,), masked ranks (n_A,) or None)
+  projected_row: Any   # δ -> {m: (1, p_m)} the target's projected rows at x_t + δ
 
 
 def _target_view(surface: AttackSurface, params, attack_table, projected_table,
@@ -370,7 +371,7 @@ def _target_view(surface: AttackSurface, params, attack_table, projected_table,
         masked = count_greater(ctx.masked_sorted_scores, sm) - (cm > sm)
       return ranks, masked
 
-    return _TargetView(x_t, scores_fn, ranks_fn)
+    return _TargetView(x_t, scores_fn, ranks_fn, perturbed_projected_row)
 
   def all_scores(delta, eta=None):
     row = perturbed_projected_row(delta, eta)
@@ -396,7 +397,7 @@ def _target_view(surface: AttackSurface, params, attack_table, projected_table,
       masked = jnp.sum((ms > sm[:, None]) & ~is_t[None, :], axis=1).astype(jnp.int32)
     return ranks, masked
 
-  return _TargetView(x_t, scores_fn, ranks_fn)
+  return _TargetView(x_t, scores_fn, ranks_fn, perturbed_projected_row)
 
 
 # ----------------------------------------------------------------------------------
@@ -424,8 +425,14 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
 
   probe = None
   if surface.space != "projected":  # compare modalities in the shared projected space
-    probe = (per_user_loss, {m: jnp.zeros(surface.projected_table[m].shape[1:],
-                                          surface.projected_table[m].dtype) for m in attacked})
+    def lift(delta):  # the target's projected rows of the attacked modalities at x_t + δ
+      rows = view.projected_row(delta)
+      return {m: rows[m][0] for m in delta}
+
+    probe = alignment_lib.Probe(
+        per_user_loss, {m: jnp.zeros(surface.projected_table[m].shape[1:],
+                                     surface.projected_table[m].dtype) for m in attacked},
+        lift)
   delta = run_attack(attack, per_user_loss, x_att, group_weights, probe=probe)
   delta = jax.lax.stop_gradient(delta)
   zero = {m: jnp.zeros_like(x) for m, x in x_att.items()}
