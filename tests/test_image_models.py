@@ -193,3 +193,26 @@ def test_registry_errors():
     ic.build_classifier("wrn34_10", 10, nnx.Rngs(0), depth=33)
   with pytest.raises(ConfigError, match="num_classes"):
     ic.build_classifier("small_cnn", 1, nnx.Rngs(0))
+
+
+def test_max_pool_2x2_matches_nnx_max_pool_values_and_tie_free_gradients():
+  # Continuous random input: no ties inside a 2x2 window (almost surely), so the
+  # reduce-max gradient and select-and-scatter's must agree exactly.
+  x = jax.random.normal(jax.random.key(3), (2, 6, 8, 5))
+  ref = lambda v: nnx.max_pool(v, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(ic.max_pool_2x2(x), ref(x))
+  w = jax.random.normal(jax.random.key(4), (2, 3, 4, 5))
+  g_new = jax.grad(lambda v: jnp.sum(ic.max_pool_2x2(v) * w))(x)
+  g_ref = jax.grad(lambda v: jnp.sum(ref(v) * w))(x)
+  np.testing.assert_array_equal(g_new, g_ref)
+  # Exactly one nonzero per window: the gradient really routes to the argmax.
+  assert int(jnp.sum(g_new != 0)) == w.size
+  # Odd sizes fall back to nnx.max_pool (VALID: the last row/column is dropped).
+  x_odd = jax.random.normal(jax.random.key(5), (1, 5, 7, 2))
+  np.testing.assert_array_equal(ic.max_pool_2x2(x_odd), ref(x_odd))
+  assert ic.max_pool_2x2(x_odd).shape == (1, 2, 3, 2)
+  # With ties the value still matches; the gradient splits among the tied inputs.
+  x_tie = jnp.zeros((1, 2, 2, 1))
+  np.testing.assert_array_equal(ic.max_pool_2x2(x_tie), ref(x_tie))
+  g_tie = jax.grad(lambda v: jnp.sum(ic.max_pool_2x2(v)))(x_tie)
+  np.testing.assert_allclose(float(jnp.sum(g_tie)), 1.0)

@@ -342,6 +342,24 @@ class WideResNet(PreActResNet):
 # ---------------------------------------------------------------------------------
 # Small CNN for CPU runs
 # ---------------------------------------------------------------------------------
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 on NHWC ``x``, as a reshape + max.
+
+  Same values as ``nnx.max_pool(x, (2, 2), strides=(2, 2))`` (VALID padding: an odd
+  trailing row / column is dropped). For even ``H`` and ``W`` the backward pass is a
+  plain reduce-max gradient instead of XLA's select-and-scatter, which is ~2x faster
+  on CPU (jitted input gradient of SmallCNN(16, 32, 64), batch 128, 2-core CPU:
+  0.224 -> 0.093 s median at load ~2-3; 1.50 -> 0.72 s under load ~15).
+  With ties inside a window the gradient is split equally among the tied inputs
+  (jnp.max's rule) where select-and-scatter routes it all to one of them; both are
+  valid subgradients. Odd sizes fall back to ``nnx.max_pool``.
+  """
+  b, h, w, c = x.shape
+  if h % 2 or w % 2:
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class SmallCNN(ImageClassifier):
   """A small VGG-style CNN for fast CPU checks (METHODS.md B.2, "small CNN").
 
@@ -374,7 +392,7 @@ class SmallCNN(ImageClassifier):
     h = x
     for conv, bn in zip(self.convs, self.bns):
       h = jax.nn.relu(bn(conv(h), ura))
-      h = nnx.max_pool(h, (2, 2), strides=(2, 2))
+      h = max_pool_2x2(h)
     return jnp.mean(h, axis=(1, 2))
 
 
