@@ -211,8 +211,13 @@ def test_max_pool_2x2_matches_nnx_max_pool_values_and_tie_free_gradients():
   x_odd = jax.random.normal(jax.random.key(5), (1, 5, 7, 2))
   np.testing.assert_array_equal(ic.max_pool_2x2(x_odd), ref(x_odd))
   assert ic.max_pool_2x2(x_odd).shape == (1, 2, 3, 2)
-  # With ties the value still matches; the gradient splits among the tied inputs.
-  x_tie = jnp.zeros((1, 2, 2, 1))
+  # With ties (quantised input, all-zero windows) the gradient still equals
+  # select-and-scatter's: all of it goes to the first maximal element of the window.
+  x_tie = jnp.round(jax.random.uniform(jax.random.key(6), (2, 6, 8, 5)) * 2) / 2
+  x_tie = x_tie.at[0, :2, :2, 0].set(0.0)
   np.testing.assert_array_equal(ic.max_pool_2x2(x_tie), ref(x_tie))
-  g_tie = jax.grad(lambda v: jnp.sum(ic.max_pool_2x2(v)))(x_tie)
-  np.testing.assert_allclose(float(jnp.sum(g_tie)), 1.0)
+  g_tie = jax.grad(lambda v: jnp.sum(ic.max_pool_2x2(v) * w))(x_tie)
+  g_tie_ref = jax.grad(lambda v: jnp.sum(ref(v) * w))(x_tie)
+  np.testing.assert_array_equal(g_tie, g_tie_ref)
+  assert int(jnp.sum(g_tie != 0)) == w.size
+  np.testing.assert_array_equal(g_tie[0, :2, :2, 0], jnp.array([[w[0, 0, 0, 0], 0.0], [0.0, 0.0]]))

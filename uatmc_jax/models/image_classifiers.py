@@ -342,22 +342,59 @@ class WideResNet(PreActResNet):
 # ---------------------------------------------------------------------------------
 # Small CNN for CPU runs
 # ---------------------------------------------------------------------------------
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool with stride 2 on NHWC ``x``, as a reshape + max.
-
-  Same values as ``nnx.max_pool(x, (2, 2), strides=(2, 2))`` (VALID padding: an odd
-  trailing row / column is dropped). For even ``H`` and ``W`` the backward pass is a
-  plain reduce-max gradient instead of XLA's select-and-scatter, which is ~2x faster
-  on CPU (jitted input gradient of SmallCNN(16, 32, 64), batch 128, 2-core CPU:
-  0.224 -> 0.093 s median at load ~2-3; 1.50 -> 0.72 s under load ~15).
-  With ties inside a window the gradient is split equally among the tied inputs
-  (jnp.max's rule) where select-and-scatter routes it all to one of them; both are
-  valid subgradients. Odd sizes fall back to ``nnx.max_pool``.
-  """
+def _window(x: jax.Array) -> jax.Array:
   b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
+  return _window(x).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+  y = _max_pool_2x2_even(x)
+  return y, (x, y)
+
+
+def _max_pool_2x2_bwd(res, g):
+  # Route each window's cotangent to its FIRST maximal element in row-major window
+  # order -- exactly select-and-scatter's choice (XLA's `ge` select keeps the first
+  # max) -- so gradients equal nnx.max_pool's bit for bit, ties included.
+  x, y = res
+  hit = _window(x) == y[:, :, None, :, None, :]
+  taken = jnp.zeros_like(y, dtype=bool)
+  rows = []
+  for i in range(2):
+    cols = []
+    for j in range(2):
+      first = hit[:, :, i, :, j, :] & ~taken
+      taken = taken | first
+      cols.append(jnp.where(first, g, jnp.zeros_like(g)))
+    rows.append(jnp.stack(cols, axis=3))  # (b, h/2, w/2, 2, c)
+  grad = jnp.stack(rows, axis=2)  # (b, h/2, 2, w/2, 2, c)
+  return (grad.reshape(x.shape),)
+
+
+_max_pool_2x2_even.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 on NHWC ``x``: ``nnx.max_pool(x, (2, 2), strides=(2, 2))``
+  without XLA's select-and-scatter backward, which is slow on CPU.
+
+  Forward: a reshape + max (same values, VALID padding). Backward (custom VJP): each
+  window's cotangent goes to its first maximal element in row-major window order, the
+  element select-and-scatter picks, so gradients equal ``nnx.max_pool``'s exactly, ties
+  included (a plain ``jnp.max`` gradient would split ties, which changes PGD's sign steps
+  and made multi-process runs differ from single-process ones). Jitted input gradient of
+  SmallCNN(16, 32, 64), batch 128, 2-core CPU: 0.224 -> 0.093 s median (load ~2-3) for the
+  reshape version. Odd sizes fall back to ``nnx.max_pool``.
+  """
+  _, h, w, _ = x.shape
   if h % 2 or w % 2:
     return nnx.max_pool(x, (2, 2), strides=(2, 2))
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return _max_pool_2x2_even(x)
 
 
 class SmallCNN(ImageClassifier):
