@@ -47,6 +47,8 @@ EVAL_LABELS = {"clean": "clean", "pgd20": "PGD-20", "cw": "CW", "autoattack_apgd
                "autoattack": "AA"}
 METRICS = ("overall", "balanced", "many", "medium", "few", "tail")
 COMPACT_METRICS = ("overall", "balanced", "tail")
+# Row order within an IR: baselines first, then the long-tail methods (others after).
+METHOD_ORDER = ("pgd_at", "trades", "mart", "at_bsl", "robal", "mcat")
 
 
 def expand_workdirs(patterns: Sequence[str]) -> List[str]:
@@ -87,9 +89,14 @@ def _mean_std_or_none(values: Sequence[Optional[float]]) -> Optional[dict]:
 
 def aggregate(runs: Sequence[dict]) -> Dict[tuple, dict]:
   """{(ir, method): {"seeds": [...], "counts": [...], eval: {"n": k, metric: mean_std,
-  "per_class": (C,) mean}}} in order IR descending, then first appearance of the method."""
+  "per_class": (C,) mean}}} in order IR descending, then METHOD_ORDER (other names
+  after it, alphabetically)."""
+  def order(r):
+    m = r["method"]
+    return (-r["ir"], METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+
   groups: Dict[tuple, List[dict]] = {}
-  for r in sorted(runs, key=lambda r: -r["ir"]):
+  for r in sorted(runs, key=order):
     groups.setdefault((r["ir"], r["method"]), []).append(r)
   out = {}
   for key, rs in groups.items():

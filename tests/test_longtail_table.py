@@ -39,9 +39,12 @@ def test_aggregate_mean_std_over_seeds_and_markdown(tmp_path):
              pgd=[.4, .2, .2], evals={"cw": [.3, .2, .2]})  # no AA for seed 1
   _write_run(root, "ir10_pgd_at_s0", ir=10.0, method="pgd_at", seed=0, clean=[.8, .6, .4],
              pgd=[.5, .3, .1])
+  _write_run(root, "ir10_at_bsl_s0", ir=10.0, method="at_bsl", seed=0, clean=[.8, .6, .4],
+             pgd=[.5, .3, .1])
   runs = [lt.load_run(d) for d in lt.expand_workdirs([os.path.join(root, "ir*")])]
   agg = lt.aggregate(runs)
-  assert list(agg) == [(100.0, "mcat"), (10.0, "pgd_at")]  # IR descending
+  # IR descending, then pgd_at before at_bsl (METHOD_ORDER, not alphabetical).
+  assert list(agg) == [(100.0, "mcat"), (10.0, "pgd_at"), (10.0, "at_bsl")]
   a = agg[(100.0, "mcat")]
   assert a["seeds"] == [0, 1]
   np.testing.assert_allclose(a["clean"]["tail"]["mean"], 0.2)
