@@ -151,3 +151,18 @@ def test_train_and_evaluate_writes_results_and_reloads(tmp_path):
   again = RankingEvaluator(data, "test", ks=(5, 20)).evaluate(users, items)
   for k in again:
     np.testing.assert_allclose(again[k], res["test"][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("model", ["vbpr_mlp", "vbpr", "mmgcn"])
+@pytest.mark.parametrize("dataset", ["synthetic", "../shared/data/tiktok"])
+def test_backbone_reg_weight_defaults_follow_train_recsys(model, dataset):
+  from experiments.configs import recsys as recsys_config
+  from experiments.configs import uatmc as uatmc_config
+  arg = f"model={model},dataset={dataset}"
+  expected = recsys_config.default_reg_weight(model, dataset)
+  assert recsys_config.get_config(arg).train["reg_weight"] == expected
+  assert uatmc_config.get_config(arg).train["reg_weight"] == expected
+  assert uatmc_config.get_config(arg + ",reg_weight=0.5").train["reg_weight"] == 0.5
+  assert recsys_config.get_config(arg + ",reg_weight=0.5").train["reg_weight"] == 0.5
+  assert recsys_config.default_reg_weight("vbpr_mlp", dataset) == (
+      0.01 if dataset == "synthetic" else 1.0)
