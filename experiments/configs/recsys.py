@@ -43,10 +43,10 @@ DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, see
                 eval_batch_size=2048, runlocal=False)
 # EmbLoss weight per model. VBPR, MMGCN: MMRec's configs/model/<MODEL>.yaml, first value
 # of the reg_weight grid. VBPR-MLP: selected on TikTok valid Recall@20 (BUILD_NOTES
-# section 2): 0.01 -> .028, 0.3 -> .032, 0.6 -> .039, 1.0 -> .051 (seed 1: .052); 1.4, 2.0
-# and 4.0 collapse (BPR stays at log 2: EmbLoss's constant-size pull to zero beats the BPR
-# gradient of the nearly equal initial item contents). VBPR on TikTok: 2.0 is also the
-# valid optimum of 1e-5..4.
+# section 2): 0.01 -> .028, 0.3 -> .032, 0.6 -> .039, 0.8 -> .044, 1.0 -> .051 (seed 1:
+# .052); 1.4, 2.0 and 4.0 collapse (BPR stays at log 2: EmbLoss's constant-size pull to
+# zero beats the BPR gradient of the nearly equal initial item contents), and so does 1.0
+# without the InfoNCE term. VBPR on TikTok: 2.0 is also the valid optimum of 1e-5..4.
 DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 1.0, "mmgcn": 0.0}
 # Per (model, dataset name) exceptions. The synthetic generator's smoke settings (a few
 # epochs) need the weak regulariser: with 1.0 VBPR-MLP is still leaving the collapsed
