@@ -116,32 +116,30 @@ def pushforward_gradient(per_user_loss_fn, delta, probe=None) -> Direction:
   return moved
 
 
+def _cosine_objective(directions_fn, per_user_loss_fn, align_weight: float, probe):
+  """L(δ) + λ_align · mean over comparable modality pairs of cos(d^m, d^m'), d = directions_fn(δ)."""
+  loss = mean_loss_fn(per_user_loss_fn)
+
+  def objective(delta):
+    directions = directions_fn(per_user_loss_fn, delta, probe)
+    return loss(delta) + align_weight * mean_pairwise_cosine(directions,
+                                                             comparable_pairs(directions))
+
+  return objective
+
+
 def cosine_reward_objective(per_user_loss_fn, align_weight: float, probe=None):
   """J(δ) = L(δ) + λ_align · mean_pairs cos(∇_{x̂^m} L, ∇_{x̂^m'} L)  (A.6).
 
   The gradients in the cosine are taken in the projected space (= ∇_{δ^m} L for the
   reference's projected-space attack; see ``shared_space_gradient``).
   """
-  loss = mean_loss_fn(per_user_loss_fn)
-
-  def objective(delta):
-    grads = shared_space_gradient(per_user_loss_fn, delta, probe)
-    pairs = comparable_pairs(grads)
-    return loss(delta) + align_weight * mean_pairwise_cosine(grads, pairs)
-
-  return objective
+  return _cosine_objective(shared_space_gradient, per_user_loss_fn, align_weight, probe)
 
 
 def pushforward_cosine_objective(per_user_loss_fn, align_weight: float, probe=None):
   """J(δ) = L(δ) + λ_align · mean_pairs cos(J_m ∇_{δ^m} L, J_m' ∇_{δ^m'} L)."""
-  loss = mean_loss_fn(per_user_loss_fn)
-
-  def objective(delta):
-    moved = pushforward_gradient(per_user_loss_fn, delta, probe)
-    pairs = comparable_pairs(moved)
-    return loss(delta) + align_weight * mean_pairwise_cosine(moved, pairs)
-
-  return objective
+  return _cosine_objective(pushforward_gradient, per_user_loss_fn, align_weight, probe)
 
 
 def naive_direction(per_user_loss_fn, delta, group_weights, *, align_weight,
