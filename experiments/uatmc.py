@@ -28,6 +28,7 @@ newest checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -61,6 +62,11 @@ def _plain(x: Any) -> Any:
   return x.to_dict() if hasattr(x, "to_dict") else x
 
 
+def _json_plain(x: Any) -> Any:
+  """``x`` as it reads back from JSON (tuples -> lists), for comparing with saved files."""
+  return json.loads(json.dumps(_plain(x)))
+
+
 # ----------------------------------------------------------------------------------
 # Stages.
 
@@ -91,6 +97,14 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
     if not trainer.restore("best"):
       raise ConfigError(f"{path} exists but {stage_dir}/checkpoints has no best checkpoint")
     metrics = read_json(path)
+    saved = metrics.get("config")
+    current = _json_plain({k: v for k, v in train_cfg.items() if k != "ks"})
+    if saved is not None and saved != current:
+      changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+      raise ConfigError(
+          f"{path} was trained with a different config (fields {changed}: saved "
+          f"{ {k: saved.get(k) for k in changed} }, now { {k: current.get(k) for k in changed} }); "
+          "use a new --workdir or the original arguments")
   else:
     t0 = time.perf_counter()
     record = trainer.fit()
@@ -182,11 +196,17 @@ class AttackBench:
 def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names) -> dict:
   from uatmc_jax.evaluation.reporting import read_json, write_json
   path = os.path.join(stage_dir, ATTACK_FILE)
+  # chunk_size only changes memory, not results (tested), so it may change on resume.
+  settings = _json_plain({k: v for k, v in _plain(bench.cfg.attack).items()
+                          if k != "chunk_size"})
   if os.path.isfile(path):
     done = read_json(path)
-    if all(n in done for n in names):
+    # Reuse only results of the same attack protocol (budget, targets, anchors, K, ...):
+    # a restart with another attack_epsilon recomputes instead of reporting stale numbers.
+    if done.get("settings") == settings and all(n in done for n in names):
       return done
   out = bench.attack(model, seed, names)
+  out["settings"] = settings
   out["protocol"] = ("A.4: projected space, random targets, 40% anchors, K=50, ranks over "
                      "all items (train items not masked, the reference's)")
   write_json(path, out)

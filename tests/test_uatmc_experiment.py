@@ -44,3 +44,22 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
     assert os.path.isfile(os.path.join(stage, "attack_results.json"))
   again = uatmc.run_experiment(cfg, workdir)
   assert again["defences"] == results["defences"]
+  # A restart with another attack budget recomputes the attacks instead of reusing the
+  # saved ones (no stale numbers) and keeps the trained stages.
+  wider = uatmc_config.get_config(
+      f"dataset={folder},seeds=1,runlocal=True,epochs=2,finetune_epochs=1,batch_size=512,"
+      "targets=4,attack_k=10,sweep=,mesh_data=1,attack_epsilon=0.5")
+  stage = os.path.join(workdir, "seed_1", "vanilla")
+  trained_at = os.path.getmtime(os.path.join(stage, "train_results.json"))
+  wide = uatmc.run_experiment(wider, workdir)
+  saved = json.load(open(os.path.join(stage, "attack_results.json")))
+  assert saved["settings"]["epsilon"] == 0.5
+  assert os.path.getmtime(os.path.join(stage, "train_results.json")) == trained_at
+  assert wide["defences"]["vanilla"]["recall@20"] == results["defences"]["vanilla"]["recall@20"]
+  # A changed training config in the same workdir is refused with the field named.
+  from uatmc_jax.errors import ConfigError
+  other_lr = uatmc_config.get_config(
+      f"dataset={folder},seeds=1,runlocal=True,epochs=2,finetune_epochs=1,batch_size=512,"
+      "targets=4,attack_k=10,sweep=,mesh_data=1,lr=0.5")
+  with pytest.raises(ConfigError, match="learning_rate"):
+    uatmc.run_experiment(other_lr, workdir)
