@@ -18,11 +18,6 @@ CPU s / P.
 
   python benchmarks/bench_recsys_train.py                       # all models, both settings
   python benchmarks/bench_recsys_train.py --models vbpr_mlp --settings tiktok --epochs 3
-  python benchmarks/bench_recsys_train.py --models vbpr_mlp --settings tiktok --num_cpu_devices 2
-
-``--num_cpu_devices N`` splits the host into N XLA CPU devices and shards every batch
-over them (the trainer's data axis), one core per device: a single XLA CPU device runs
-this step on about one core (epoch wall seconds ~ CPU seconds on an idle machine).
 
 MFU: FLOPs of one training step and of one evaluation batch from XLA's cost analysis
 (``uatmc_jax.parallel.throughput``; a scan body is counted once, so the epoch's FLOPs
@@ -125,14 +120,9 @@ def main():
   p.add_argument("--eval_repeats", type=int, default=2)
   p.add_argument("--max_batches", type=int, default=0,
                  help="time only this many batches per epoch and scale up (0 = full epochs)")
-  p.add_argument("--num_cpu_devices", type=int, default=0,
-                 help="split the CPU into this many XLA devices and shard each batch over "
-                      "them (data parallelism; 0 = JAX's default, one CPU device)")
   p.add_argument("--peak_gflops", type=float, default=None,
                  help="chip peak for MFU (default: GPU/TPU table; CPU 256)")
   args = p.parse_args()
-  if args.num_cpu_devices:
-    jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)  # before any device use
   peak = (args.peak_gflops * 1e9 if args.peak_gflops else throughput.peak_flops(dtype="float32")
           or 256e9)
   print(f"devices: {jax.devices()} ({os.cpu_count()} CPUs visible)")
