@@ -84,14 +84,8 @@ def per_class_plot(path: str, blocks: Dict[str, dict], train_counts: np.ndarray,
   labels = [f"{class_names[c] if class_names else c}\n{train_counts[c]}" for c in order]
   if len(order) <= 20:
     ax.set_xticks(xs, labels, fontsize=7)
-  ax.set_xlabel("class (sorted by training count, head → tail)")
-  ax.set_ylabel("accuracy")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  reporting.finish_accuracy_axes(ax, "class (sorted by training count, head → tail)")
+  reporting.save_figure(fig, path)
 
 
 def markdown_report(blocks: Dict[str, dict], results: dict) -> str:

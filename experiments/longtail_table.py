@@ -175,14 +175,8 @@ def per_class_plot(path: str, agg: Dict[tuple, dict]) -> Dict[float, str]:
               label=f"{method} (n={a[strongest]['n']})")
       ax.set_xticks(np.arange(len(order)), [str(c) for c in counts[order]], fontsize=7)
     ax.set_title(f"IR {ir:g}: {EVAL_LABELS[strongest]} accuracy per class")
-    ax.set_xlabel("class training count (head → tail)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+    reporting.finish_accuracy_axes(ax, "class training count (head → tail)")
+  reporting.save_figure(fig, path)
   return used
 
 

@@ -100,3 +100,20 @@ class ProgressLogger:
       parts.append(f"{seconds:.2f}s")
     parts.append(f"elapsed {time.perf_counter() - self._t0:.1f}s")
     print("  ".join(parts), file=self.stream, flush=True)
+
+
+def finish_accuracy_axes(ax, xlabel: str) -> None:
+  """Common styling of a per-class accuracy panel (accuracy in [0, 1], grid, legend)."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  ax.legend()
+
+
+def save_figure(fig, path: str) -> None:
+  """Tight layout, save at 120 dpi and close (matplotlib figures are not freed otherwise)."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
