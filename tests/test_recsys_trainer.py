@@ -165,4 +165,4 @@ def test_backbone_reg_weight_defaults_follow_train_recsys(model, dataset):
   assert uatmc_config.get_config(arg + ",reg_weight=0.5").train["reg_weight"] == 0.5
   assert recsys_config.get_config(arg + ",reg_weight=0.5").train["reg_weight"] == 0.5
   assert recsys_config.default_reg_weight("vbpr_mlp", dataset) == (
-      0.01 if dataset == "synthetic" else 1.0)
+      0.01 if dataset == "synthetic" else 2.0)

@@ -14,12 +14,13 @@ Arguments (``k=v`` joined by ``,``):
   batch_size (2048), lr (1e-3): BPR protocol.
   reg_weight: EmbLoss weight; default per model and dataset (``default_reg_weight``):
     VBPR 2.0 and MMGCN 0.0 (MMRec's first grid value; for VBPR also the best TikTok valid
-    Recall@20 of 1e-5..4), VBPR-MLP 1.0 (best TikTok valid Recall@20 of 0.01..4: smaller
-    values let the ID tables overfit, 2.0 and above collapse every vector to zero, BPR
-    stays at log 2), but 0.01 on ``synthetic`` (see ``DATASET_REG_WEIGHT``).
+    Recall@20 of 1e-5..4), VBPR-MLP 2.0 with InfoNCE 1.0 (best TikTok valid Recall@20 of
+    the reg x align grid in BUILD_NOTES section 2: smaller reg lets the ID tables overfit,
+    larger reg collapses every vector to zero with BPR stuck at log 2 unless the InfoNCE
+    term is strong enough), but 0.01 on ``synthetic`` (see ``DATASET_REG_WEIGHT``).
   embedding_dim (64), wide_threshold (1024), num_layers (2, MMGCN).
   align_weight: VBPR-MLP's cross-modal InfoNCE weight; default per dataset (see
-    ``default_model_align_weight``): 0.1, but 0 on ``synthetic``, whose modalities carry
+    ``default_model_align_weight``): 1.0, but 0 on ``synthetic``, whose modalities carry
     planted private information that InfoNCE would align away (issue 3: with 0.1 the
     trained model's two modality gradients are parallel, cos .90, and the planted
     cross-modal mismatch is not detected).
@@ -46,8 +47,12 @@ DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, see
 # section 2): 0.01 -> .028, 0.3 -> .032, 0.6 -> .039, 0.8 -> .044, 1.0 -> .051 (seed 1:
 # .052); 1.4, 2.0 and 4.0 collapse (BPR stays at log 2: EmbLoss's constant-size pull to
 # zero beats the BPR gradient of the nearly equal initial item contents), and so does 1.0
-# without the InfoNCE term. VBPR on TikTok: 2.0 is also the valid optimum of 1e-5..4.
-DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 1.0, "mmgcn": 0.0}
+# without the InfoNCE term. A stronger InfoNCE lets a stronger reg escape the collapse
+# (session 2, 30 epochs, patience 8): reg/align 1.2/0.3 -> .053, 1.5/0.5 -> .060,
+# 2.0/1.0 -> .0665 (seed 1: .0678; test .0608/.0639 vs popularity .0597), 2.0/2.0 -> .063,
+# 2.5/1.5, 3.0/1.0 and 3.0/2.0 collapse. VBPR on TikTok: 2.0 is also the valid optimum of
+# 1e-5..4.
+DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 2.0, "mmgcn": 0.0}
 # Per (model, dataset name) exceptions. The synthetic generator's smoke settings (a few
 # epochs) need the weak regulariser: with 1.0 VBPR-MLP is still leaving the collapsed
 # start after runlocal's 5 epochs (test Recall@20 .053 against .137 with 0.01).
@@ -64,7 +69,7 @@ def default_reg_weight(model: str, dataset: str) -> float:
 # generator plants modality-private taste (group A reads image, group B text); InfoNCE
 # pulls x̂^image and x̂^text of an item together and the projections then keep only the
 # shared latents, which erases the planted mismatch the attack track measures.
-MODEL_ALIGN_WEIGHT = 0.1
+MODEL_ALIGN_WEIGHT = 1.0  # with reg 2.0, see DEFAULT_REG_WEIGHT
 DATASET_MODEL_ALIGN_WEIGHT = {"synthetic": 0.0}
 
 

@@ -17,7 +17,7 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
     and dataset, ``recsys.default_reg_weight``: VBPR-MLP 1.0, 0.01 on synthetic; VBPR
     2.0; MMGCN 0), embedding_dim (64),
     model_align_weight (VBPR-MLP InfoNCE; per-dataset default of
-    ``recsys.default_model_align_weight``: 0 on synthetic, else 0.1): the training protocol.
+    ``recsys.default_model_align_weight``: 0 on synthetic, else 1.0): the training protocol.
   preset: UAT-MC reference hyper-parameters (default vbpr_baby / mmgcn_baby by model);
     epsilon, adv_weight, align_weight override it.
   apr_epsilon (0.5), apr_weight (1.0); amr_epsilon (0.1, relative), amr_weight (1.0),
