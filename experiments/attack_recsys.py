@@ -250,9 +250,7 @@ def run_attacks(cfg, model, data, mesh=None):
   use_planted = cfg.groups == "planted" or (cfg.groups == "auto" and data.user_groups is not None)
   if use_planted and data.user_groups is None:
     raise errors.ConfigError(f"groups=planted but dataset {data.name!r} has no user groups")
-  chunk = min(cfg.chunk_size, 4) if surface.is_graph else cfg.chunk_size
-  if mesh is not None:  # per device; no more padding than one target per device
-    chunk = max(1, min(chunk, -(-cfg.targets // mesh.size)))
+  chunk = promotion.chunk_size_for(surface, cfg.chunk_size, cfg.targets, mesh)
   runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=cfg.mismatch,
                                            mesh=mesh)
   pop = data.item_popularity()

@@ -159,9 +159,8 @@ class AttackBench:
       nnx.update(model, multihost.to_local(nnx.state(model)))
     surface = surface_from_recommender(model, data.features, space="projected")
     if self.runner is None:
-      chunk = min(a["chunk_size"], 4) if surface.is_graph else a["chunk_size"]
-      if self.mesh is not None:  # per device, at most one padded target per device
-        chunk = max(1, min(chunk, -(-min(a["targets"], data.n_items) // self.mesh.size)))
+      chunk = promotion.chunk_size_for(surface, a["chunk_size"],
+                                       min(a["targets"], data.n_items), self.mesh)
       self.runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk,
                                                     with_mismatch=True, mesh=self.mesh)
     self.runner.surface = surface

@@ -453,6 +453,19 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
   return out
 
 
+def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh=None) -> int:
+  """Targets per vmapped chunk (per device on a mesh) for ``n_targets`` targets.
+
+  Graph surfaces (MMGCN) recompute the propagation per target, so their chunks are capped
+  at 4; on a mesh the per-device chunk is capped so that one chunk holds about
+  ``n_targets`` (at most one padded target per device).
+  """
+  chunk = min(int(chunk_size), 4) if surface.is_graph else int(chunk_size)
+  if mesh is not None:
+    chunk = max(1, min(chunk, -(-int(n_targets) // mesh.size)))
+  return chunk
+
+
 class PromotionAttackRunner:
   """Attacks many targets of one model, chunk by chunk, with one compiled function.
 
@@ -569,23 +582,22 @@ class PromotionAttackRunner:
     fn = self.chunk_function(attack)
     s = self.surface
     t0 = time.perf_counter()
-    pieces = []
-    if self.mesh is None:
-      for i in range(n_chunks):
-        out = fn(s.params, s.attack_table, s.projected_table, ctx, group_weights,
-                 jnp.asarray(padded[i * c:(i + 1) * c]))
-        pieces.append(jax.device_get(out))
-    else:
+    args = (s.params, s.attack_table, s.projected_table, ctx, group_weights)
+    place, fetch = jnp.asarray, jax.device_get
+    if self.mesh is not None:
       from uatmc_jax.parallel import multihost
-      args = [self._on_mesh(k, v) for k, v in (
-          ("params", s.params), ("attack_table", s.attack_table),
-          ("projected_table", s.projected_table), ("ctx", ctx))]
-      groups = multihost.put_replicated(group_weights, self.mesh)
+      args = tuple(self._on_mesh(k, v) for k, v in zip(
+          ("params", "attack_table", "projected_table", "ctx"), args[:4]))
+      args += (multihost.put_replicated(group_weights, self.mesh),)
       split = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
-      for i in range(n_chunks):
-        chunk_targets = multihost.put_global(padded[i * c:(i + 1) * c], split)
+      place = lambda t: multihost.put_global(t, split)  # noqa: E731
+      fetch = multihost.to_host
+    pieces = []
+    for i in range(n_chunks):
+      chunk_targets = place(padded[i * c:(i + 1) * c])
+      if self.mesh is not None:
         self.local_targets += len(chunk_targets.addressable_shards) * self.chunk_size
-        pieces.append(multihost.to_host(fn(*args, groups, chunk_targets)))
+      pieces.append(fetch(fn(*args, chunk_targets)))
     seconds = time.perf_counter() - t0
     result = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *pieces)
     result["targets"] = targets
