@@ -166,3 +166,25 @@ def test_backbone_reg_weight_defaults_follow_train_recsys(model, dataset):
   assert recsys_config.get_config(arg + ",reg_weight=0.5").train["reg_weight"] == 0.5
   assert recsys_config.default_reg_weight("vbpr_mlp", dataset) == (
       0.01 if dataset == "synthetic" else 2.0)
+
+
+@pytest.mark.parametrize("model", ["vbpr_mlp", "vbpr", "mmgcn"])
+@pytest.mark.parametrize("dataset", ["synthetic", "../shared/data/tiktok"])
+def test_learning_rate_defaults_follow_train_recsys(model, dataset):
+  from experiments.configs import recsys as recsys_config
+  from experiments.configs import uatmc as uatmc_config
+  arg = f"model={model},dataset={dataset}"
+  expected = 5e-3 if (model != "mmgcn" and dataset != "synthetic") else 1e-3
+  assert recsys_config.default_learning_rate(model, dataset) == expected
+  assert recsys_config.get_config(arg).train["learning_rate"] == expected
+  assert uatmc_config.get_config(arg).train["learning_rate"] == expected
+  assert recsys_config.get_config(arg + ",lr=0.002").train["learning_rate"] == 0.002
+  assert uatmc_config.get_config(arg + ",lr=0.002").train["learning_rate"] == 0.002
+
+
+def test_item_bias_flag_reaches_the_model_config_and_rejects_non_booleans():
+  from experiments.configs import recsys as recsys_config
+  assert recsys_config.get_config("model=vbpr").model_config["item_bias"] is False
+  assert recsys_config.get_config("model=vbpr,item_bias=True").model_config["item_bias"] is True
+  with pytest.raises(ConfigError, match="item_bias"):
+    recsys_config.get_config("model=vbpr,item_bias=yes")

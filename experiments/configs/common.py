@@ -66,3 +66,12 @@ def as_list(value: Any, cast: Callable[[Any], Any] = lambda x: x) -> list:
     sep = ";" if ";" in value else "+"
     return [cast(_literal(v)) for v in value.split(sep) if v.strip()]
   return [cast(value)]
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+  """``True``/``False`` (or 0/1) -> bool; anything else raises ConfigError naming ``name``."""
+  if isinstance(value, bool):
+    return value
+  if value in (0, 1):
+    return bool(value)
+  raise ConfigError(f"config argument {name}={value!r}: expected True or False")

@@ -13,9 +13,11 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
   defences: subset of vanilla+apr+amr+uat_mc_no_align+uat_mc (all).
   epochs / patience: backbone (and APR/AMR) training (1000 / 20, A.3).
   finetune_epochs / finetune_patience: UAT-MC fine-tuning from the backbone (50 / 20, A.7).
-  batch_size (2048), lr (1e-3), reg_weight (None = train_recsys's default for the model
-    and dataset, ``recsys.default_reg_weight``: VBPR-MLP 1.0, 0.01 on synthetic; VBPR
-    2.0; MMGCN 0), embedding_dim (64),
+  batch_size (2048), lr (None = train_recsys's default for the model and dataset,
+    ``recsys.default_learning_rate``: 5e-3 for VBPR / VBPR-MLP on MMRec folders, else
+    1e-3; UAT-MC fine-tuning uses the same rate), reg_weight (None = train_recsys's
+    default, ``recsys.default_reg_weight``: VBPR-MLP 2.0, 0.01 on synthetic; VBPR 2.0;
+    MMGCN 0), embedding_dim (64),
     model_align_weight (VBPR-MLP InfoNCE; per-dataset default of
     ``recsys.default_model_align_weight``: 0 on synthetic, else 1.0): the training protocol.
   preset: UAT-MC reference hyper-parameters (default vbpr_baby / mmgcn_baby by model);
@@ -44,7 +46,7 @@ DEFENCE_NAMES = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 DEFAULTS = dict(
     dataset="synthetic", model="vbpr_mlp", seeds="1+2+3", defences=None,
     epochs=1000, patience=20, finetune_epochs=50, finetune_patience=20,
-    batch_size=2048, lr=1e-3, reg_weight=None, embedding_dim=64, model_align_weight=None,
+    batch_size=2048, lr=None, reg_weight=None, embedding_dim=64, model_align_weight=None,
     preset=None, epsilon=None, adv_weight=None, align_weight=None,
     apr_epsilon=0.5, apr_weight=1.0, amr_epsilon=0.1, amr_weight=1.0, amr_modality=None,
     adv_from_backbone=True,
@@ -69,7 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                              if a["model_align_weight"] is not None
                                              else recsys.default_model_align_weight(cfg.dataset)))
   cfg.train = dict(epochs=int(a["epochs"]), patience=int(a["patience"]),
-                   batch_size=int(a["batch_size"]), learning_rate=float(a["lr"]),
+                   batch_size=int(a["batch_size"]),
+                   learning_rate=float(a["lr"] if a["lr"] is not None
+                                       else recsys.default_learning_rate(cfg.model, cfg.dataset)),
                    reg_weight=float(a["reg_weight"] if a["reg_weight"] is not None
                                     else recsys.default_reg_weight(cfg.model, cfg.dataset)),
                    eval_batch_size=int(a["eval_batch_size"]),

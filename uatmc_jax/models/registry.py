@@ -22,6 +22,7 @@ def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any
     name: one of ``RECOMMENDERS``.
     data: the dataset (MMGCN also takes its train graph from it).
     config: optional mapping with ``embedding_dim`` (64), and per model:
+      vbpr: ``item_bias`` (False);
       vbpr_mlp: ``wide_threshold`` (1024), ``align_weight`` (0.1),
       ``init_temperature`` (0.2); mmgcn: ``num_layers`` (2). Other keys are ignored.
     rngs: NNX random streams (``params`` is used).
@@ -33,7 +34,8 @@ def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any
                       "recommenders need at least one <modality>_feat.npy")
   emb = int(cfg.get("embedding_dim", 64))
   if name == "vbpr":
-    return VBPR(data.n_users, data.n_items, dims, embedding_dim=emb, rngs=rngs)
+    return VBPR(data.n_users, data.n_items, dims, embedding_dim=emb,
+                item_bias=bool(cfg.get("item_bias", False)), rngs=rngs)
   if name == "vbpr_mlp":
     return VBPRMLP(data.n_users, data.n_items, dims, embedding_dim=emb,
                    wide_threshold=int(cfg.get("wide_threshold", 1024)),
