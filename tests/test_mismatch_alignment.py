@@ -179,7 +179,7 @@ def test_raw_feature_attack_aligns_in_the_projected_space():
   loss = lambda d, e=None: promotion.promotion_per_user_loss(*view.scores_fn(d, e), 50.0)
   eta0 = {m: jnp.zeros(5) for m in surface.modalities}
   zero = {"a": jnp.zeros(7), "b": jnp.zeros(3)}
-  g = alignment.shared_space_gradient(loss, zero, (loss, eta0))
+  g = alignment.shared_space_gradient(loss, zero, alignment.Probe(loss, eta0))
   users = surface.params["U"]
   for m in surface.modalities:
     slope = 1 - jnp.tanh(surface.projected_table[m][2]) ** 2
@@ -187,7 +187,7 @@ def test_raw_feature_attack_aligns_in_the_projected_space():
                                np.asarray(slope * (surface.params["W"][m] @ users.mean(0))),
                                rtol=1e-4, atol=1e-6)
   # And the reward steers (second order through the tanh lift): aligned != naive.
-  kw = dict(group_weights=None, group_temperature=0.1, probe=(loss, eta0))
+  kw = dict(group_weights=None, group_temperature=0.1, probe=alignment.Probe(loss, eta0))
   d = {"a": 0.1 * jnp.ones(7), "b": -0.1 * jnp.ones(3)}
   aligned = alignment.cosine_direction(loss, d, align_weight=5.0, **kw)
   naive = alignment.naive_direction(loss, d, align_weight=5.0, **kw)
@@ -274,4 +274,5 @@ def test_pushforward_cosine_without_a_lift_is_a_config_error():
   loss, probe, delta = _raw_linear_score_problem()
   with pytest.raises(errors.ConfigError, match="cosine_pushforward.*lift"):
     alignment.cosine_pushforward_direction(loss, delta, group_weights=None, align_weight=1.0,
-                                           group_temperature=0.1, probe=probe[:2])
+                                           group_temperature=0.1,
+                                           probe=probe._replace(lift=None))

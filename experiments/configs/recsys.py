@@ -45,7 +45,8 @@ from experiments.configs import common
 
 DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, seed=999,
                 epochs=1000, patience=20, batch_size=2048, lr=None, reg_weight=None,
-                embedding_dim=64, item_bias=False, align_weight=None, wide_threshold=1024, num_layers=2,
+                embedding_dim=64, item_bias=False, align_weight=None, wide_threshold=1024,
+                num_layers=2,
                 loss="bpr", mesh_data=-1, mesh_model=1, compute_dtype="float32",
                 eval_batch_size=2048, runlocal=False)
 # EmbLoss weight per model. VBPR, MMGCN: MMRec's configs/model/<MODEL>.yaml, first value
@@ -65,10 +66,15 @@ DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 2.0, "mmgcn": 0.0}
 DATASET_REG_WEIGHT = {("vbpr_mlp", "synthetic"): 0.01}
 
 
+def _per_model(model: str, dataset: str, by_model: dict, by_model_dataset: dict,
+               fallback: float) -> float:
+  """A (model, dataset name) exception, else the model's value, else ``fallback``."""
+  return by_model_dataset.get((str(model), str(dataset)), by_model.get(str(model), fallback))
+
+
 def default_reg_weight(model: str, dataset: str) -> float:
   """The EmbLoss weight used when the config does not set one (1e-4 for other models)."""
-  return DATASET_REG_WEIGHT.get((str(model), str(dataset)),
-                                DEFAULT_REG_WEIGHT.get(str(model), 1e-4))
+  return _per_model(model, dataset, DEFAULT_REG_WEIGHT, DATASET_REG_WEIGHT, 1e-4)
 
 
 # Adam learning rate. A.3 (MMRec's overall.yaml) fixes 1e-3; on TikTok VBPR and VBPR-MLP
@@ -79,14 +85,13 @@ def default_reg_weight(model: str, dataset: str) -> float:
 # (seed 1: .0741), 1e-2 -> .0767. MMGCN and the synthetic generator keep 1e-3.
 DEFAULT_LEARNING_RATE = 1e-3
 MODEL_LEARNING_RATE = {"vbpr": 5e-3, "vbpr_mlp": 5e-3}
-SYNTHETIC = "synthetic"
+DATASET_LEARNING_RATE = {("vbpr", "synthetic"): 1e-3, ("vbpr_mlp", "synthetic"): 1e-3}
 
 
 def default_learning_rate(model: str, dataset: str) -> float:
   """The Adam learning rate used when the config does not set one."""
-  if str(dataset) == SYNTHETIC:
-    return DEFAULT_LEARNING_RATE
-  return MODEL_LEARNING_RATE.get(str(model), DEFAULT_LEARNING_RATE)
+  return _per_model(model, dataset, MODEL_LEARNING_RATE, DATASET_LEARNING_RATE,
+                    DEFAULT_LEARNING_RATE)
 
 
 # VBPR-MLP's InfoNCE weight per dataset name (others: MODEL_ALIGN_WEIGHT). The synthetic
@@ -102,25 +107,32 @@ def default_model_align_weight(dataset: str) -> float:
   return DATASET_MODEL_ALIGN_WEIGHT.get(str(dataset), MODEL_ALIGN_WEIGHT)
 
 
+def fill_protocol_defaults(a: dict, align_key: str = "align_weight") -> dict:
+  """Parsed arguments ``a`` with unset (None) ``lr``, ``reg_weight`` and ``align_key``
+  (the VBPR-MLP InfoNCE weight) replaced by the defaults for ``a["model"]`` and
+  ``a["dataset"]``; shared by this config and the uatmc backbone's."""
+  model, dataset = a["model"], a["dataset"]
+  defaults = {"lr": default_learning_rate(model, dataset),
+              "reg_weight": default_reg_weight(model, dataset),
+              align_key: default_model_align_weight(dataset)}
+  return {**a, **{k: v for k, v in defaults.items() if a[k] is None}}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, **DEFAULTS)
+  a = fill_protocol_defaults(common.parse_arg(arg, **DEFAULTS))
   cfg = ml_collections.ConfigDict()
   cfg.model = str(a["model"])
   cfg.dataset = str(a["dataset"])
   cfg.random_features = a["random_features"]
-  cfg.runlocal = bool(a["runlocal"])
+  cfg.runlocal = common.as_bool(a["runlocal"], "runlocal")
   cfg.model_config = dict(embedding_dim=int(a["embedding_dim"]),
-                          align_weight=float(a["align_weight"] if a["align_weight"] is not None
-                                             else default_model_align_weight(cfg.dataset)),
+                          align_weight=float(a["align_weight"]),
                           item_bias=common.as_bool(a["item_bias"], "item_bias"),
                           wide_threshold=int(a["wide_threshold"]),
                           num_layers=int(a["num_layers"]))
   cfg.train = dict(loss=str(a["loss"]), seed=int(a["seed"]), epochs=int(a["epochs"]),
                    patience=int(a["patience"]), batch_size=int(a["batch_size"]),
-                   learning_rate=float(a["lr"] if a["lr"] is not None
-                                       else default_learning_rate(cfg.model, cfg.dataset)),
-                   reg_weight=float(a["reg_weight"] if a["reg_weight"] is not None
-                                    else default_reg_weight(cfg.model, cfg.dataset)),
+                   learning_rate=float(a["lr"]), reg_weight=float(a["reg_weight"]),
                    eval_batch_size=int(a["eval_batch_size"]), ks=(5, 10, 20, 50))
   cfg.mesh_data = int(a["mesh_data"])
   cfg.mesh_model = int(a["mesh_model"])

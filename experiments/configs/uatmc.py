@@ -57,7 +57,8 @@ DEFAULTS = dict(
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  a = common.parse_arg(arg, **DEFAULTS)
+  a = recsys.fill_protocol_defaults(common.parse_arg(arg, **DEFAULTS),
+                                    align_key="model_align_weight")
   cfg = ml_collections.ConfigDict()
   cfg.dataset = str(a["dataset"])
   cfg.model = str(a["model"])
@@ -65,17 +66,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.seeds = (list(range(1, seeds + 1)) if isinstance(seeds, int)
                else common.as_list(seeds, int))
   cfg.defences = common.as_list(a["defences"], str) or list(DEFENCE_NAMES)
-  cfg.runlocal = bool(a["runlocal"])
+  cfg.runlocal = common.as_bool(a["runlocal"], "runlocal")
   cfg.model_config = dict(embedding_dim=int(a["embedding_dim"]),
-                          align_weight=float(a["model_align_weight"]
-                                             if a["model_align_weight"] is not None
-                                             else recsys.default_model_align_weight(cfg.dataset)))
+                          align_weight=float(a["model_align_weight"]))
   cfg.train = dict(epochs=int(a["epochs"]), patience=int(a["patience"]),
                    batch_size=int(a["batch_size"]),
-                   learning_rate=float(a["lr"] if a["lr"] is not None
-                                       else recsys.default_learning_rate(cfg.model, cfg.dataset)),
-                   reg_weight=float(a["reg_weight"] if a["reg_weight"] is not None
-                                    else recsys.default_reg_weight(cfg.model, cfg.dataset)),
+                   learning_rate=float(a["lr"]), reg_weight=float(a["reg_weight"]),
                    eval_batch_size=int(a["eval_batch_size"]),
                    ks=(5, 10, 20, 50))
   cfg.finetune = dict(epochs=int(a["finetune_epochs"]), patience=int(a["finetune_patience"]))
@@ -86,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.apr = dict(epsilon=float(a["apr_epsilon"]), adv_weight=float(a["apr_weight"]))
   cfg.amr = dict(epsilon=float(a["amr_epsilon"]), adv_weight=float(a["amr_weight"]),
                  amr_modality=a["amr_modality"], amr_relative_budget=True)
-  cfg.adv_from_backbone = bool(a["adv_from_backbone"])
+  cfg.adv_from_backbone = common.as_bool(a["adv_from_backbone"], "adv_from_backbone")
   cfg.attack = dict(targets=int(a["targets"]), epsilon=float(a["attack_epsilon"]),
                     anchor_share=float(a["anchor_share"]), k=int(a["attack_k"]),
                     align_weight=float(a["attack_align_weight"]),

@@ -88,15 +88,14 @@ def shared_space_gradient(per_user_loss_fn, delta, probe=None) -> Direction:
     per_user_loss_fn: δ -> (n,) per-user loss.
     delta: {m: (d_m,)} the attacked-space perturbation.
     probe: None when δ already lives in the projected space (the gradient is ∇_δ L);
-      else ``(probe_loss_fn, eta0)`` with probe_loss_fn(δ, η) -> (n,) the loss when an
+      else a ``Probe(loss_fn, eta0)`` with loss_fn(δ, η) -> (n,) the loss when an
       extra η^m is added to the projected features x̂^m, and eta0 = {m: zeros (p_m,)}:
       the gradient is ∇_η L(δ, η) at η = 0 (raw-feature attacks compare modalities in
       the projected space they share).
   """
   if probe is None:
     return jax.grad(mean_loss_fn(per_user_loss_fn))(dict(delta))
-  probe_loss_fn, eta0 = probe[0], probe[1]
-  return jax.grad(lambda e: jnp.mean(probe_loss_fn(delta, e)))(dict(eta0))
+  return jax.grad(lambda e: jnp.mean(probe.loss_fn(delta, e)))(dict(probe.eta0))
 
 
 def pushforward_gradient(per_user_loss_fn, delta, probe=None) -> Direction:
@@ -108,11 +107,10 @@ def pushforward_gradient(per_user_loss_fn, delta, probe=None) -> Direction:
   grad = jax.grad(mean_loss_fn(per_user_loss_fn))(dict(delta))
   if probe is None:
     return grad
-  lift = probe[2] if len(probe) > 2 else None
-  if lift is None:
+  if probe.lift is None:
     raise errors.ConfigError("alignment 'cosine_pushforward' on a raw-feature attack needs "
                              "the probe's lift (Probe.lift), got none")
-  _, moved = jax.jvp(lift, (dict(delta),), (grad,))
+  _, moved = jax.jvp(probe.lift, (dict(delta),), (grad,))
   return moved
 
 

@@ -102,7 +102,7 @@ def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.
     per_user_loss_fn: δ -> per-anchor-user promotion loss ℓ (n_users,).
     delta: {m: (d_m,)} for the attacked modalities (their order = dict order).
     group_weights: (n_users, G) group membership (one-hot rows).
-    probe: None when δ lives in the projected space; else ``(probe_loss_fn, eta0)``
+    probe: None when δ lives in the projected space; else an ``alignment.Probe``
       (see ``alignment.shared_space_gradient``): cosines and group shares are then
       measured in the projected space, gains still for the attacked-space steps.
 
@@ -114,8 +114,7 @@ def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.
     _, group_grads = per_group_gradients(per_user_loss_fn, delta, group_weights)
     step_grads = None
   else:
-    probe_loss_fn, eta0 = probe[0], probe[1]
-    _, group_grads = per_group_gradients(lambda e: probe_loss_fn(delta, e), eta0,
+    _, group_grads = per_group_gradients(lambda e: probe.loss_fn(delta, e), probe.eta0,
                                          group_weights)
     step_grads = jax.grad(lambda d: jnp.mean(per_user_loss_fn(d)))(dict(delta))
   full = {m: jnp.sum(group_grads[m], axis=0) for m in modalities}
