@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from uatmc_jax.attacks import autoattack
+from uatmc_jax.attacks import square
 from uatmc_jax.evaluation import robust_accuracy
 
 SHAPE = (4, 4, 3)
@@ -120,3 +121,51 @@ def test_unknown_version_and_attack_are_rejected():
   ev = robust_accuracy.RobustEvaluator(lambda z: z.reshape(len(z), -1))
   with pytest.raises(ValueError, match="unknown attack"):
     ev.run("fgsm", np.zeros((1, 2, 2, 1)), np.zeros(1, int))
+
+
+def _square_window_sides(attack, x):
+  """Runs `attack(logits_fn)` with a model Square can never fool and returns, per
+  query in order, the side of the window it changed (max over the batch).
+
+  The logits ignore the input, so no candidate is ever accepted: every query is the
+  stripe start plus one window, and the window's rows are exactly the rows that
+  differ from the start.
+  """
+  seen = []
+
+  def logits_fn(z):
+    jax.debug.callback(lambda a: seen.append(np.asarray(a)), z, ordered=True)
+    return jnp.zeros((z.shape[0], 3), z.dtype).at[:, 0].set(5.)
+
+  attack(logits_fn)
+  deltas = [d for d in (s - x for s in seen) if np.abs(d).max() > 0]  # drop predictions
+  start = deltas[0]
+  assert np.all(start == start[:, :1])  # vertical stripes: all rows alike
+  changed_rows = [np.any(d != start, axis=(2, 3)).sum(1).max() for d in deltas[1:]]
+  return np.array(changed_rows)
+
+
+def test_autoattack_square_uses_the_raw_iteration_p_schedule(monkeypatch):
+  """AutoAttack builds Square with resc_schedule=False: p halves after iterations 10
+  and 50 whatever the budget; standalone Square keeps the rescaled default."""
+  queries, eps = 200, 0.1
+  x = np.full((4, 8, 8, 3), 0.5, np.float32)
+  y = np.zeros(4, np.int32)
+  side = lambda p: min(round(np.sqrt(p * 64)), 7)  # round(√(p·H·W)), at most H − 1
+  monkeypatch.setitem(autoattack.SUITES, "square_only", ("square",))
+  config = autoattack.AutoAttackConfig(epsilon=eps, version="square_only", batch_size=4,
+                                       square_queries=queries)
+  sides = _square_window_sides(
+      lambda f: autoattack.AutoAttack(f, config).run(x, y), x)
+  # iterations 0-10: p = 0.8, 11-50: 0.4, 51-198: 0.2 (the loop makes queries − 1).
+  expected = [side(.8)] * 11 + [side(.4)] * 40 + [side(.2)] * 148
+  np.testing.assert_array_equal(sides, expected)
+  assert expected[:3] == [7, 7, 7] and expected[-1] == 4
+  # Standalone default: iteration i looks up floor(50·i): 0 → .8, 1 → .4, 2-4 → .2,
+  # 5-10 → .1, 11-20 → .05, then p ≤ .025 (side 1).
+  sides = _square_window_sides(
+      lambda f: square.square_attack(f, jnp.asarray(x), jnp.asarray(y), epsilon=eps,
+                                     key=jax.random.PRNGKey(0), num_queries=queries), x)
+  expected = ([side(.8), side(.4)] + [side(.2)] * 3 + [side(.1)] * 6 + [side(.05)] * 10
+              + [1] * 178)
+  np.testing.assert_array_equal(sides, expected)

@@ -229,11 +229,34 @@ def test_square_fools_exactly_the_non_robust_points():
   assert np.all(m[r] - np.asarray(worst)[r] < 0.25)
 
 
-def test_square_p_schedule_matches_the_authors_breakpoints():
-  p = lambda i: float(square.square_p_schedule(i, 10000, 0.8))
-  approx = lambda v: pytest.approx(v, rel=1e-6)
-  assert p(0) == approx(0.8) and p(10) == approx(0.8)
-  assert p(11) == approx(0.4) and p(50) == approx(0.4) and p(51) == approx(0.2)
-  assert p(8000) == approx(0.8 / 256) and p(8001) == approx(0.8 / 512)
-  # With 5000 queries the iteration index is rescaled by 2.
-  assert float(square.square_p_schedule(6, 5000, 0.8)) == approx(0.4)
+# The authors' p_selection, written out: (iteration, p / p_init) at both ends of
+# every piece (p halves after 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000).
+_RAW_P_TABLE = [(0, 1), (10, 1), (11, 1 / 2), (50, 1 / 2), (51, 1 / 4), (200, 1 / 4),
+                (201, 1 / 8), (500, 1 / 8), (501, 1 / 16), (1000, 1 / 16),
+                (1001, 1 / 32), (2000, 1 / 32), (2001, 1 / 64), (4000, 1 / 64),
+                (4001, 1 / 128), (6000, 1 / 128), (6001, 1 / 256), (8000, 1 / 256),
+                (8001, 1 / 512), (9999, 1 / 512)]
+# Rescaled to 5000 queries: iteration i is looked up at floor(2i).
+_RESCALED_5000_P_TABLE = [(0, 1), (5, 1), (6, 1 / 2), (25, 1 / 2), (26, 1 / 4),
+                          (100, 1 / 4), (101, 1 / 8), (250, 1 / 8), (251, 1 / 16),
+                          (500, 1 / 16), (501, 1 / 32), (1000, 1 / 32), (1001, 1 / 64),
+                          (2000, 1 / 64), (2001, 1 / 128), (3000, 1 / 128),
+                          (3001, 1 / 256), (4000, 1 / 256), (4001, 1 / 512),
+                          (4999, 1 / 512)]
+
+
+@pytest.mark.parametrize("rescale,num_queries,table", [
+    (False, 10000, _RAW_P_TABLE),
+    (False, 5000, [r for r in _RAW_P_TABLE if r[0] < 5000]),  # AutoAttack's setting
+    (False, 200, [r for r in _RAW_P_TABLE if r[0] < 200]),    # raw: budget-independent
+    (True, 10000, _RAW_P_TABLE),                              # rescaling by 1 is a no-op
+    (True, 5000, _RESCALED_5000_P_TABLE),
+])
+def test_square_p_schedule_matches_the_authors_table(rescale, num_queries, table):
+  its = np.array([i for i, _ in table])
+  p = jax.jit(lambda i: square.square_p_schedule(i, num_queries, 0.8, rescale))(its)
+  np.testing.assert_allclose(np.asarray(p), 0.8 * np.array([r for _, r in table]),
+                             rtol=1e-6)
+  # the default is the authors' standalone one (rescaled)
+  if rescale:
+    np.testing.assert_allclose(square.square_p_schedule(its, num_queries, 0.8), p)

@@ -4,7 +4,8 @@ METHODS.md B.5; Croce & Hein, ICML 2020.
 
 Versions (`SUITES`):
   * "standard": APGD-CE → APGD-T (targeted DLR, 9 target classes) → FAB-T (9 target
-    classes) → Square (5000 queries, p_init 0.8). The reference protocol.
+    classes) → Square (5000 queries, p_init 0.8, p schedule on the raw iteration as
+    the authors' AutoAttack builds it: resc_schedule=False). The reference protocol.
   * "apgd": APGD-CE → APGD-T only. Cheaper (no FAB-T / Square); on models without
     gradient masking it is usually within a few tenths of a point of "standard",
     but it is an upper bound on it, so label results with the version used.
@@ -123,7 +124,8 @@ class AutoAttack:
       res = square.square_attack(logits_fn, x, y, epsilon=eps,
                                  key=stage_key(3, batch_index, rank),
                                  num_queries=config.square_queries,
-                                 p_init=config.square_p_init)
+                                 p_init=config.square_p_init,
+                                 rescale_schedule=False)  # the authors' AutoAttack
       return res.x_adv, res.robust
 
     # Batches are padded to one shape and ε / target rank are traced, so each stage

@@ -9,9 +9,13 @@ adversarial attack via random search", ECCV 2020.
     i.e. x_new = P(x_best + 2ε·s on the window) — on the window the perturbation
     jumps to ±ε. The candidate is kept when it lowers the margin loss
     z_y − max_{j≠y} z_j. Examples already fooled (margin ≤ 0) stop changing.
-  * p_i follows the authors' piecewise-constant schedule (halving at 10, 50, 200,
-    500, 1000, 2000, 4000, 6000, 8000 of 10 000 rescaled iterations), p_init = 0.8 in
-    AutoAttack, 5000 queries.
+  * p_i follows the authors' piecewise-constant schedule: p_init halves after
+    iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 (p_init/2 on
+    11–50, …, p_init/512 after 8000). With `rescale_schedule=True` (the authors'
+    standalone default) the iteration is first mapped to floor(i·10000/num_queries),
+    so the whole schedule fits any budget; AutoAttack's standard version builds Square
+    with resc_schedule=False, i.e. the raw iteration, so with 5000 queries p ends at
+    p_init/128 (iterations 4001 on). p_init = 0.8 in AutoAttack, 5000 queries.
 
 Per-example windows and signs (the authors' NumPy version; their PyTorch port shares
 one window across the batch). Deviation, stated: the window's corner is uniform over
@@ -33,10 +37,17 @@ LogitsFn = Callable[[jax.Array], jax.Array]
 _SCHEDULE_POINTS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def square_p_schedule(iteration, num_queries: int, p_init: float):
-  """Fraction p of pixels changed at `iteration` (may be traced)."""
-  rescaled = jnp.floor(jnp.asarray(iteration) * 10000. / num_queries)
-  halvings = sum((rescaled > t).astype(jnp.int32) for t in _SCHEDULE_POINTS)
+def square_p_schedule(iteration, num_queries: int, p_init: float,
+                      rescale_schedule: bool = True):
+  """Fraction p of pixels changed at the 0-based `iteration` (may be traced).
+
+  `rescale_schedule`: map the iteration to floor(iteration·10000/num_queries) first
+  (the authors' standalone default) or use it as is (AutoAttack's standard version).
+  """
+  it = jnp.asarray(iteration)
+  if rescale_schedule:
+    it = jnp.floor(it * 10000. / num_queries)
+  halvings = sum((it > t).astype(jnp.int32) for t in _SCHEDULE_POINTS)
   return p_init / (2. ** halvings)
 
 
@@ -61,10 +72,14 @@ def square_attack(logits_fn: LogitsFn,
                   key: jax.Array,
                   num_queries: int = 5000,
                   p_init: float = 0.8,
+                  rescale_schedule: bool = True,
                   early_stop: bool = True,
                   clip_min: float = 0.,
                   clip_max: float = 1.) -> SquareResult:
   """Untargeted Square Attack L∞ on a batch (B, H, W, C); see the module doc.
+
+  `rescale_schedule` selects the p schedule (see `square_p_schedule`): True fits the
+  authors' 10 000-iteration schedule to `num_queries`; AutoAttack passes False.
 
   `early_stop` ends the loop once every example is fooled (results unchanged);
   turn it off only to time the full query budget.
@@ -90,7 +105,7 @@ def square_attack(logits_fn: LogitsFn,
   def body(carry):
     i, x_best, margin, queries = carry
     k_h, k_w, k_s = jax.random.split(jax.random.fold_in(loop_key, i), 3)
-    p = square_p_schedule(i, num_queries, p_init)
+    p = square_p_schedule(i, num_queries, p_init, rescale_schedule)
     side = jnp.clip(jnp.round(jnp.sqrt(p * height * width)), 1, side_max).astype(jnp.int32)
     top = jax.random.randint(k_h, (batch, 1, 1, 1), 0, height - side + 1)
     left = jax.random.randint(k_w, (batch, 1, 1, 1), 0, width - side + 1)
