@@ -5,6 +5,7 @@ margin against class j is m_j − ε·||w_y − w_j||₁ and the minimal L∞ di
 boundary with j is m_j / ||w_y − w_j||₁ (m_j = z_y − z_j).
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,33 @@ def test_project_keeps_ball_and_box_and_is_idempotent():
   moved = p != x_far
   on_face = np.isclose(np.abs(p - x), 0.1, atol=1e-6) | np.isclose(p, 0.) | np.isclose(p, 1.)
   assert np.all(on_face[moved])
+
+
+@pytest.mark.parametrize("start", ["uniform", "gaussian", True, False])
+def test_pgd_random_starts_have_their_distributions(start):
+  """0 steps returns the start: uniform on [−ε, ε] (Madry) or 0.001·N(0, 1) (TRADES /
+  MART official code), checked by a Kolmogorov–Smirnov distance to the exact CDF."""
+  eps = 0.03
+  x = jnp.full((64, 8, 8, 3), 0.5)  # far from the box
+  x_adv = linf.pgd_attack(lambda z: jnp.zeros(z.shape[0]), x, epsilon=eps, step_size=0.01,
+                          num_steps=0, key=jax.random.PRNGKey(3), random_start=start)
+  d = np.sort(np.asarray(x_adv - x, np.float64).ravel())
+  if start is False:
+    np.testing.assert_array_equal(d, 0.)
+    return
+  if start == "gaussian":
+    cdf = 0.5 * (1. + np.vectorize(math.erf)(d / (1e-3 * math.sqrt(2.))))
+  else:
+    cdf = (d + eps) / (2. * eps)
+  ecdf = np.arange(1, d.size + 1) / d.size
+  assert np.abs(ecdf - cdf).max() < 0.02  # n = 12 288: KS 1% critical value 0.015
+
+
+def test_pgd_rejects_an_unknown_start():
+  with pytest.raises(ValueError, match="random_start must be"):
+    linf.pgd_attack(lambda z: jnp.zeros(z.shape[0]), jnp.zeros((1, 2)), epsilon=0.1,
+                    step_size=0.1, num_steps=0, key=jax.random.PRNGKey(0),
+                    random_start="normal")
 
 
 def test_losses_match_hand_computed_values():

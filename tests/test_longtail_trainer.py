@@ -87,9 +87,10 @@ def _trainer(method_name, epochs=2, **overrides):
   images, labels = _tiny_data()
   counts = np.bincount(labels)
   config = lt.LongTailTrainConfig(model="small_cnn", model_kwargs=TINY_MODEL,
-                                  num_epochs=epochs, batch_size=8, attack_steps=2,
+                                  num_epochs=epochs, batch_size=8,
                                   latent_dim=2, manifold_hidden_dim=8,
-                                  manifold_warmup_epochs=1, **overrides)
+                                  manifold_warmup_epochs=1,
+                                  **{"attack_steps": 2, **overrides})
   method = lm.resolve_method(method_name)
   pipe = TrainPipeline(images, labels, batch_size=8, seed=0, prefetch=0)
   trainer = lt.LongTailTrainer(config, method, num_classes=3, class_counts=counts,
@@ -108,6 +109,27 @@ def test_adversarial_examples_stay_in_ball_and_box(method):
   assert float(jnp.abs(x_adv - x).max()) <= 8 / 255 + 1e-6
   assert float(x_adv.min()) >= 0. and float(x_adv.max()) <= 1.
   assert float(jnp.abs(x_adv - x).max()) > 4 / 255  # it moved
+
+
+@pytest.mark.parametrize("method,official_start", [
+    ("pgd_at", "uniform"), ("at_bsl", "uniform"), ("mcat", "uniform"),
+    ("trades", "gaussian"), ("mart", "gaussian")])
+def test_inner_attack_starts_where_the_official_code_does(method, official_start):
+  """With 0 PGD steps the attack returns its start: TRADES and MART x + 0.001·N(0, 1)
+  (their official code), the others uniform in the ε-ball (std ε/√3)."""
+  trainer, _, images, labels = _trainer(method, attack_steps=0)
+  assert trainer.method.attack_start == official_start
+  x = jnp.asarray(images[:8], jnp.float32) / 255.
+  x_adv = trainer.adversarial_examples(trainer.init_state(), x, jnp.asarray(labels[:8]),
+                                       jax.random.key(0),
+                                       attack_with_manifold=trainer.method.uses_manifold)
+  eps = trainer.config.epsilon
+  inside = (np.asarray(x) >= eps) & (np.asarray(x) <= 1 - eps)  # box never clips
+  d = np.asarray(x_adv - x, np.float64)[inside]
+  assert d.size > 1000 and np.abs(d).max() <= eps + 1e-6
+  std = 1e-3 if official_start == "gaussian" else eps / np.sqrt(3.)
+  assert abs(d.std() / std - 1.) < 0.1, d.std()
+  assert abs(d.mean()) < 0.2 * std
 
 
 def test_training_smoke_and_resume_equals_uninterrupted(tmp_path):

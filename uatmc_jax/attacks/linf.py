@@ -11,7 +11,7 @@ Shapes: images are (B, H, W, C) (any trailing shape works) with values in
 [clip_min, clip_max]; ε, step sizes are scalars or arrays broadcastable to x.
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import chex
 import jax
@@ -41,6 +41,25 @@ def linf_random_init(key: jax.Array, x: jax.Array, epsilon,
   return linf_project(x + epsilon * noise, x, epsilon, clip_min, clip_max)
 
 
+# TRADES' and MART's official start: x + 0.001·N(0, 1) (Zhang et al. 2019; Wang et
+# al. 2020), instead of Madry's uniform start in the ball.
+GAUSSIAN_START_STD = 1e-3
+
+
+def linf_gaussian_init(key: jax.Array, x: jax.Array, epsilon,
+                       clip_min: float = 0., clip_max: float = 1.) -> jax.Array:
+  """x + 0.001·N(0, 1) per coordinate, projected onto the ε-ball ∩ box.
+
+  The official code clips only to the box, after the attack; the projection here
+  keeps the start inside the ball and changes nothing unless ε < ~6·0.001.
+  """
+  noise = jax.random.normal(key, x.shape, x.dtype)
+  return linf_project(x + GAUSSIAN_START_STD * noise, x, epsilon, clip_min, clip_max)
+
+
+RANDOM_STARTS = {"uniform": linf_random_init, "gaussian": linf_gaussian_init}
+
+
 def sign_gradient_step(x_adv: jax.Array, grad: jax.Array, step_size) -> jax.Array:
   """One L∞ steepest-ascent step: x + α·sign(∇)."""
   return x_adv + step_size * jnp.sign(grad)
@@ -58,7 +77,7 @@ def pgd_attack(loss_fn: LossFn,
                step_size,
                num_steps: int,
                key: Optional[jax.Array] = None,
-               random_start: bool = True,
+               random_start: Union[bool, str] = True,
                clip_min: float = 0.,
                clip_max: float = 1.) -> jax.Array:
   """L∞ projected gradient ascent (Madry et al. 2018), METHODS.md B.3/B.5.
@@ -70,8 +89,10 @@ def pgd_attack(loss_fn: LossFn,
     epsilon: L∞ radius (scalar, or broadcastable to x for per-example budgets).
     step_size: ascent step α (same broadcasting as epsilon).
     num_steps: number of PGD iterations (static).
-    key: PRNG key for the random start; required when random_start is True.
-    random_start: start uniformly in the ball (True) or at x (False).
+    key: PRNG key for the random start; required unless random_start is False.
+    random_start: where the ascent starts: ``True`` or ``"uniform"`` uniformly in
+      the ball (Madry et al.), ``"gaussian"`` at x + 0.001·N(0, 1) (TRADES / MART),
+      ``False`` at x.
     clip_min, clip_max: the image box.
 
   Returns:
@@ -82,12 +103,17 @@ def pgd_attack(loss_fn: LossFn,
     Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks",
     ICLR 2018.
   """
-  if random_start:
-    if key is None:
-      raise ValueError("pgd_attack: random_start=True needs a PRNG `key`.")
-    x_adv = linf_random_init(key, x, epsilon, clip_min, clip_max)
-  else:
+  if not isinstance(random_start, str):
+    random_start = "uniform" if random_start else None
+  if random_start is None:
     x_adv = x
+  elif random_start not in RANDOM_STARTS:
+    raise ValueError(f"pgd_attack: random_start must be True, False or one of "
+                     f"{sorted(RANDOM_STARTS)}, got {random_start!r}")
+  elif key is None:
+    raise ValueError(f"pgd_attack: random_start={random_start!r} needs a PRNG `key`.")
+  else:
+    x_adv = RANDOM_STARTS[random_start](key, x, epsilon, clip_min, clip_max)
 
   def body(_, x_cur):
     grad = loss_gradient(loss_fn, x_cur)

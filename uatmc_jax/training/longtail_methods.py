@@ -17,6 +17,9 @@ outer loss, ``manifold_weight`` subtracts λ_man·d_My(φ(x')) from the inner ob
 default weights (0.01 / 0.1), and explicit ``etf_weight=`` / ``manifold_weight=``
 override. No method needs its own trainer.
 
+The inner attack starts where each method's official code starts it: TRADES and MART
+at x + 0.001·N(0, 1) (``attack_start="gaussian"``), the others uniformly in the ε-ball.
+
 Everything below is a pure function of explicit arrays; ``LongTailTrainer`` supplies
 the network outputs (φ and logits, BatchNorm in inference mode inside the attack).
 """
@@ -27,6 +30,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from uatmc_jax.attacks import linf
 from uatmc_jax.errors import ConfigError
 from uatmc_jax.objectives import classification_losses as cl
 from uatmc_jax.objectives import etf
@@ -39,8 +43,8 @@ DEFAULT_MANIFOLD_WEIGHT = 0.1    # B.4 λ_man
 
 _BASE_METHODS = {
     "pgd_at": dict(inner_loss="ce", outer_loss="ce"),
-    "trades": dict(inner_loss="kl", outer_loss="trades"),
-    "mart": dict(inner_loss="ce", outer_loss="mart"),
+    "trades": dict(inner_loss="kl", outer_loss="trades", attack_start="gaussian"),
+    "mart": dict(inner_loss="ce", outer_loss="mart", attack_start="gaussian"),
     "at_bsl": dict(inner_loss="ce", outer_loss="balanced_ce"),
     "robal": dict(inner_loss="kl", outer_loss="robal", head="cosine"),
     "mcat": dict(inner_loss="ce", outer_loss="ce", etf_weight=DEFAULT_ETF_WEIGHT,
@@ -64,6 +68,9 @@ class LongTailMethod:
     beta: TRADES / MART / RoBal KL weight (6 in B.3).
     etf_weight: λ_geom of the ETF Gram penalty (0 = off).
     manifold_weight: λ_man of MS-PGD (0 = plain PGD; no manifold models are fitted).
+    attack_start: the inner attack's random start, a key of ``linf.RANDOM_STARTS``:
+      ``uniform`` in the ε-ball (PGD-AT, AT-BSL, RoBal, MCAT) or ``gaussian``
+      x + 0.001·N(0, 1) (TRADES and MART, as their official code).
     robal_scale, robal_max_margin, robal_tau_b, robal_tau_p: RoBal's cosine scale s,
       the margin of the rarest class, the training logit adjustment τ_b and the
       inference adjustment τ_p.
@@ -75,10 +82,16 @@ class LongTailMethod:
   beta: float = 6.0
   etf_weight: float = 0.0
   manifold_weight: float = 0.0
+  attack_start: str = "uniform"
   robal_scale: float = 16.0
   robal_max_margin: float = 0.2
   robal_tau_b: float = 1.0
   robal_tau_p: float = 0.5
+
+  def __post_init__(self):
+    if self.attack_start not in linf.RANDOM_STARTS:
+      raise ConfigError(f"method {self.name!r}: attack_start must be one of "
+                        f"{sorted(linf.RANDOM_STARTS)}, got {self.attack_start!r}")
 
   @property
   def uses_manifold(self) -> bool:

@@ -202,7 +202,8 @@ class LongTailTrainer:
     else:
       loss_fn = lambda xa: head_loss(feats(xa))
     return linf.pgd_attack(loss_fn, x, epsilon=cfg.epsilon, step_size=cfg.attack_step_size,
-                           num_steps=cfg.attack_steps, key=key, random_start=True)
+                           num_steps=cfg.attack_steps, key=key,
+                           random_start=method.attack_start)
 
   def _train_step(self, state: dict, batch: dict, key: jax.Array, *, flags: StepFlags):
     cfg, method = self.config, self.method
