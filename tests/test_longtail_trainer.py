@@ -32,34 +32,111 @@ def test_method_registry_and_composition():
     lm.resolve_method("pgd_at", etf_weight=-1.0)
 
 
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(1, keepdims=True)
+  return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def _np_ce(z, y):
+  return -_np_log_softmax(z)[np.arange(len(y)), y]
+
+
+def _np_kl_rows(p_logits, q_logits):
+  """Σ_c p_c (log p_c − log q_c) per row: KL(softmax(p) || softmax(q))."""
+  lp, lq = _np_log_softmax(p_logits), _np_log_softmax(q_logits)
+  return (np.exp(lp) * (lp - lq)).sum(1)
+
+
+def _np_etf_penalty(w):
+  w = np.asarray(w, np.float64)
+  wn = w / np.linalg.norm(w, axis=1, keepdims=True)
+  c = len(w)
+  target = np.where(np.eye(c, dtype=bool), 1., -1. / (c - 1))
+  return ((wn @ wn.T - target) ** 2).mean()
+
+
 def test_outer_losses_are_their_formulas():
+  """Every outer loss against numpy written from the papers / official code."""
   k = jax.random.split(jax.random.key(0), 4)
-  adv, clean = jax.random.normal(k[0], (6, 4)), jax.random.normal(k[1], (6, 4))
+  adv, clean = jax.random.normal(k[0], (6, 4)) * 2., jax.random.normal(k[1], (6, 4)) * 2.
   y = jax.random.randint(k[2], (6,), 0, 4)
   w = jax.random.normal(k[3], (4, 5))
   counts = jnp.array([100., 30., 10., 3.])
   kw = dict(adv_logits=adv, labels=y, clean_logits=clean, class_counts=counts,
             classifier_weight=w)
-  from uatmc_jax.objectives import etf
+  a, c, yy, n = np.asarray(adv, np.float64), np.asarray(clean, np.float64), np.asarray(y), 6
+  rows = np.arange(n)
+  ce_adv = _np_ce(a, yy).mean()
+  # TRADES, official: CE(f(x), y) batch mean + β·(1/B)·Σ_{b,c} p(x)(log p(x) − log p(x')).
+  p_clean = np.exp(_np_log_softmax(c))
+  trades = _np_ce(c, yy).mean() + 6. / n * np.sum(
+      p_clean * (np.log(p_clean) - _np_log_softmax(a)))
+  # MART, official: CE(f(x'), y) − log(1 − max_{k≠y} p_k(x')) (batch means) +
+  # β·(1/B)·Σ_b KL_b(p(x) || p(x'))·(1 − p_y(x)).
+  p_adv = np.exp(_np_log_softmax(a))
+  p_wrong = np.where(np.eye(4, dtype=bool)[yy], -np.inf, p_adv).max(1)
+  mart = (ce_adv - np.log(1. - p_wrong).mean()
+          + 6. / n * np.sum(_np_kl_rows(c, a) * (1. - p_clean[rows, yy])))
+  etf_term = 0.01 * _np_etf_penalty(w)
   cases = {
-      "pgd_at": cl.softmax_cross_entropy(logits=adv, labels=y).mean(),
-      "at_bsl": cl.softmax_cross_entropy(logits=adv + jnp.log(counts), labels=y).mean(),
-      "trades": cl.trades_loss(clean_logits=clean, adv_logits=adv, labels=y, beta=6.).mean(),
-      "mart": cl.mart_loss(clean_logits=clean, adv_logits=adv, labels=y, beta=6.).mean(),
-      "mcat": cl.softmax_cross_entropy(logits=adv, labels=y).mean()
-              + 0.01 * etf.etf_gram_penalty(w),
-      "trades+etf": cl.trades_loss(clean_logits=clean, adv_logits=adv, labels=y).mean()
-                    + 0.01 * etf.etf_gram_penalty(w),
+      "pgd_at": ce_adv,
+      "at_bsl": _np_ce(a + np.log(np.asarray(counts)), yy).mean(),  # CE(z + log n, y)
+      "trades": trades,
+      "mart": mart,
+      "mcat": ce_adv + etf_term,
+      "trades+etf": trades + etf_term,
   }
   for name, expected in cases.items():
     loss, _ = lm.outer_loss(lm.resolve_method(name), **kw)
     np.testing.assert_allclose(loss, expected, rtol=1e-5, err_msg=name)
+  # No term is negligible here: MART's boost and weighted KL, TRADES' KL, the ETF term.
+  assert -np.log(1. - p_wrong).mean() > 0.1 and mart - ce_adv + np.log(1. - p_wrong).mean() > 0.1
+  assert trades - _np_ce(c, yy).mean() > 0.1 and etf_term > 1e-3
   # RoBal: inference subtracts τ_p log π from s·cos
   robal = lm.resolve_method("robal")
-  cos = jnp.tanh(adv)
+  cos = np.tanh(a)
+  log_pi = np.log(np.asarray(counts) / np.asarray(counts).sum())
   np.testing.assert_allclose(
-      lm.inference_logits(robal, robal.robal_scale * cos, counts),
-      robal.robal_scale * cos - robal.robal_tau_p * cl.log_prior(counts), rtol=1e-5)
+      lm.inference_logits(robal, robal.robal_scale * jnp.asarray(cos), counts),
+      robal.robal_scale * cos - robal.robal_tau_p * log_pi[None], rtol=1e-5, atol=1e-5)
+
+
+def test_robal_kl_and_inner_losses_with_clean_not_adv():
+  """RoBal's TRADES term and its inner (KL) objective on clean ≠ adv cosines, and the
+  KL / CE inner objectives of the other methods, against numpy."""
+  k = jax.random.split(jax.random.key(1), 3)
+  cos_clean = jnp.tanh(jax.random.normal(k[0], (5, 4)))
+  cos_adv = jnp.tanh(jax.random.normal(k[1], (5, 4)))
+  y = jax.random.randint(k[2], (5,), 0, 4)
+  counts = jnp.array([200., 40., 10., 2.])
+  robal = lm.resolve_method("robal")
+  s, tb, beta = robal.robal_scale, robal.robal_tau_b, robal.beta
+  cc, ca, yy = np.asarray(cos_clean, np.float64), np.asarray(cos_adv, np.float64), np.asarray(y)
+  nn = np.asarray(counts, np.float64)
+  log_pi = np.log(nn / nn.sum())
+  margins = robal.robal_max_margin * (nn.min() / nn) ** 0.25   # m_c ∝ n_c^(−1/4)
+  adjusted = lambda cos: s * cos + tb * log_pi[None]           # no label margin
+  with_margin = adjusted(ca) - s * np.eye(4)[yy] * margins[yy][:, None]
+  kl = _np_kl_rows(adjusted(cc), adjusted(ca))
+  assert kl.min() > 1e-3                                       # clean ≠ adv indeed
+  expected_outer = (_np_ce(with_margin, yy) + beta * kl).mean()
+  kw = dict(labels=y, class_counts=counts)
+  loss, _ = lm.outer_loss(robal, adv_logits=s * cos_adv, clean_logits=s * cos_clean,
+                          classifier_weight=jnp.eye(4), **kw)
+  np.testing.assert_allclose(loss, expected_outer, rtol=1e-5)
+  inner = lambda method, clean: lm.attack_head_loss(
+      method, adv_logits=s * cos_adv, clean_logits=clean, **kw)
+  np.testing.assert_allclose(inner(robal, s * cos_clean), kl, rtol=1e-5, atol=1e-5)
+  # the clean side is a constant of the attack
+  g = jax.grad(lambda cl_: inner(robal, cl_).sum())(s * cos_clean)
+  np.testing.assert_array_equal(g, 0.)
+  # TRADES: KL of the raw logits; CE methods: CE(f(x'), y) (clean logits unused).
+  np.testing.assert_allclose(inner(lm.resolve_method("trades"), s * cos_clean),
+                             _np_kl_rows(s * cc, s * ca), rtol=1e-5, atol=1e-5)
+  for name in ("pgd_at", "mart", "at_bsl", "mcat"):
+    np.testing.assert_allclose(inner(lm.resolve_method(name), None), _np_ce(s * ca, yy),
+                               rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_accuracy_block_groups():
