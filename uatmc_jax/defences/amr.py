@@ -82,7 +82,8 @@ def amr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, 
   user_vecs, item_vecs = bs.slot_vectors(model, projected, slots)
   bpr = bs.slot_bpr(user_vecs, item_vecs, slots)
   emb = bs.slot_emb_loss(user_vecs, item_vecs, slots)
-  aux = model.auxiliary_loss(bs.positive_projections(projected, slots), batch["pos"])
+  aux = model.auxiliary_loss(bs.positive_projections(projected, slots), batch["pos"],
+                             slots.mask)
   delta = amr_perturbation(model, raw, slots, modality, epsilon, relative_budget)
   bpr_adv = perturbed_modality_bpr(model, raw, slots, modality, delta)
   loss = bpr + adv_weight * bpr_adv + reg_weight * emb + aux

@@ -95,10 +95,14 @@ class VBPRMLP(base.RecommenderBase):
     lower = math.log(1.0 / base.UNIT_LOGIT_BOUND)  # keeps |logits| <= 64 (unit_info_nce)
     return jnp.exp(jnp.clip(self.log_temperature[...], lower, math.log(100.0)))
 
-  def auxiliary_loss(self, projected_batch: base.Features, item_ids: jax.Array) -> jax.Array:
-    """align_weight · mean pairwise InfoNCE(x̂^a, x̂^b) over the batch's items."""
+  def auxiliary_loss(self, projected_batch: base.Features, item_ids: jax.Array,
+                     mask: jax.Array | None = None) -> jax.Array:
+    """align_weight · mean pairwise InfoNCE(x̂^a, x̂^b) over the batch's real items.
+
+    ``mask`` (float (B,), 0 = padding) drops padding rows from the rows and negatives.
+    """
     if self.align_weight == 0.0 or len(self.modalities) < 2:
       return jnp.zeros((), jnp.float32)
     views = [projected_batch[m] for m in self.modalities]
     return self.align_weight * base.pairwise_info_nce(views, self.temperature(), item_ids,
-                                                      nce=base.unit_info_nce)
+                                                      nce=base.unit_info_nce, mask=mask)
