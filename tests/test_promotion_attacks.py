@@ -146,10 +146,26 @@ def test_projection_keeps_every_perturbation_in_budget():
 
 def test_single_modal_attack_leaves_other_modality_alone():
   surface = make_surface(jax.random.key(2))
-  ctx = promotion.build_context(surface, np.arange(12), k=5)
+  clean_a = np.asarray(surface.attack_table["a"]).copy()
+  anchors, k, tgts = np.arange(12), 5, [1, 2, 3]
+  ctx = promotion.build_context(surface, anchors, k=k)
   runner = promotion.PromotionAttackRunner(surface, chunk_size=4, with_mismatch=False)
-  out = runner.run(promotion.pgd_attack(0.1, k=5, modalities=("b",)), ctx, [1, 2, 3])
+  margin = 10.0  # every anchor's hinge is active: the gradients are non-zero
+  out = runner.run(promotion.pgd_attack(0.1, k=k, margin=margin, modalities=("b",)), ctx, tgts)
+  both = runner.run(promotion.pgd_attack(0.1, k=k, margin=margin), ctx, tgts)
   assert set(out["delta"]) == {"b"}
+  # The features of "a" are untouched and the attacked model saw δ^a = 0 exactly: the
+  # reported loss after the attack is the full-sort loss with only δ^b applied ...
+  np.testing.assert_array_equal(np.asarray(surface.attack_table["a"]), clean_a)
+  for i, t in enumerate(tgts):
+    d_b = out["delta"]["b"][i]
+    assert np.abs(d_b).max() > 0
+    only_b = _per_user_brute(surface, anchors, t, {"b": d_b}, k, margin)
+    np.testing.assert_allclose(out["loss_after"][i], float(jnp.mean(only_b)), rtol=1e-5)
+    # ... and not the loss with a non-zero δ^a (as a two-modality attack uses).
+    with_a = _per_user_brute(surface, anchors, t, {"a": both["delta"]["a"][i], "b": d_b},
+                             k, margin)
+    assert abs(float(jnp.mean(with_a)) - float(out["loss_after"][i])) > 1e-4
 
 
 def test_results_independent_of_chunk_size_and_no_recompiles():
