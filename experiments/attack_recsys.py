@@ -65,8 +65,10 @@ def load_trained(workdir: str):
 # Attackers by name.
 
 
-def attacker_names(modalities) -> list[str]:
-  names = ["fgsm", "pgd", "pgd_aligned", "pgd_pcgrad_groups", "pgd_shared_groups"]
+def attacker_names(modalities, shared_space: bool = True) -> list[str]:
+  """The default attackers; ``pgd_aligned`` (cosine reward) only with a shared space."""
+  names = ["fgsm", "pgd"] + (["pgd_aligned"] if shared_space else [])
+  names += ["pgd_pcgrad_groups", "pgd_shared_groups"]
   names += [f"fgsm_{m}" for m in modalities] + [f"pgd_{m}" for m in modalities]
   return names
 
@@ -242,7 +244,7 @@ def run_attacks(cfg, model, data, mesh=None):
   """
   surface = surface_from_recommender(model, data.features, space=cfg.space)
   modalities = surface.modalities
-  names = cfg.attacks or attacker_names(modalities)
+  names = cfg.attacks or attacker_names(modalities, surface.shared_space)
   attacks = {eps: {n: make_attacker(n, eps, cfg, modalities) for n in names}
              for eps in cfg.epsilons}
   if cfg.groups not in ("auto", "planted", "kmeans"):

@@ -232,6 +232,12 @@ def run_experiment(cfg, workdir: str) -> dict:
                       "fine-tunes and every row is compared with)")
   if cfg.sweep and cfg.sweep not in ("adv_weight", "epsilon"):
     raise ConfigError(f"sweep must be 'adv_weight', 'epsilon' or empty, got {cfg.sweep!r}")
+  from uatmc_jax.models.registry import MODEL_CLASSES
+  model_cls = MODEL_CLASSES.get(cfg.model)
+  if model_cls is not None and not model_cls.shared_projected_space:
+    raise ConfigError(f"model={cfg.model!r} has no shared projected space "
+                      "(shared_projected_space=False), so UAT-MC's alignment and the aligned "
+                      "attacker are undefined on it; use model=vbpr_mlp or model=mmgcn")
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), _plain(cfg))

@@ -26,6 +26,8 @@ REG = 1e-3
 class LinearRecommender(base.RecommenderBase):
   """project: x^m P_m; item vector: E_i + Σ_m x̂_i^m W_m; user vector: U_u."""
 
+  shared_projected_space = True  # every x̂^m lives in one proj-d space
+
   def __init__(self, n_users, n_items, dims, width=3, proj=4, *, seed=0):
     rng = np.random.default_rng(seed)
     self.modalities = tuple(sorted(dims))
@@ -456,9 +458,22 @@ def test_hyperparameters_presets_and_errors():
     defence_hyperparameters("apr", {"epsilon": -1.0})
 
 
-def test_alignment_needs_a_common_projected_space():
+@pytest.mark.parametrize("widths", [(6, 10), (128, 128)])
+def test_alignment_needs_a_common_projected_space(widths):
+  """VBPR has no shared projected space: alignment is refused whatever the raw widths,
+  also at equal widths (TikTok's 128/128), where a shape test would let it through."""
+  rng = np.random.default_rng(0)
   data = tiny_data()
-  model = build_recommender("vbpr", data, {}, nnx.Rngs(0))  # identity projection: 6 vs 10
+  data = InteractionData("tiny", data.n_users, data.n_items, data.train, data.valid, data.test,
+                         {m: rng.standard_normal((data.n_items, w)).astype(np.float32)
+                          for m, w in zip(("audio", "image"), widths)})
+  model = build_recommender("vbpr", data, {}, nnx.Rngs(0))  # identity projection
+  assert not model.shared_projected_space
+  assert tiny_backbone("vbpr_mlp")[0].shared_projected_space
+  assert tiny_backbone("mmgcn")[0].shared_projected_space
   feats = {m: jnp.asarray(f) for m, f in data.features.items()}
-  with pytest.raises(ConfigError, match="widths differ"):
+  with pytest.raises(ConfigError, match="shared projected space.*VBPR"):
     make_defence_loss("uat_mc", {})(model, tiny_batch(), feats, None)
+  # Without alignment UAT-MC is defined on VBPR.
+  loss, _ = make_defence_loss("uat_mc_no_align", {})(model, tiny_batch(), feats, None)
+  assert np.isfinite(float(loss))

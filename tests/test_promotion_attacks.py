@@ -246,6 +246,41 @@ def test_target_sets_and_anchors_are_seeded_and_correct():
   np.testing.assert_array_equal(a, targets_lib.select_anchors(1000, 0.4, 2))
 
 
+def test_cosine_alignment_and_cosine_need_a_shared_projected_space():
+  """A model without a shared projected space (VBPR) refuses the cosine reward and
+  reports NaN cross-modal cosines, although its two widths are equal (5/5 here)."""
+  import dataclasses
+  from uatmc_jax import errors
+  surface = make_surface(jax.random.key(3))
+  flat = dataclasses.replace(surface, shared_space=False)
+  ctx = promotion.build_context(flat, np.arange(12), k=5)
+  runner = promotion.PromotionAttackRunner(flat, chunk_size=2)
+  with pytest.raises(errors.ConfigError, match="shared projected space"):
+    runner.run(promotion.pgd_attack(0.1, k=5, alignment="cosine"), ctx, [1, 2])
+  out = runner.run(promotion.pgd_attack(0.1, k=5), ctx, [1, 2])
+  assert np.all(np.isnan(out["mismatch"].cosine))
+  shared = promotion.PromotionAttackRunner(surface, chunk_size=2).run(
+      promotion.pgd_attack(0.1, k=5), promotion.build_context(surface, np.arange(12), k=5),
+      [1, 2])
+  assert np.all(np.isfinite(shared["mismatch"].cosine))
+
+
+def test_surface_takes_shared_space_from_the_model():
+  from flax import nnx
+  from uatmc_jax.attacks.surface import surface_from_recommender
+  from uatmc_jax.data.interactions import InteractionData
+  from uatmc_jax.models.registry import build_recommender
+  rng = np.random.default_rng(0)
+  pairs = np.unique(np.stack([rng.integers(0, 6, 30), rng.integers(0, 9, 30)], 1), axis=0)
+  feats = {m: rng.standard_normal((9, 8)).astype(np.float32) for m in ("a", "b")}  # 8 / 8
+  data = InteractionData("t", 6, 9, pairs[:-4], pairs[-4:-2], pairs[-2:], feats)
+  for name, shared in (("vbpr", False), ("vbpr_mlp", True)):
+    model = build_recommender(name, data, {"embedding_dim": 4}, nnx.Rngs(0))
+    assert surface_from_recommender(model, feats).shared_space is shared, name
+  from experiments import attack_recsys
+  assert "pgd_aligned" not in attack_recsys.attacker_names(("a", "b"), shared_space=False)
+
+
 def test_attack_config_and_attacker_names():
   from experiments import attack_recsys
   from experiments.configs import attack as attack_config

@@ -48,6 +48,9 @@ from uatmc_jax import errors
 from uatmc_jax.attacks import mismatch
 
 Direction = dict[str, jax.Array]
+# Alignments whose reward is a cross-modal cosine: they need a model with a shared
+# projected space (``Recommender.shared_projected_space``).
+SHARED_SPACE_ALIGNMENTS = ("cosine", "cosine_pushforward")
 
 
 class Probe(NamedTuple):

@@ -103,6 +103,21 @@ def uat_mc_perturbation(adv_loss: Callable[[Features], jax.Array], projected: Fe
   return jax.lax.stop_gradient(delta)
 
 
+def check_alignment_space(model, align_weight: float) -> None:
+  """Refuses λ_align > 0 on a model without a shared projected space (e.g. VBPR).
+
+  Decided by the model's ``shared_projected_space`` attribute, not by array widths:
+  VBPR's "projected" features are its raw ones, unrelated coordinates per modality
+  even at equal widths (TikTok: 128/128).
+  """
+  if align_weight and not getattr(model, "shared_projected_space", False):
+    raise ConfigError(
+        f"UAT-MC alignment (align_weight={align_weight}) compares modality gradients in "
+        f"a shared projected space, which {type(model).__name__} does not have "
+        "(shared_projected_space=False); use a backbone with one (vbpr_mlp, mmgcn) or "
+        "align_weight=0 (uat_mc_no_align)")
+
+
 def uat_mc_objective(model, batch: Mapping[str, jax.Array], features: Features,
                      key: jax.Array, *, epsilon: float, adv_weight: float,
                      align_weight: float, reg_weight: float) -> tuple[jax.Array, dict]:
@@ -113,6 +128,7 @@ def uat_mc_objective(model, batch: Mapping[str, jax.Array], features: Features,
     auxiliary loss acts on the frozen projections and is not part of A.7's loss.
   """
   del key
+  check_alignment_space(model, align_weight)
   slots = bs.slots_for(model, batch)
   # Frozen projection MLPs: no gradient reaches them through x̂.
   projected = jax.lax.stop_gradient(model.project(bs.slot_features(model, features, slots)))

@@ -14,6 +14,10 @@ The contract (``/tmp/recsys_api.md`` in the design notes):
   only valid when ``projected`` holds all items in id order.
 * ``user_vectors() -> (n_users, D)`` (non-graph models).
 * ``encode(projected_all) -> (user_vecs (n_users, D), item_vecs (n_items, D))``.
+* ``shared_projected_space``: class attribute, True when every modality is projected
+  into one common space (VBPR-MLP, MMGCN); False for VBPR, whose ``project`` is the
+  identity on raw features (equal raw widths, e.g. TikTok's 128/128, are unrelated
+  coordinates). Alignment (A.6) and the A.5 cosine need it.
 * ``auxiliary_loss(projected_batch, item_ids, mask=None) -> scalar`` (0 unless the model
   has one); ``mask`` float (B,) marks real rows (1) and padding (0): padding rows must
   not change the value (the trainer pads the short last batch with copies of row 0).
@@ -45,6 +49,7 @@ class Recommender(Protocol):
 
   modalities: tuple[str, ...]
   is_graph: bool
+  shared_projected_space: bool
   n_users: int
   n_items: int
 
@@ -70,6 +75,10 @@ class RecommenderBase(nnx.Module):
 
   modalities: tuple[str, ...] = ()
   is_graph: bool = False
+  # True when project() maps every modality into ONE common space (same width, same
+  # meaning of each coordinate), so cross-modal gradient cosines (A.5/A.6) are
+  # meaningful. A property of the architecture, never inferred from array widths.
+  shared_projected_space: bool = False
   n_users: int = 0
   n_items: int = 0
 

@@ -12,6 +12,7 @@ from uatmc_jax.models.vbpr import VBPR
 from uatmc_jax.models.vbpr_mlp import VBPRMLP
 
 RECOMMENDERS = ("vbpr", "vbpr_mlp", "mmgcn")
+MODEL_CLASSES = {"vbpr": VBPR, "vbpr_mlp": VBPRMLP, "mmgcn": MMGCN}
 
 
 def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any] | None,

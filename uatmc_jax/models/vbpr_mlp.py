@@ -45,7 +45,11 @@ def projection_hidden(d: int, wide_threshold: int) -> tuple[int, ...]:
 
 
 class VBPRMLP(base.RecommenderBase):
+  shared_projected_space = True
+
   """VBPR with per-modality projection MLPs and cross-modal InfoNCE.
+
+  Every modality is projected into one common 64-d space (``shared_projected_space``).
 
   Args:
     n_users, n_items: table sizes.
