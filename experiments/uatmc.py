@@ -50,6 +50,7 @@ ATTACK_FILE = "attack_results.json"
 ATTACKERS = ("fgsm", "pgd", "pgd_aligned")
 SWEEP_ATTACKERS = ("pgd", "pgd_aligned")
 HIT_K = 50
+ATTACKER_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "pgd_aligned": "PGD-aligned"}
 ROW_NAMES = {"vanilla": "Vanilla", "apr": "APR", "amr": "AMR",
              "uat_mc_no_align": "UAT-MC w/o align", "uat_mc": "UAT-MC"}
 
@@ -120,6 +121,30 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
   model = trainer.model
   trainer.store.close()
   return model, metrics
+
+
+def has_shared_space(model_name: str) -> bool:
+  from uatmc_jax.models.registry import MODEL_CLASSES
+  cls = MODEL_CLASSES.get(model_name)
+  return bool(cls is None or cls.shared_projected_space)
+
+
+def attackers_for(cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(attackers, sweep attackers) for ``cfg.model``; checks the defences apply to it.
+
+  A model without a shared projected space (VBPR) has no aligned attacker (the cosine
+  reward compares modality gradients in such a space) and refuses UAT-MC's alignment.
+  """
+  if has_shared_space(cfg.model):
+    return ATTACKERS, SWEEP_ATTACKERS
+  if "uat_mc" in cfg.defences:
+    raise ConfigError(f"defences include 'uat_mc', whose alignment needs a shared projected "
+                      f"space, which model={cfg.model!r} does not have "
+                      "(shared_projected_space=False); drop it from defences (e.g. "
+                      "defences=vanilla+apr+amr+uat_mc_no_align) or use vbpr_mlp / mmgcn")
+  drop = ("pgd_aligned",)
+  return (tuple(a for a in ATTACKERS if a not in drop),
+          tuple(a for a in SWEEP_ATTACKERS if a not in drop))
 
 
 def make_attackers(cfg) -> dict:
@@ -232,12 +257,7 @@ def run_experiment(cfg, workdir: str) -> dict:
                       "fine-tunes and every row is compared with)")
   if cfg.sweep and cfg.sweep not in ("adv_weight", "epsilon"):
     raise ConfigError(f"sweep must be 'adv_weight', 'epsilon' or empty, got {cfg.sweep!r}")
-  from uatmc_jax.models.registry import MODEL_CLASSES
-  model_cls = MODEL_CLASSES.get(cfg.model)
-  if model_cls is not None and not model_cls.shared_projected_space:
-    raise ConfigError(f"model={cfg.model!r} has no shared projected space "
-                      "(shared_projected_space=False), so UAT-MC's alignment and the aligned "
-                      "attacker are undefined on it; use model=vbpr_mlp or model=mmgcn")
+  attackers, sweep_attackers = attackers_for(cfg)
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), _plain(cfg))
@@ -275,11 +295,11 @@ def run_experiment(cfg, workdir: str) -> dict:
             else fresh_model(seed)
         model, metrics = train_stage(stage_dir, start, data,
                                      defence_train_config(cfg, name, seed), mesh)
-      attacks = attack_stage(stage_dir, bench, model, seed, ATTACKERS)
+      attacks = attack_stage(stage_dir, bench, model, seed, attackers)
       per_seed[seed][name] = {"train": metrics, "attacks": attacks}
       _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@50 "
            + ", ".join(f"{a} {attacks[a]['hit@50_before']:.3f}->{attacks[a]['hit@50_after']:.3f}"
-                       for a in ATTACKERS)
+                       for a in attackers)
            + f"  [{time.perf_counter() - t_start:.0f} s]")
 
     if cfg.sweep and "uat_mc" in cfg.defences and seed in cfg.seeds[:cfg.sweep_seeds]:
@@ -289,10 +309,10 @@ def run_experiment(cfg, workdir: str) -> dict:
         model, metrics = train_stage(
             stage_dir, from_backbone(), data,
             defence_train_config(cfg, "uat_mc", seed, {cfg.sweep: float(value)}), mesh)
-        attacks = attack_stage(stage_dir, bench, model, seed, SWEEP_ATTACKERS)
+        attacks = attack_stage(stage_dir, bench, model, seed, sweep_attackers)
         sweep_runs[seed][float(value)] = {"train": metrics, "attacks": attacks}
 
-  results = aggregate(cfg, per_seed, sweep_runs)
+  results = aggregate(cfg, per_seed, sweep_runs, attackers, sweep_attackers)
   results["protocol"] = {
       "dataset": data.name, "dataset_path": cfg.dataset, "model": cfg.model,
       "n_users": data.n_users, "n_items": data.n_items, "modalities": list(data.modalities),
@@ -333,7 +353,8 @@ def _ms(values) -> dict:
   return mean_std([float(v) for v in values])
 
 
-def aggregate(cfg, per_seed: dict, sweep_runs: dict) -> dict:
+def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
+              sweep_attackers=SWEEP_ATTACKERS) -> dict:
   seeds = list(per_seed)
   defences = {}
   for name in [d for d in per_seed[seeds[0]]]:
@@ -343,14 +364,14 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict) -> dict:
     block["attacks"] = {
         a: {key: _ms([r["attacks"][a][key] for r in runs])
             for key in (f"hit@{HIT_K}_before", f"hit@{HIT_K}_after", "avg_rank_change")}
-        for a in ATTACKERS}
+        for a in attackers}
     block["train_seconds"] = _ms([r["train"]["train_seconds"] for r in runs])
     block["per_seed"] = {str(s): {"ndcg@10": per_seed[s][name]["train"]["test"]["ndcg@10"],
                                   **{f"{a}_hit@{HIT_K}_after":
                                      per_seed[s][name]["attacks"][a][f"hit@{HIT_K}_after"]
-                                     for a in ATTACKERS}} for s in seeds}
+                                     for a in attackers}} for s in seeds}
     defences[name] = block
-  out = {"defences": defences}
+  out = {"defences": defences, "attackers": list(attackers)}
   if "vanilla" in defences:
     base = defences["vanilla"]["ndcg@10"]["mean"]
     out["relative_ndcg@10_drop"] = {n: (base - b["ndcg@10"]["mean"]) / base if base else None
@@ -362,23 +383,24 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict) -> dict:
          "ndcg@10": _ms([sweep_runs[s][v]["train"]["test"]["ndcg@10"] for s in sweep_runs]),
          **{f"{a}_hit@{HIT_K}_after":
             _ms([sweep_runs[s][v]["attacks"][a][f"hit@{HIT_K}_after"] for s in sweep_runs])
-            for a in SWEEP_ATTACKERS}}
+            for a in sweep_attackers}}
         for v in values]}
   return out
 
 
 def markdown(results: dict) -> str:
   from uatmc_jax.evaluation.reporting import markdown_table
-  header = ["Defence", "Recall@20", "NDCG@10", "NDCG@20", "Hit@50 clean",
-            "Hit@50 FGSM", "Hit@50 PGD", "Hit@50 PGD-aligned",
-            "Δrank FGSM", "Δrank PGD", "Δrank PGD-aligned"]
+  attackers = results.get("attackers", ATTACKERS)
+  header = (["Defence", "Recall@20", "NDCG@10", "NDCG@20", f"Hit@{HIT_K} clean"]
+            + [f"Hit@{HIT_K} {ATTACKER_LABELS[a]}" for a in attackers]
+            + [f"Δrank {ATTACKER_LABELS[a]}" for a in attackers])
   rows = []
   for name, b in results["defences"].items():
     at = b["attacks"]
     rows.append([ROW_NAMES.get(name, name), b["recall@20"], b["ndcg@10"], b["ndcg@20"],
                  at["pgd"][f"hit@{HIT_K}_before"],
-                 *[at[a][f"hit@{HIT_K}_after"] for a in ATTACKERS],
-                 *[at[a]["avg_rank_change"] for a in ATTACKERS]])
+                 *[at[a][f"hit@{HIT_K}_after"] for a in attackers],
+                 *[at[a]["avg_rank_change"] for a in attackers]])
   table = markdown_table(header, rows)
   drops = results.get("relative_ndcg@10_drop")
   if drops:
@@ -426,7 +448,7 @@ def mismatch_plot(path: str, per_seed: dict) -> None:
 
   def collect(name, attacker, key):
     vals = [per_seed[s][name]["attacks"][attacker][key] for s in per_seed
-            if name in per_seed[s]]
+            if name in per_seed[s] and attacker in per_seed[s][name]["attacks"]]
     v = np.asarray([x for run in vals for x in run], np.float64)
     return v[np.isfinite(v)]
 

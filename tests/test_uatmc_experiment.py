@@ -63,3 +63,15 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
       "targets=4,attack_k=10,sweep=,mesh_data=1,lr=0.5")
   with pytest.raises(ConfigError, match="learning_rate"):
     uatmc.run_experiment(other_lr, workdir)
+
+
+def test_vbpr_runs_only_what_needs_no_shared_space():
+  from experiments import uatmc
+  from experiments.configs import uatmc as uatmc_config
+  from uatmc_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="uat_mc.*shared projected space"):
+    uatmc.attackers_for(uatmc_config.get_config("model=vbpr"))
+  attackers, sweep = uatmc.attackers_for(
+      uatmc_config.get_config("model=vbpr,defences=vanilla+apr+uat_mc_no_align"))
+  assert "pgd_aligned" not in attackers and "pgd_aligned" not in sweep
+  assert uatmc.attackers_for(uatmc_config.get_config("model=mmgcn"))[0] == uatmc.ATTACKERS
