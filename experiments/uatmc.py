@@ -11,12 +11,13 @@ and aligned PGD (A.4/A.6, the promotion-attack library, many targets at once), a
 optionally sweeps UAT-MC's λ_adv (or ε) for the defence–accuracy trade-off. Writes:
 
 * ``results.json``: ``{"defences": {name: {"recall@20", "ndcg@10", "ndcg@20",
-  "attacks": {"fgsm" | "pgd" | "pgd_aligned": {"hit@50_before", "hit@50_after",
-  "avg_rank_change"}}}}}`` with every number ``{"mean", "std"}`` over seeds (a seed's
-  value is the mean over its targets), plus ``protocol``, ``relative_ndcg@10_drop``,
-  ``sweep`` and ``seconds``;
+  "attacks": {"fgsm" | "pgd" | "pgd_aligned": {"hit@K_before", "hit@K_after",
+  "avg_rank_change"}}}}}`` with K the attack objective's ``attack_k`` (50, A.4; also
+  under ``hit_k``) and every number ``{"mean", "std"}`` over seeds (a seed's value is
+  the mean over its targets), plus ``attackers``, ``protocol``,
+  ``relative_ndcg@10_drop``, ``sweep`` and ``seconds``;
 * ``results.md``: the table in the paper's layout (A.8);
-* ``tradeoff.png``: clean NDCG@10 against Hit@50 after PGD, every defence and the sweep;
+* ``tradeoff.png``: clean NDCG@10 against Hit@K after PGD, every defence and the sweep;
 * ``mismatch.png``: per-target cross-modal gradient cosines (A.5) of the promotion
   objective before/after alignment (on each defence's model at δ = 0, and at the naive
   vs the aligned attacker's final δ on the vanilla model).
@@ -49,7 +50,6 @@ TRAIN_FILE = "train_results.json"
 ATTACK_FILE = "attack_results.json"
 ATTACKERS = ("fgsm", "pgd", "pgd_aligned")
 SWEEP_ATTACKERS = ("pgd", "pgd_aligned")
-HIT_K = 50
 ATTACKER_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "pgd_aligned": "PGD-aligned"}
 ROW_NAMES = {"vanilla": "Vanilla", "apr": "APR", "amr": "AMR",
              "uat_mc_no_align": "UAT-MC w/o align", "uat_mc": "UAT-MC"}
@@ -186,7 +186,9 @@ class AttackBench:
     if self.runner is None:
       chunk = promotion.chunk_size_for(surface, a["chunk_size"],
                                        min(a["targets"], data.n_items), self.mesh)
-      self.runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk,
+      # Hit@K is reported at the K of the attack objective (A.4), whatever it is.
+      ks = tuple(sorted(set(promotion.METRIC_KS) | {int(a["k"])}))
+      self.runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, ks=ks,
                                                     with_mismatch=True, mesh=self.mesh)
     self.runner.surface = surface
     anchors = targets_lib.select_anchors(data.n_users, a["anchor_share"], seed)
@@ -199,14 +201,15 @@ class AttackBench:
       _, assign = user_groups.kmeans(jax.random.key(seed), ctx.anchor_vectors, k=4)
       groups = user_groups.one_hot_groups(assign, 4)
     out = {}
-    j = list(self.runner.ks).index(HIT_K)
+    hit_k = int(a["k"])
+    j = list(self.runner.ks).index(hit_k)
     for name in names:
       r = self.runner.run(self.attackers[name], ctx, targets, groups)
       cos_clean = np.nanmean(np.asarray(r["mismatch"].cosine, np.float64), axis=1)
       cos_after = np.nanmean(np.asarray(r["mismatch_at_delta"].cosine, np.float64), axis=1)
       out[name] = {
-          f"hit@{HIT_K}_before": float(np.mean(r["hit_before"][:, j])),
-          f"hit@{HIT_K}_after": float(np.mean(r["hit_after"][:, j])),
+          f"hit@{hit_k}_before": float(np.mean(r["hit_before"][:, j])),
+          f"hit@{hit_k}_after": float(np.mean(r["hit_after"][:, j])),
           "avg_rank_before": float(np.mean(r["rank_before"])),
           "avg_rank_after": float(np.mean(r["rank_after"])),
           "avg_rank_change": float(np.mean(r["rank_after"] - r["rank_before"])),
@@ -231,8 +234,10 @@ def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names) ->
       return done
   out = bench.attack(model, seed, names)
   out["settings"] = settings
-  out["protocol"] = ("A.4: projected space, random targets, 40% anchors, K=50, ranks over "
-                     "all items (train items not masked, the reference's)")
+  a = bench.cfg.attack
+  out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} anchors, "
+                     f"K={a['k']} (objective and Hit@K), ranks over all items (train items "
+                     "not masked, the reference's)")
   write_json(path, out)
   return out
 
@@ -258,6 +263,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   if cfg.sweep and cfg.sweep not in ("adv_weight", "epsilon"):
     raise ConfigError(f"sweep must be 'adv_weight', 'epsilon' or empty, got {cfg.sweep!r}")
   attackers, sweep_attackers = attackers_for(cfg)
+  k = int(cfg.attack["k"])
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), _plain(cfg))
@@ -297,9 +303,9 @@ def run_experiment(cfg, workdir: str) -> dict:
                                      defence_train_config(cfg, name, seed), mesh)
       attacks = attack_stage(stage_dir, bench, model, seed, attackers)
       per_seed[seed][name] = {"train": metrics, "attacks": attacks}
-      _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@50 "
-           + ", ".join(f"{a} {attacks[a]['hit@50_before']:.3f}->{attacks[a]['hit@50_after']:.3f}"
-                       for a in attackers)
+      _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@{k} "
+           + ", ".join(f"{a} {attacks[a][f'hit@{k}_before']:.3f}->"
+                       f"{attacks[a][f'hit@{k}_after']:.3f}" for a in attackers)
            + f"  [{time.perf_counter() - t_start:.0f} s]")
 
     if cfg.sweep and "uat_mc" in cfg.defences and seed in cfg.seeds[:cfg.sweep_seeds]:
@@ -333,7 +339,8 @@ def run_experiment(cfg, workdir: str) -> dict:
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
             f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = {cfg.attack['epsilon']} "
-            f"(A.4), Hit@50 over 40% anchor users, mean ± std over seeds\n\n{table}\n")
+            f"(A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} anchor users, "
+            f"mean ± std over seeds\n\n{table}\n")
   tradeoff_plot(os.path.join(workdir, "tradeoff.png"), results)
   mismatch_plot(os.path.join(workdir, "mismatch.png"), per_seed)
   return results
@@ -356,6 +363,7 @@ def _ms(values) -> dict:
 def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
               sweep_attackers=SWEEP_ATTACKERS) -> dict:
   seeds = list(per_seed)
+  k = int(cfg.attack["k"])
   defences = {}
   for name in [d for d in per_seed[seeds[0]]]:
     runs = [per_seed[s][name] for s in seeds]
@@ -363,15 +371,15 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
              for m in ("recall@20", "ndcg@10", "ndcg@20")}
     block["attacks"] = {
         a: {key: _ms([r["attacks"][a][key] for r in runs])
-            for key in (f"hit@{HIT_K}_before", f"hit@{HIT_K}_after", "avg_rank_change")}
+            for key in (f"hit@{k}_before", f"hit@{k}_after", "avg_rank_change")}
         for a in attackers}
     block["train_seconds"] = _ms([r["train"]["train_seconds"] for r in runs])
     block["per_seed"] = {str(s): {"ndcg@10": per_seed[s][name]["train"]["test"]["ndcg@10"],
-                                  **{f"{a}_hit@{HIT_K}_after":
-                                     per_seed[s][name]["attacks"][a][f"hit@{HIT_K}_after"]
+                                  **{f"{a}_hit@{k}_after":
+                                     per_seed[s][name]["attacks"][a][f"hit@{k}_after"]
                                      for a in attackers}} for s in seeds}
     defences[name] = block
-  out = {"defences": defences, "attackers": list(attackers)}
+  out = {"defences": defences, "attackers": list(attackers), "hit_k": k}
   if "vanilla" in defences:
     base = defences["vanilla"]["ndcg@10"]["mean"]
     out["relative_ndcg@10_drop"] = {n: (base - b["ndcg@10"]["mean"]) / base if base else None
@@ -381,8 +389,8 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
     out["sweep"] = {"parameter": cfg.sweep, "seeds": list(sweep_runs), "points": [
         {"value": v,
          "ndcg@10": _ms([sweep_runs[s][v]["train"]["test"]["ndcg@10"] for s in sweep_runs]),
-         **{f"{a}_hit@{HIT_K}_after":
-            _ms([sweep_runs[s][v]["attacks"][a][f"hit@{HIT_K}_after"] for s in sweep_runs])
+         **{f"{a}_hit@{k}_after":
+            _ms([sweep_runs[s][v]["attacks"][a][f"hit@{k}_after"] for s in sweep_runs])
             for a in sweep_attackers}}
         for v in values]}
   return out
@@ -391,15 +399,16 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
 def markdown(results: dict) -> str:
   from uatmc_jax.evaluation.reporting import markdown_table
   attackers = results.get("attackers", ATTACKERS)
-  header = (["Defence", "Recall@20", "NDCG@10", "NDCG@20", f"Hit@{HIT_K} clean"]
-            + [f"Hit@{HIT_K} {ATTACKER_LABELS[a]}" for a in attackers]
+  k = results["hit_k"]
+  header = (["Defence", "Recall@20", "NDCG@10", "NDCG@20", f"Hit@{k} clean"]
+            + [f"Hit@{k} {ATTACKER_LABELS[a]}" for a in attackers]
             + [f"Δrank {ATTACKER_LABELS[a]}" for a in attackers])
   rows = []
   for name, b in results["defences"].items():
     at = b["attacks"]
     rows.append([ROW_NAMES.get(name, name), b["recall@20"], b["ndcg@10"], b["ndcg@20"],
-                 at["pgd"][f"hit@{HIT_K}_before"],
-                 *[at[a][f"hit@{HIT_K}_after"] for a in attackers],
+                 at["pgd"][f"hit@{k}_before"],
+                 *[at[a][f"hit@{k}_after"] for a in attackers],
                  *[at[a]["avg_rank_change"] for a in attackers]])
   table = markdown_table(header, rows)
   drops = results.get("relative_ndcg@10_drop")
@@ -415,23 +424,24 @@ def tradeoff_plot(path: str, results: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  k = results["hit_k"]
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for name, b in results["defences"].items():
-    x = b["attacks"]["pgd"][f"hit@{HIT_K}_after"]
+    x = b["attacks"]["pgd"][f"hit@{k}_after"]
     y = b["ndcg@10"]
     ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", capsize=3,
                 label=ROW_NAMES.get(name, name))
   sweep = results.get("sweep")
   if sweep:
     pts = sweep["points"]
-    xs = [p[f"pgd_hit@{HIT_K}_after"]["mean"] for p in pts]
+    xs = [p[f"pgd_hit@{k}_after"]["mean"] for p in pts]
     ys = [p["ndcg@10"]["mean"] for p in pts]
     ax.plot(xs, ys, "k--", marker="s", ms=4, lw=1,
             label=f"UAT-MC sweep over {sweep['parameter']}")
     for p, x, y in zip(pts, xs, ys):
       ax.annotate(f"{p['value']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
                   fontsize=7)
-  ax.set_xlabel(f"Hit@{HIT_K} after PGD (lower = more robust)")
+  ax.set_xlabel(f"Hit@{k} after PGD (lower = more robust)")
   ax.set_ylabel("clean NDCG@10")
   ax.set_title("Defence–accuracy trade-off")
   ax.legend(fontsize=7)
