@@ -9,7 +9,7 @@ Writes into the workdir:
   (``fgsm``, ``pgd``, ``pgd_aligned``, ``pgd_pcgrad_groups``, ``pgd_shared_groups``,
   ``fgsm_<m>``, ``pgd_<m>``), a block with ``hit@K_before`` / ``hit@K_after`` and
   ``avg_rank_before`` / ``avg_rank_after`` (``{"mean", "std"}`` over all targets of all
-  seeds; ranking over all items without masking train items, the reference's; the
+  seeds, sample std with ddof 1; ranking over all items without masking train items, the reference's; the
   masked variant under ``masked``), ``n_targets`` (per seed), ``seeds``,
   ``targets_per_second``, and ``mismatch`` (A.5 at δ = 0: ``cosine_mean``,
   ``cosine_quantiles``, ``dominant_group_differs_share``, ``gain_correlation``) plus
@@ -315,7 +315,9 @@ def write_outputs(workdir: str, results: dict, cfg, data_name: str, model_name: 
   with open(os.path.join(workdir, "attack_results.md"), "w") as f:
     f.write(f"Promotion attacks on {data_name} / {model_name} ({cfg.target_set} "
             f"targets, {cfg.targets}/seed x seeds {list(cfg.seeds)}; {RANKING_NOTE}; "
-            f"Hit@K after unless stated)\n\n{table}\n")
+            f"Hit@K after unless stated; "
+            f"{reporting.std_header(cfg.targets * len(cfg.seeds), 'targets (all seeds)')})"
+            f"\n\n{table}\n")
   print(table, flush=True)
 
 

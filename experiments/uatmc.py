@@ -13,8 +13,8 @@ optionally sweeps UAT-MC's λ_adv (or ε) for the defence–accuracy trade-off. 
 * ``results.json``: ``{"defences": {name: {"recall@20", "ndcg@10", "ndcg@20",
   "attacks": {"fgsm" | "pgd" | "pgd_aligned": {"hit@K_before", "hit@K_after",
   "avg_rank_change"}}}}}`` with K the attack objective's ``attack_k`` (50, A.4; also
-  under ``hit_k``) and every number ``{"mean", "std"}`` over seeds (a seed's value is
-  the mean over its targets), plus ``attackers``, ``protocol``,
+  under ``hit_k``) and every number ``{"mean", "std"}`` over seeds (sample std, ddof 1;
+  a seed's value is the mean over its targets), plus ``attackers``, ``protocol``,
   ``relative_ndcg@10_drop``, ``sweep`` and ``seconds``;
 * ``results.md``: the table in the paper's layout (A.8);
 * ``tradeoff.png``: clean NDCG@10 against Hit@K after PGD, every defence and the sweep;
@@ -329,18 +329,20 @@ def run_experiment(cfg, workdir: str) -> dict:
       "attack": dict(_plain(cfg.attack), space="projected", target_set="random",
                      ranking="all items, train items not masked (reference)"),
       "metrics": "clean metrics on test (full ranking, A.3) of the valid-selected checkpoint; "
-                 "attack numbers: per seed the mean over targets, then mean/std over seeds",
+                 "attack numbers: per seed the mean over targets, then mean and sample std "
+                 "(ddof 1) over seeds",
   }
   results["seconds"] = time.perf_counter() - t_start
   write_json(os.path.join(workdir, "results.json"), results)
   if jax.process_index() != 0:  # the Markdown table and the plots: process 0 only
     return results
+  from uatmc_jax.evaluation.reporting import std_header
   table = markdown(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
             f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = {cfg.attack['epsilon']} "
             f"(A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} anchor users, "
-            f"mean ± std over seeds\n\n{table}\n")
+            f"{std_header(len(cfg.seeds))}\n\n{table}\n")
   tradeoff_plot(os.path.join(workdir, "tradeoff.png"), results)
   mismatch_plot(os.path.join(workdir, "mismatch.png"), per_seed)
   return results

@@ -56,6 +56,7 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   for row in ("Vanilla", "APR", "AMR", "UAT-MC w/o align", "UAT-MC"):
     assert f"| {row} |" in table
   assert "Hit@10 PGD" in table and "Hit@50" not in table
+  assert "mean ± sample std (ddof 1) over 1 seeds" in table
   # Every stage wrote its own result file; a rerun skips them all and reproduces the table.
   for name in DEFENCE_KEYS:
     stage = os.path.join(workdir, "seed_1", name)
