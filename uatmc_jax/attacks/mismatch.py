@@ -10,10 +10,12 @@ computed for all groups at once as ``jax.vmap`` over groups of one VJP. Per targ
 * each group's share of each modality's gradient w_k^m = <g_k^m, g^m> / ||g^m||²
   (Σ_k w_k^m = 1), the dominant group argmax_k w_k^m, and whether it differs between
   modalities (the mismatch);
-* per-user score gains of each modality's sign step, a_u = ∇_{δ^m} ℓ_u · sign(g^m)
-  (one JVP per modality gives all users at once; the scale of the step does not
-  matter for a correlation), and their Pearson correlation across the users with any
-  non-zero gain, for every modality pair.
+* per-user score gains of each modality's step, a_u = ∇_{δ^m} ℓ_u · s^m (one JVP per
+  modality gives all users at once), and their Pearson correlation across the users
+  with any non-zero gain, for every modality pair. At δ = 0 the step s^m is the sign
+  step sign(g^m) (the scale does not matter for a correlation); at the attacker's final
+  δ ≠ 0 it is that δ^m itself (``gain_step``), the step the attack actually took — not
+  sign(∇L) at the perturbed point, which is the *next* step's direction.
 
 Everything works for any number of modalities (pairs in ``itertools.combinations``
 order of the attacked modalities).
@@ -97,7 +99,9 @@ def pearson_masked(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
 
 def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.Array],
                          group_weights: jax.Array, probe=None, *,
-                         shared_space: bool = True) -> MismatchDiagnostics:
+                         shared_space: bool = True,
+                         gain_step: Mapping[str, jax.Array] | None = None
+                         ) -> MismatchDiagnostics:
   """The A.5 diagnostics of one target at perturbation ``delta`` (usually 0).
 
   Args:
@@ -140,7 +144,7 @@ def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.
   zeros = {m: jnp.zeros_like(delta[m]) for m in modalities}
   for m in modalities:
     tangent = dict(zeros)
-    tangent[m] = jnp.sign(step_grads[m])
+    tangent[m] = jnp.sign(step_grads[m]) if gain_step is None else gain_step[m]
     gains[m] = jax.jvp(per_user_loss_fn, (dict(delta),), (tangent,))[1]
   active = jnp.zeros_like(gains[modalities[0]], dtype=bool)
   for m in modalities:

@@ -448,8 +448,10 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
     # A.5 diagnostics at the clean point and at the attacker's final perturbation.
     out["mismatch"] = mismatch_lib.mismatch_diagnostics(per_user_loss, zero, group_weights,
                                                         probe, shared_space=surface.shared_space)
+    # ... the gains at δ are those of the attacker's own step δ (A.5: a_u = ∇ℓ_u · δ^v).
     out["mismatch_at_delta"] = mismatch_lib.mismatch_diagnostics(
-        per_user_loss, delta, group_weights, probe, shared_space=surface.shared_space)
+        per_user_loss, delta, group_weights, probe, shared_space=surface.shared_space,
+        gain_step=delta)
   return out
 
 
