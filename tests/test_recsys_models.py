@@ -285,3 +285,14 @@ def test_unit_info_nce_equals_masked_info_nce_with_duplicates():
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     for x, y in zip(g1, g0):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_vbpr_mlp_default_info_nce_weight_is_the_protocol_default():
+  """One InfoNCE default: building VBPR-MLP without a weight gives the weight the
+  train_recsys / uatmc protocol uses on real data (1.0), as the docstrings say."""
+  from experiments.configs import recsys as recsys_config
+  data = tiny_data()
+  protocol = recsys_config.default_model_align_weight("../shared/data/tiktok")
+  assert build_recommender("vbpr_mlp", data, {}, nnx.Rngs(0)).align_weight == protocol
+  cfg = recsys_config.get_config("model=vbpr_mlp,dataset=../shared/data/tiktok")
+  assert cfg.model_config["align_weight"] == protocol

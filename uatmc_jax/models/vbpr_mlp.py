@@ -56,14 +56,15 @@ class VBPRMLP(base.RecommenderBase):
     feature_dims: {modality: d_m}.
     embedding_dim: ID / projected width (64); user vectors are 2x (128).
     wide_threshold: raw width from which a modality gets the wide MLP.
-    align_weight: weight of the InfoNCE auxiliary loss (0 disables it).
+    align_weight: weight of the InfoNCE auxiliary loss (0 disables it); 1.0, the
+      protocol default of ``experiments/configs/recsys.py`` (0 on synthetic data).
     init_temperature: initial InfoNCE temperature (learnable, kept in [1/64, 100]).
     rngs: NNX random streams.
   """
 
   def __init__(self, n_users: int, n_items: int, feature_dims: dict[str, int], *,
                embedding_dim: int = 64, wide_threshold: int = 1024,
-               align_weight: float = 0.1, init_temperature: float = 0.2, rngs: nnx.Rngs):
+               align_weight: float = 1.0, init_temperature: float = 0.2, rngs: nnx.Rngs):
     self.modalities = base.ordered_modalities(feature_dims)
     self.is_graph = False
     self.n_users, self.n_items = int(n_users), int(n_items)
