@@ -50,6 +50,7 @@ TRAIN_FILE = "train_results.json"
 ATTACK_FILE = "attack_results.json"
 ATTACKERS = ("fgsm", "pgd", "pgd_aligned")
 SWEEP_ATTACKERS = ("pgd", "pgd_aligned")
+N_GROUPS = 4  # k-means groups when the data has no planted ones
 ATTACKER_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "pgd_aligned": "PGD-aligned"}
 ROW_NAMES = {"vanilla": "Vanilla", "apr": "APR", "amr": "AMR",
              "uat_mc_no_align": "UAT-MC w/o align", "uat_mc": "UAT-MC"}
@@ -171,6 +172,10 @@ class AttackBench:
     self.cfg, self.data, self.mesh = cfg, data, mesh
     self.attackers = make_attackers(cfg)
     self.runner = None
+    from uatmc_jax.attacks import user_groups
+    # The A.5 diagnostics' user groups: the folder's planted ones, else k-means.
+    self.grouping = user_groups.grouping_description(data, data.user_groups is not None,
+                                                     N_GROUPS)
 
   def attack(self, model, seed: int, names) -> dict:
     from uatmc_jax.attacks import promotion, targets as targets_lib, user_groups
@@ -195,11 +200,8 @@ class AttackBench:
     targets = targets_lib.select_targets("random", min(a["targets"], data.n_items),
                                          data.item_popularity(), seed)
     ctx = promotion.build_context(surface, anchors, k=a["k"])
-    if data.user_groups is not None:
-      groups = user_groups.one_hot_groups(np.asarray(data.user_groups)[anchors])
-    else:
-      _, assign = user_groups.kmeans(jax.random.key(seed), ctx.anchor_vectors, k=4)
-      groups = user_groups.one_hot_groups(assign, 4)
+    groups = user_groups.anchor_groups(data.user_groups, anchors, ctx.anchor_vectors,
+                                       jax.random.key(seed), N_GROUPS)
     out = {}
     hit_k = int(a["k"])
     j = list(self.runner.ks).index(hit_k)
@@ -234,6 +236,7 @@ def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names) ->
       return done
   out = bench.attack(model, seed, names)
   out["settings"] = settings
+  out["groups"] = bench.grouping
   a = bench.cfg.attack
   out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} anchors, "
                      f"K={a['k']} (objective and Hit@K), ranks over all items (train items "
@@ -273,6 +276,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   mesh = (mesh_lib.make_mesh() if n_data == -1
           else mesh_lib.make_mesh(data=n_data, devices=jax.devices()[:n_data]))
   bench = AttackBench(cfg, data, mesh)
+  _say(f"user groups of the A.5 diagnostics: {bench.grouping}")
   per_seed: dict[int, dict] = {}
   sweep_runs: dict[int, dict] = {}
 
@@ -328,6 +332,7 @@ def run_experiment(cfg, workdir: str) -> dict:
       "defence_hyperparameters": {n: _resolved(cfg, n) for n in cfg.defences},
       "attack": dict(_plain(cfg.attack), space="projected", target_set="random",
                      ranking="all items, train items not masked (reference)"),
+      "groups": bench.grouping,
       "metrics": "clean metrics on test (full ranking, A.3) of the valid-selected checkpoint; "
                  "attack numbers: per seed the mean over targets, then mean and sample std "
                  "(ddof 1) over seeds",
@@ -342,7 +347,7 @@ def run_experiment(cfg, workdir: str) -> dict:
     f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
             f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = {cfg.attack['epsilon']} "
             f"(A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} anchor users, "
-            f"{std_header(len(cfg.seeds))}\n\n{table}\n")
+            f"{std_header(len(cfg.seeds))}; A.5 user groups: {bench.grouping}\n\n{table}\n")
   tradeoff_plot(os.path.join(workdir, "tradeoff.png"), results)
   mismatch_plot(os.path.join(workdir, "mismatch.png"), per_seed)
   return results

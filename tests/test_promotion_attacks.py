@@ -298,3 +298,32 @@ def test_attack_config_and_attacker_names():
   assert set(attack_recsys.attacker_names(mods)) >= {"fgsm", "pgd", "pgd_aligned", "pgd_audio"}
   with pytest.raises(errors.ConfigError, match="attack"):
     make("pgd_video")
+
+
+def test_attack_outputs_say_which_user_grouping_was_used(tmp_path, capsys):
+  from flax import nnx
+  from experiments import attack_recsys
+  from experiments.configs import attack as attack_config
+  from uatmc_jax.data import mmrec
+  from uatmc_jax.data.synthetic import SyntheticConfig, write_synthetic
+  from uatmc_jax.models.registry import build_recommender
+  folder = write_synthetic(tmp_path / "syn", SyntheticConfig(
+      n_users=40, n_items=30, mean_interactions=8, name="tiny"))
+  cfg = attack_config.get_config("targets=2,seeds=1,attack=pgd,k=3,anchor_share=0.5")
+  for planted in (True, False):
+    if not planted:  # the same folder under the undocumented name: k-means, with a warning
+      (folder / "user_groups.npy").rename(folder / "groups.npy")
+      with pytest.warns(UserWarning, match="groups.npy"):
+        data = mmrec.load_mmrec(folder)
+    else:
+      data = mmrec.load_mmrec(folder)
+    model = build_recommender("vbpr_mlp", data, {"embedding_dim": 4}, nnx.Rngs(0))
+    results, _, _ = attack_recsys.run_attacks(cfg, model, data)
+    expect = (f"planted from {folder / 'user_groups.npy'}" if planted
+              else f"k-means k={cfg.n_groups} on anchor user vectors")
+    assert results["protocol"]["groups"] == expect
+    out = tmp_path / f"out_{planted}"
+    out.mkdir()
+    attack_recsys.write_outputs(str(out), results, cfg, data.name, "VBPRMLP")
+    assert expect in (out / "attack_results.md").read_text()
+    assert expect in capsys.readouterr().out

@@ -57,6 +57,11 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
     assert f"| {row} |" in table
   assert "Hit@10 PGD" in table and "Hit@50" not in table
   assert "mean ± sample std (ddof 1) over 1 seeds" in table
+  # The planted groups of the folder are used, and every output says so.
+  planted = f"planted from {folder / 'user_groups.npy'}"
+  assert results["protocol"]["groups"] == planted and planted in table
+  assert json.load(open(os.path.join(workdir, "seed_1", "apr", "attack_results.json")))[
+      "groups"] == planted
   # Every stage wrote its own result file; a rerun skips them all and reproduces the table.
   for name in DEFENCE_KEYS:
     stage = os.path.join(workdir, "seed_1", name)
