@@ -9,7 +9,7 @@ Writes into the workdir:
   (``fgsm``, ``pgd``, ``pgd_aligned``, ``pgd_pcgrad_groups``, ``pgd_shared_groups``,
   ``fgsm_<m>``, ``pgd_<m>``), a block with ``hit@K_before`` / ``hit@K_after`` and
   ``avg_rank_before`` / ``avg_rank_after`` (``{"mean", "std"}`` over all targets of all
-  seeds; ranking over all items without masking train items, the reference's; the
+  seeds, sample std with ddof 1; ranking over all items without masking train items, the reference's; the
   masked variant under ``masked``), ``n_targets`` (per seed), ``seeds``,
   ``targets_per_second``, and ``mismatch`` (A.5 at δ = 0: ``cosine_mean``,
   ``cosine_quantiles``, ``dominant_group_differs_share``, ``gain_correlation``) plus
@@ -65,8 +65,10 @@ def load_trained(workdir: str):
 # Attackers by name.
 
 
-def attacker_names(modalities) -> list[str]:
-  names = ["fgsm", "pgd", "pgd_aligned", "pgd_pcgrad_groups", "pgd_shared_groups"]
+def attacker_names(modalities, shared_space: bool = True) -> list[str]:
+  """The default attackers; ``pgd_aligned`` (cosine reward) only with a shared space."""
+  names = ["fgsm", "pgd"] + (["pgd_aligned"] if shared_space else [])
+  names += ["pgd_pcgrad_groups", "pgd_shared_groups"]
   names += [f"fgsm_{m}" for m in modalities] + [f"pgd_{m}" for m in modalities]
   return names
 
@@ -242,7 +244,7 @@ def run_attacks(cfg, model, data, mesh=None):
   """
   surface = surface_from_recommender(model, data.features, space=cfg.space)
   modalities = surface.modalities
-  names = cfg.attacks or attacker_names(modalities)
+  names = cfg.attacks or attacker_names(modalities, surface.shared_space)
   attacks = {eps: {n: make_attacker(n, eps, cfg, modalities) for n in names}
              for eps in cfg.epsilons}
   if cfg.groups not in ("auto", "planted", "kmeans"):
@@ -250,6 +252,8 @@ def run_attacks(cfg, model, data, mesh=None):
   use_planted = cfg.groups == "planted" or (cfg.groups == "auto" and data.user_groups is not None)
   if use_planted and data.user_groups is None:
     raise errors.ConfigError(f"groups=planted but dataset {data.name!r} has no user groups")
+  grouping = user_groups.grouping_description(data, use_planted, cfg.n_groups)
+  logging.info("user groups (A.5 diagnostics, group alignments): %s", grouping)
   chunk = promotion.chunk_size_for(surface, cfg.chunk_size, cfg.targets, mesh)
   runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=cfg.mismatch,
                                            mesh=mesh)
@@ -260,11 +264,8 @@ def run_attacks(cfg, model, data, mesh=None):
     anchors = targets_lib.select_anchors(data.n_users, cfg.anchor_share, seed)
     tg = targets_lib.select_targets(cfg.target_set, cfg.targets, pop, seed)
     ctx = promotion.build_context(surface, anchors, k=cfg.k, train_pairs=data.train)
-    if use_planted:
-      groups = user_groups.one_hot_groups(np.asarray(data.user_groups)[anchors])
-    else:
-      _, assign = user_groups.kmeans(jax.random.key(seed), ctx.anchor_vectors, k=cfg.n_groups)
-      groups = user_groups.one_hot_groups(assign, cfg.n_groups)
+    groups = user_groups.anchor_groups(data.user_groups if use_planted else None, anchors,
+                                       ctx.anchor_vectors, jax.random.key(seed), cfg.n_groups)
     for eps in cfg.epsilons:
       for n in names:
         out = runner.run(attacks[eps][n], ctx, tg, groups)
@@ -278,8 +279,7 @@ def run_attacks(cfg, model, data, mesh=None):
       "space": cfg.space, "k": cfg.k, "anchor_share": cfg.anchor_share,
       "target_set": cfg.target_set, "targets_per_seed": cfg.targets, "seeds": list(cfg.seeds),
       "epsilons": list(cfg.epsilons), "ranking": RANKING_NOTE,
-      "groups": ("planted (data.user_groups)" if use_planted
-                 else f"k-means on anchor user vectors, k={cfg.n_groups}"),
+      "groups": grouping,
       "fgsm": "one sign step, eps_m = eps*||x_t^m||_2, margin 10",
       "pgd": "10 sign steps of 1.25*eps/10, ||delta^m||_inf <= eps, no random start, margin 1",
       "align_weight": cfg.align_weight, "group_temperature": cfg.group_temperature,
@@ -313,8 +313,10 @@ def write_outputs(workdir: str, results: dict, cfg, data_name: str, model_name: 
   with open(os.path.join(workdir, "attack_results.md"), "w") as f:
     f.write(f"Promotion attacks on {data_name} / {model_name} ({cfg.target_set} "
             f"targets, {cfg.targets}/seed x seeds {list(cfg.seeds)}; {RANKING_NOTE}; "
-            f"Hit@K after unless stated)\n\n{table}\n")
-  print(table, flush=True)
+            f"Hit@K after unless stated; user groups: {results['protocol']['groups']}; "
+            f"{reporting.std_header(cfg.targets * len(cfg.seeds), 'targets (all seeds)')})"
+            f"\n\n{table}\n")
+  print(f"user groups: {results['protocol']['groups']}\n{table}", flush=True)
 
 
 def main(argv):

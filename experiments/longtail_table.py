@@ -1,4 +1,4 @@
-"""Aggregates finished long-tail runs into one Markdown table (mean ± std over seeds).
+"""Aggregates finished long-tail runs into one Markdown table (mean ± sample std over seeds).
 
   python -m experiments.longtail_table --workdirs='/tmp/lt2/ir*_s[01]' \\
       --out=/tmp/lt2/table.md --plot=/tmp/lt2/per_class.png
@@ -7,7 +7,7 @@ Each workdir is a ``train_longtail`` run (``results.json``: clean and PGD-20 blo
 method, imbalance ratio, seed, class counts) optionally followed by ``eval_robust``
 (``eval_results.json``: cw / autoattack_apgd / autoattack / pgd20 blocks). Runs are
 grouped by (imbalance ratio, method); every accuracy is averaged over the group's runs
-(seeds) as ``mean ± std`` (population std, i.e. |a − b| / 2 for two seeds). An
+(seeds) as ``mean ± std`` (sample std, ddof 1, i.e. |a − b| / √2 for two seeds). An
 evaluation present in only some runs of a group is averaged over those runs and the
 ``seeds`` column says how many. PGD-20 comes from eval_results.json when eval_robust
 ran it, else from results.json (the trainer's PGD-20: same ε 8/255, step 2/255, random
@@ -147,10 +147,12 @@ def markdown(agg: Dict[tuple, dict]) -> str:
         rows.append([f"{ir:g}", method, EVAL_LABELS[e], a[e]["n"]] +
                     [_pct(a[e][m]) for m in METRICS])
   long = reporting.markdown_table(["IR", "method", "eval", "seeds"] + list(METRICS), rows)
-  note = ("Accuracy in %, mean ± std over seeds (population std). Groups from the training "
-          "counts: Many > 100, Medium 20–100, Few < 20 images, Tail = rarest 30% of "
-          "classes; — = empty group.")
-  return "\n\n".join([compact, long, note])
+  n_seeds = sorted({len(a["seeds"]) for a in agg.values()})
+  seeds = str(n_seeds[0]) if len(n_seeds) == 1 else f"{n_seeds[0]}–{n_seeds[-1]}"
+  note = (f"Accuracy in %, {reporting.std_header(seeds)} (column seeds). Groups from "
+          "the training counts: Many > 100, Medium 20–100, Few < 20 images, Tail = rarest "
+          "30% of classes; — = empty group.")
+  return "\n\n".join([note, compact, long])
 
 
 def per_class_plot(path: str, agg: Dict[tuple, dict]) -> Dict[float, str]:

@@ -11,12 +11,13 @@ and aligned PGD (A.4/A.6, the promotion-attack library, many targets at once), a
 optionally sweeps UAT-MC's λ_adv (or ε) for the defence–accuracy trade-off. Writes:
 
 * ``results.json``: ``{"defences": {name: {"recall@20", "ndcg@10", "ndcg@20",
-  "attacks": {"fgsm" | "pgd" | "pgd_aligned": {"hit@50_before", "hit@50_after",
-  "avg_rank_change"}}}}}`` with every number ``{"mean", "std"}`` over seeds (a seed's
-  value is the mean over its targets), plus ``protocol``, ``relative_ndcg@10_drop``,
-  ``sweep`` and ``seconds``;
+  "attacks": {"fgsm" | "pgd" | "pgd_aligned": {"hit@K_before", "hit@K_after",
+  "avg_rank_change"}}}}}`` with K the attack objective's ``attack_k`` (50, A.4; also
+  under ``hit_k``) and every number ``{"mean", "std"}`` over seeds (sample std, ddof 1;
+  a seed's value is the mean over its targets), plus ``attackers``, ``protocol``,
+  ``relative_ndcg@10_drop``, ``sweep`` and ``seconds``;
 * ``results.md``: the table in the paper's layout (A.8);
-* ``tradeoff.png``: clean NDCG@10 against Hit@50 after PGD, every defence and the sweep;
+* ``tradeoff.png``: clean NDCG@10 against Hit@K after PGD, every defence and the sweep;
 * ``mismatch.png``: per-target cross-modal gradient cosines (A.5) of the promotion
   objective before/after alignment (on each defence's model at δ = 0, and at the naive
   vs the aligned attacker's final δ on the vanilla model).
@@ -49,7 +50,8 @@ TRAIN_FILE = "train_results.json"
 ATTACK_FILE = "attack_results.json"
 ATTACKERS = ("fgsm", "pgd", "pgd_aligned")
 SWEEP_ATTACKERS = ("pgd", "pgd_aligned")
-HIT_K = 50
+N_GROUPS = 4  # k-means groups when the data has no planted ones
+ATTACKER_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "pgd_aligned": "PGD-aligned"}
 ROW_NAMES = {"vanilla": "Vanilla", "apr": "APR", "amr": "AMR",
              "uat_mc_no_align": "UAT-MC w/o align", "uat_mc": "UAT-MC"}
 
@@ -122,6 +124,30 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
   return model, metrics
 
 
+def has_shared_space(model_name: str) -> bool:
+  from uatmc_jax.models.registry import MODEL_CLASSES
+  cls = MODEL_CLASSES.get(model_name)
+  return bool(cls is None or cls.shared_projected_space)
+
+
+def attackers_for(cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(attackers, sweep attackers) for ``cfg.model``; checks the defences apply to it.
+
+  A model without a shared projected space (VBPR) has no aligned attacker (the cosine
+  reward compares modality gradients in such a space) and refuses UAT-MC's alignment.
+  """
+  if has_shared_space(cfg.model):
+    return ATTACKERS, SWEEP_ATTACKERS
+  if "uat_mc" in cfg.defences:
+    raise ConfigError(f"defences include 'uat_mc', whose alignment needs a shared projected "
+                      f"space, which model={cfg.model!r} does not have "
+                      "(shared_projected_space=False); drop it from defences (e.g. "
+                      "defences=vanilla+apr+amr+uat_mc_no_align) or use vbpr_mlp / mmgcn")
+  drop = ("pgd_aligned",)
+  return (tuple(a for a in ATTACKERS if a not in drop),
+          tuple(a for a in SWEEP_ATTACKERS if a not in drop))
+
+
 def make_attackers(cfg) -> dict:
   from uatmc_jax.attacks import promotion
   a = cfg.attack
@@ -146,6 +172,10 @@ class AttackBench:
     self.cfg, self.data, self.mesh = cfg, data, mesh
     self.attackers = make_attackers(cfg)
     self.runner = None
+    from uatmc_jax.attacks import user_groups
+    # The A.5 diagnostics' user groups: the folder's planted ones, else k-means.
+    self.grouping = user_groups.grouping_description(data, data.user_groups is not None,
+                                                     N_GROUPS)
 
   def attack(self, model, seed: int, names) -> dict:
     from uatmc_jax.attacks import promotion, targets as targets_lib, user_groups
@@ -161,27 +191,27 @@ class AttackBench:
     if self.runner is None:
       chunk = promotion.chunk_size_for(surface, a["chunk_size"],
                                        min(a["targets"], data.n_items), self.mesh)
-      self.runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk,
+      # Hit@K is reported at the K of the attack objective (A.4), whatever it is.
+      ks = tuple(sorted(set(promotion.METRIC_KS) | {int(a["k"])}))
+      self.runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, ks=ks,
                                                     with_mismatch=True, mesh=self.mesh)
     self.runner.surface = surface
     anchors = targets_lib.select_anchors(data.n_users, a["anchor_share"], seed)
     targets = targets_lib.select_targets("random", min(a["targets"], data.n_items),
                                          data.item_popularity(), seed)
     ctx = promotion.build_context(surface, anchors, k=a["k"])
-    if data.user_groups is not None:
-      groups = user_groups.one_hot_groups(np.asarray(data.user_groups)[anchors])
-    else:
-      _, assign = user_groups.kmeans(jax.random.key(seed), ctx.anchor_vectors, k=4)
-      groups = user_groups.one_hot_groups(assign, 4)
+    groups = user_groups.anchor_groups(data.user_groups, anchors, ctx.anchor_vectors,
+                                       jax.random.key(seed), N_GROUPS)
     out = {}
-    j = list(self.runner.ks).index(HIT_K)
+    hit_k = int(a["k"])
+    j = list(self.runner.ks).index(hit_k)
     for name in names:
       r = self.runner.run(self.attackers[name], ctx, targets, groups)
       cos_clean = np.nanmean(np.asarray(r["mismatch"].cosine, np.float64), axis=1)
       cos_after = np.nanmean(np.asarray(r["mismatch_at_delta"].cosine, np.float64), axis=1)
       out[name] = {
-          f"hit@{HIT_K}_before": float(np.mean(r["hit_before"][:, j])),
-          f"hit@{HIT_K}_after": float(np.mean(r["hit_after"][:, j])),
+          f"hit@{hit_k}_before": float(np.mean(r["hit_before"][:, j])),
+          f"hit@{hit_k}_after": float(np.mean(r["hit_after"][:, j])),
           "avg_rank_before": float(np.mean(r["rank_before"])),
           "avg_rank_after": float(np.mean(r["rank_after"])),
           "avg_rank_change": float(np.mean(r["rank_after"] - r["rank_before"])),
@@ -206,8 +236,11 @@ def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names) ->
       return done
   out = bench.attack(model, seed, names)
   out["settings"] = settings
-  out["protocol"] = ("A.4: projected space, random targets, 40% anchors, K=50, ranks over "
-                     "all items (train items not masked, the reference's)")
+  out["groups"] = bench.grouping
+  a = bench.cfg.attack
+  out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} anchors, "
+                     f"K={a['k']} (objective and Hit@K), ranks over all items (train items "
+                     "not masked, the reference's)")
   write_json(path, out)
   return out
 
@@ -232,6 +265,8 @@ def run_experiment(cfg, workdir: str) -> dict:
                       "fine-tunes and every row is compared with)")
   if cfg.sweep and cfg.sweep not in ("adv_weight", "epsilon"):
     raise ConfigError(f"sweep must be 'adv_weight', 'epsilon' or empty, got {cfg.sweep!r}")
+  attackers, sweep_attackers = attackers_for(cfg)
+  k = int(cfg.attack["k"])
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), _plain(cfg))
@@ -241,6 +276,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   mesh = (mesh_lib.make_mesh() if n_data == -1
           else mesh_lib.make_mesh(data=n_data, devices=jax.devices()[:n_data]))
   bench = AttackBench(cfg, data, mesh)
+  _say(f"user groups of the A.5 diagnostics: {bench.grouping}")
   per_seed: dict[int, dict] = {}
   sweep_runs: dict[int, dict] = {}
 
@@ -269,11 +305,11 @@ def run_experiment(cfg, workdir: str) -> dict:
             else fresh_model(seed)
         model, metrics = train_stage(stage_dir, start, data,
                                      defence_train_config(cfg, name, seed), mesh)
-      attacks = attack_stage(stage_dir, bench, model, seed, ATTACKERS)
+      attacks = attack_stage(stage_dir, bench, model, seed, attackers)
       per_seed[seed][name] = {"train": metrics, "attacks": attacks}
-      _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@50 "
-           + ", ".join(f"{a} {attacks[a]['hit@50_before']:.3f}->{attacks[a]['hit@50_after']:.3f}"
-                       for a in ATTACKERS)
+      _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@{k} "
+           + ", ".join(f"{a} {attacks[a][f'hit@{k}_before']:.3f}->"
+                       f"{attacks[a][f'hit@{k}_after']:.3f}" for a in attackers)
            + f"  [{time.perf_counter() - t_start:.0f} s]")
 
     if cfg.sweep and "uat_mc" in cfg.defences and seed in cfg.seeds[:cfg.sweep_seeds]:
@@ -283,10 +319,10 @@ def run_experiment(cfg, workdir: str) -> dict:
         model, metrics = train_stage(
             stage_dir, from_backbone(), data,
             defence_train_config(cfg, "uat_mc", seed, {cfg.sweep: float(value)}), mesh)
-        attacks = attack_stage(stage_dir, bench, model, seed, SWEEP_ATTACKERS)
+        attacks = attack_stage(stage_dir, bench, model, seed, sweep_attackers)
         sweep_runs[seed][float(value)] = {"train": metrics, "attacks": attacks}
 
-  results = aggregate(cfg, per_seed, sweep_runs)
+  results = aggregate(cfg, per_seed, sweep_runs, attackers, sweep_attackers)
   results["protocol"] = {
       "dataset": data.name, "dataset_path": cfg.dataset, "model": cfg.model,
       "n_users": data.n_users, "n_items": data.n_items, "modalities": list(data.modalities),
@@ -296,18 +332,22 @@ def run_experiment(cfg, workdir: str) -> dict:
       "defence_hyperparameters": {n: _resolved(cfg, n) for n in cfg.defences},
       "attack": dict(_plain(cfg.attack), space="projected", target_set="random",
                      ranking="all items, train items not masked (reference)"),
+      "groups": bench.grouping,
       "metrics": "clean metrics on test (full ranking, A.3) of the valid-selected checkpoint; "
-                 "attack numbers: per seed the mean over targets, then mean/std over seeds",
+                 "attack numbers: per seed the mean over targets, then mean and sample std "
+                 "(ddof 1) over seeds",
   }
   results["seconds"] = time.perf_counter() - t_start
   write_json(os.path.join(workdir, "results.json"), results)
   if jax.process_index() != 0:  # the Markdown table and the plots: process 0 only
     return results
+  from uatmc_jax.evaluation.reporting import std_header
   table = markdown(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
             f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = {cfg.attack['epsilon']} "
-            f"(A.4), Hit@50 over 40% anchor users, mean ± std over seeds\n\n{table}\n")
+            f"(A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} anchor users, "
+            f"{std_header(len(cfg.seeds))}; A.5 user groups: {bench.grouping}\n\n{table}\n")
   tradeoff_plot(os.path.join(workdir, "tradeoff.png"), results)
   mismatch_plot(os.path.join(workdir, "mismatch.png"), per_seed)
   return results
@@ -327,8 +367,10 @@ def _ms(values) -> dict:
   return mean_std([float(v) for v in values])
 
 
-def aggregate(cfg, per_seed: dict, sweep_runs: dict) -> dict:
+def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
+              sweep_attackers=SWEEP_ATTACKERS) -> dict:
   seeds = list(per_seed)
+  k = int(cfg.attack["k"])
   defences = {}
   for name in [d for d in per_seed[seeds[0]]]:
     runs = [per_seed[s][name] for s in seeds]
@@ -336,15 +378,15 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict) -> dict:
              for m in ("recall@20", "ndcg@10", "ndcg@20")}
     block["attacks"] = {
         a: {key: _ms([r["attacks"][a][key] for r in runs])
-            for key in (f"hit@{HIT_K}_before", f"hit@{HIT_K}_after", "avg_rank_change")}
-        for a in ATTACKERS}
+            for key in (f"hit@{k}_before", f"hit@{k}_after", "avg_rank_change")}
+        for a in attackers}
     block["train_seconds"] = _ms([r["train"]["train_seconds"] for r in runs])
     block["per_seed"] = {str(s): {"ndcg@10": per_seed[s][name]["train"]["test"]["ndcg@10"],
-                                  **{f"{a}_hit@{HIT_K}_after":
-                                     per_seed[s][name]["attacks"][a][f"hit@{HIT_K}_after"]
-                                     for a in ATTACKERS}} for s in seeds}
+                                  **{f"{a}_hit@{k}_after":
+                                     per_seed[s][name]["attacks"][a][f"hit@{k}_after"]
+                                     for a in attackers}} for s in seeds}
     defences[name] = block
-  out = {"defences": defences}
+  out = {"defences": defences, "attackers": list(attackers), "hit_k": k}
   if "vanilla" in defences:
     base = defences["vanilla"]["ndcg@10"]["mean"]
     out["relative_ndcg@10_drop"] = {n: (base - b["ndcg@10"]["mean"]) / base if base else None
@@ -354,25 +396,27 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict) -> dict:
     out["sweep"] = {"parameter": cfg.sweep, "seeds": list(sweep_runs), "points": [
         {"value": v,
          "ndcg@10": _ms([sweep_runs[s][v]["train"]["test"]["ndcg@10"] for s in sweep_runs]),
-         **{f"{a}_hit@{HIT_K}_after":
-            _ms([sweep_runs[s][v]["attacks"][a][f"hit@{HIT_K}_after"] for s in sweep_runs])
-            for a in SWEEP_ATTACKERS}}
+         **{f"{a}_hit@{k}_after":
+            _ms([sweep_runs[s][v]["attacks"][a][f"hit@{k}_after"] for s in sweep_runs])
+            for a in sweep_attackers}}
         for v in values]}
   return out
 
 
 def markdown(results: dict) -> str:
   from uatmc_jax.evaluation.reporting import markdown_table
-  header = ["Defence", "Recall@20", "NDCG@10", "NDCG@20", "Hit@50 clean",
-            "Hit@50 FGSM", "Hit@50 PGD", "Hit@50 PGD-aligned",
-            "Δrank FGSM", "Δrank PGD", "Δrank PGD-aligned"]
+  attackers = results.get("attackers", ATTACKERS)
+  k = results["hit_k"]
+  header = (["Defence", "Recall@20", "NDCG@10", "NDCG@20", f"Hit@{k} clean"]
+            + [f"Hit@{k} {ATTACKER_LABELS[a]}" for a in attackers]
+            + [f"Δrank {ATTACKER_LABELS[a]}" for a in attackers])
   rows = []
   for name, b in results["defences"].items():
     at = b["attacks"]
     rows.append([ROW_NAMES.get(name, name), b["recall@20"], b["ndcg@10"], b["ndcg@20"],
-                 at["pgd"][f"hit@{HIT_K}_before"],
-                 *[at[a][f"hit@{HIT_K}_after"] for a in ATTACKERS],
-                 *[at[a]["avg_rank_change"] for a in ATTACKERS]])
+                 at["pgd"][f"hit@{k}_before"],
+                 *[at[a][f"hit@{k}_after"] for a in attackers],
+                 *[at[a]["avg_rank_change"] for a in attackers]])
   table = markdown_table(header, rows)
   drops = results.get("relative_ndcg@10_drop")
   if drops:
@@ -387,23 +431,24 @@ def tradeoff_plot(path: str, results: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  k = results["hit_k"]
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for name, b in results["defences"].items():
-    x = b["attacks"]["pgd"][f"hit@{HIT_K}_after"]
+    x = b["attacks"]["pgd"][f"hit@{k}_after"]
     y = b["ndcg@10"]
     ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt="o", capsize=3,
                 label=ROW_NAMES.get(name, name))
   sweep = results.get("sweep")
   if sweep:
     pts = sweep["points"]
-    xs = [p[f"pgd_hit@{HIT_K}_after"]["mean"] for p in pts]
+    xs = [p[f"pgd_hit@{k}_after"]["mean"] for p in pts]
     ys = [p["ndcg@10"]["mean"] for p in pts]
     ax.plot(xs, ys, "k--", marker="s", ms=4, lw=1,
             label=f"UAT-MC sweep over {sweep['parameter']}")
     for p, x, y in zip(pts, xs, ys):
       ax.annotate(f"{p['value']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
                   fontsize=7)
-  ax.set_xlabel(f"Hit@{HIT_K} after PGD (lower = more robust)")
+  ax.set_xlabel(f"Hit@{k} after PGD (lower = more robust)")
   ax.set_ylabel("clean NDCG@10")
   ax.set_title("Defence–accuracy trade-off")
   ax.legend(fontsize=7)
@@ -420,7 +465,7 @@ def mismatch_plot(path: str, per_seed: dict) -> None:
 
   def collect(name, attacker, key):
     vals = [per_seed[s][name]["attacks"][attacker][key] for s in per_seed
-            if name in per_seed[s]]
+            if name in per_seed[s] and attacker in per_seed[s][name]["attacks"]]
     v = np.asarray([x for run in vals for x in run], np.float64)
     return v[np.isfinite(v)]
 

@@ -163,7 +163,8 @@ def attack_job(args, workdir):
            "text": rng.standard_normal((n_items, 4)).astype(np.float32)}
   data = InteractionData("tiny", n_users, n_items, pairs, pairs[:4], pairs[:4], feats,
                          user_groups=(np.arange(n_users) % 2).astype(np.int32))
-  model = build_recommender("vbpr", data, {"embedding_dim": 8}, nnx.Rngs(0))
+  # VBPR-MLP: the aligned attacker needs a shared projected space (VBPR has none).
+  model = build_recommender("vbpr_mlp", data, {"embedding_dim": 8}, nnx.Rngs(0))
   cfg = attack_config.get_config("targets=7,seeds=1,epsilon=1.0,attack=pgd_aligned,"
                                  "k=5,anchor_share=0.5")
   results, runs, runner = attack_recsys.run_attacks(cfg, model, data,
@@ -171,7 +172,7 @@ def attack_job(args, workdir):
   # The launcher's outputs from process 0 only: one folder per process to check it.
   out_dir = f"{workdir}_p{jax.process_index()}"
   os.makedirs(out_dir, exist_ok=True)
-  attack_recsys.write_outputs(out_dir, results, cfg, data.name, "VBPR")
+  attack_recsys.write_outputs(out_dir, results, cfg, data.name, "VBPRMLP")
   per_target = {f"{name}@{eps}": [{k: v for k, v in r.items() if k not in ("seconds",)}
                                   for r in rs] for (eps, name), rs in runs.items()}
   timing = ("targets_per_second", "seconds_per_seed", "total_seconds")

@@ -26,6 +26,8 @@ REG = 1e-3
 class LinearRecommender(base.RecommenderBase):
   """project: x^m P_m; item vector: E_i + Σ_m x̂_i^m W_m; user vector: U_u."""
 
+  shared_projected_space = True  # every x̂^m lives in one proj-d space
+
   def __init__(self, n_users, n_items, dims, width=3, proj=4, *, seed=0):
     rng = np.random.default_rng(seed)
     self.modalities = tuple(sorted(dims))
@@ -354,7 +356,8 @@ def test_inner_steps_respect_budgets(name):
     assert np.all((np.abs(n - 0.3) < 1e-5) | (n == 0))
   # AMR: rows of the batch's items have norm ε·||f_i||; others 0.
   raw = bs.slot_features(model, feats, slots)
-  d = np.asarray(amr.amr_perturbation(model, raw, slots, "image", 0.2, relative_budget=True))
+  d = np.asarray(amr.amr_perturbation(model, raw, slots, "image", 0.2, relative_budget=True,
+                                      graph_items="batch"))
   n = np.linalg.norm(d, axis=1)
   radius = 0.2 * np.linalg.norm(np.asarray(raw["image"]), axis=1)[inside]
   assert np.all((np.abs(n[inside] - radius) <= 1e-4 * radius) | (n[inside] == 0))
@@ -456,9 +459,125 @@ def test_hyperparameters_presets_and_errors():
     defence_hyperparameters("apr", {"epsilon": -1.0})
 
 
-def test_alignment_needs_a_common_projected_space():
+@pytest.mark.parametrize("widths", [(6, 10), (128, 128)])
+def test_alignment_needs_a_common_projected_space(widths):
+  """VBPR has no shared projected space: alignment is refused whatever the raw widths,
+  also at equal widths (TikTok's 128/128), where a shape test would let it through."""
+  rng = np.random.default_rng(0)
   data = tiny_data()
-  model = build_recommender("vbpr", data, {}, nnx.Rngs(0))  # identity projection: 6 vs 10
+  data = InteractionData("tiny", data.n_users, data.n_items, data.train, data.valid, data.test,
+                         {m: rng.standard_normal((data.n_items, w)).astype(np.float32)
+                          for m, w in zip(("audio", "image"), widths)})
+  model = build_recommender("vbpr", data, {}, nnx.Rngs(0))  # identity projection
+  assert not model.shared_projected_space
+  assert tiny_backbone("vbpr_mlp")[0].shared_projected_space
+  assert tiny_backbone("mmgcn")[0].shared_projected_space
   feats = {m: jnp.asarray(f) for m, f in data.features.items()}
-  with pytest.raises(ConfigError, match="widths differ"):
+  with pytest.raises(ConfigError, match="shared projected space.*VBPR"):
     make_defence_loss("uat_mc", {})(model, tiny_batch(), feats, None)
+  # Without alignment UAT-MC is defined on VBPR.
+  loss, _ = make_defence_loss("uat_mc_no_align", {})(model, tiny_batch(), feats, None)
+  assert np.isfinite(float(loss))
+
+
+# ---------------------------------------------------------------------------------------
+# Graph models: every item the batch's loss reaches is perturbed (A.7), not only the
+# batch's own items. References: per-item brute force on the full item table.
+def _full_table_bpr(model, batch):
+  users, pos, neg = (np.asarray(batch[k]) for k in ("users", "pos", "neg"))
+
+  def bpr(projected_table):
+    U, V = model.encode(projected_table)
+    d = jnp.sum(U[users] * (V[pos] - V[neg]), -1)
+    return -jnp.mean(jnp.log(1e-10 + jax.nn.sigmoid(d)))
+  return bpr
+
+
+def _per_item_gradients(loss_of_table, table, modalities):
+  """{m: (n_items, p_m)}: row i is ∇ of the loss w.r.t. a perturbation of row i alone."""
+  @jax.jit
+  def row_grad(i):
+    def f(rows):
+      return loss_of_table({m: table[m].at[i].add(rows[m]) for m in modalities})
+    return jax.grad(f)({m: jnp.zeros(table[m].shape[1]) for m in modalities})
+  n = table[modalities[0]].shape[0]
+  rows = [row_grad(i) for i in range(n)]  # brute force: one gradient per item
+  return {m: np.stack([np.asarray(r[m]) for r in rows]) for m in modalities}
+
+
+def test_graph_defences_perturb_every_item_with_gradient():
+  model, feats = tiny_backbone("mmgcn")
+  batch = tiny_batch(b=3)
+  mods = model.modalities
+  eps, lam = 0.1, 3.0
+  xhat = {m: np.asarray(v, np.float64) for m, v in model.project(feats).items()}
+  bpr = _full_table_bpr(model, batch)
+  table = {m: jnp.asarray(xhat[m], jnp.float32) for m in mods}
+  g = _per_item_gradients(bpr, table, mods)
+  has = np.any(np.stack([np.any(g[m] != 0, axis=1) for m in mods]), axis=0)
+  in_batch = np.zeros(model.n_items, bool)
+  in_batch[np.concatenate([np.asarray(batch["pos"]), np.asarray(batch["neg"])])] = True
+  assert np.sum(has & ~in_batch) >= 2  # the graph carries gradient beyond the batch
+  slots = bs.slots_for(model, batch)
+
+  def adv(p):
+    return bs.slot_bpr(*bs.slot_vectors(model, p, slots), slots)
+
+  projected = model.project(bs.slot_features(model, feats, slots))
+  rows = bs.perturbed_rows(model, slots)  # the default: every item with gradient
+  # Without alignment: each item's own normalised gradient at its own budget.
+  got = nnx.jit(lambda model: uat_mc.uat_mc_perturbation(
+      adv, projected, rows, epsilon=eps, align_weight=0.0))(model)
+  for m in mods:
+    expect = eps * np.linalg.norm(xhat[m], axis=1, keepdims=True) * row_normalize(g[m])
+    np.testing.assert_allclose(got[m], expect, rtol=1e-4, atol=1e-7)
+  # With alignment: ∇J on the full table, J = L + λ · mean over the items with gradient
+  # (found by the brute force above) of the plain cosine.
+  H = np.flatnonzero(has)
+
+  def j(delta):
+    grads = jax.grad(lambda d: bpr({m: table[m] + d[m] for m in mods}))(delta)
+    a, b = grads[mods[0]][H], grads[mods[1]][H]
+    cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1))
+    return bpr({m: table[m] + delta[m] for m in mods}) + lam * jnp.mean(cos)
+
+  gj = jax.jit(jax.grad(j))({m: jnp.zeros_like(table[m]) for m in mods})
+  aligned = nnx.jit(lambda model: uat_mc.uat_mc_perturbation(
+      adv, projected, rows, epsilon=eps, align_weight=lam))(model)
+  for m in mods:
+    expect = eps * np.linalg.norm(xhat[m], axis=1, keepdims=True) * row_normalize(
+        np.asarray(gj[m], np.float64)) * has[:, None]
+    np.testing.assert_allclose(aligned[m], expect, rtol=2e-4, atol=1e-6)
+  # The objectives' adversarial terms are the BPR of those perturbed tables ...
+  _, aux = make_defence_loss("uat_mc_no_align", {"epsilon": eps})(model, batch, feats, None)
+  np.testing.assert_allclose(aux["bpr_adv"], bpr({m: table[m] + got[m] for m in mods}),
+                             rtol=1e-5)
+  # ... and "batch", the named narrower option, perturbs only the batch's items.
+  _, aux_b = make_defence_loss("uat_mc_no_align", {"epsilon": eps, "graph_items": "batch"})(
+      model, batch, feats, None)
+  only_batch = {m: table[m] + got[m] * jnp.asarray(in_batch)[:, None] for m in mods}
+  np.testing.assert_allclose(aux_b["bpr_adv"], bpr(only_batch), rtol=1e-5)
+  assert abs(float(aux_b["bpr_adv"]) - float(aux["bpr_adv"])) > 1e-6
+  with pytest.raises(ConfigError, match="graph_items"):
+    make_defence_loss("uat_mc", {"graph_items": "all"})
+
+
+def test_graph_amr_perturbs_every_item_with_gradient():
+  model, feats = tiny_backbone("mmgcn")
+  batch = tiny_batch(b=3)
+  eps = 0.2
+  bpr = _full_table_bpr(model, batch)
+
+  def raw_loss(raw_table):
+    return bpr(model.project(dict(feats, image=raw_table["image"])))
+
+  g = _per_item_gradients(raw_loss, {"image": feats["image"]}, ("image",))["image"]
+  f = np.asarray(feats["image"], np.float64)
+  d = eps * np.linalg.norm(f, axis=1, keepdims=True) * row_normalize(g)
+  in_batch = np.zeros(model.n_items, bool)
+  in_batch[np.concatenate([np.asarray(batch["pos"]), np.asarray(batch["neg"])])] = True
+  assert np.any(np.linalg.norm(d[~in_batch], axis=1) > 0)
+  _, aux = make_defence_loss("amr", {"epsilon": eps, "amr_modality": "image"})(
+      model, batch, feats, None)
+  expect = raw_loss({"image": feats["image"] + jnp.asarray(d, jnp.float32)})
+  np.testing.assert_allclose(aux["bpr_adv"], expect, rtol=1e-5)

@@ -48,15 +48,18 @@ def test_aggregate_mean_std_over_seeds_and_markdown(tmp_path):
   a = agg[(100.0, "mcat")]
   assert a["seeds"] == [0, 1]
   np.testing.assert_allclose(a["clean"]["tail"]["mean"], 0.2)
-  np.testing.assert_allclose(a["clean"]["tail"]["std"], 0.1)   # |0.1 - 0.3| / 2
+  # Sample std (ddof 1): |0.1 - 0.3| / sqrt(2), numpy's std(ddof=1).
+  np.testing.assert_allclose(a["clean"]["tail"]["std"], np.std([0.1, 0.3], ddof=1))
+  np.testing.assert_allclose(a["clean"]["tail"]["std"], 0.2 / np.sqrt(2))
   np.testing.assert_allclose(a["pgd20"]["overall"]["mean"], (0.8 / 3 + 0.8 / 3) / 2)
   np.testing.assert_allclose(a["cw"]["per_class"], [.4, .2, .1])
   assert a["autoattack_apgd"]["n"] == 1 and a["autoattack_apgd"]["tail"]["std"] == 0.0
   assert "cw" not in agg[(10.0, "pgd_at")]
   md = lt.markdown(agg)
-  # Compact row: clean tail 20.0 ± 10.0; AA present only for IR 100 (n/a for IR 10).
+  # Compact row: clean tail 20.0 ± 14.1; AA present only for IR 100 (n/a for IR 10).
   row100 = next(l for l in md.splitlines() if l.startswith("| 100 | mcat | 2 |"))
-  assert "20.0 ± 10.0" in row100
+  assert "20.0 ± 14.1" in row100
+  assert "mean ± sample std (ddof 1) over 1–2 seeds" in md
   row10 = next(l for l in md.splitlines() if l.startswith("| 10 | pgd_at | 1 |"))
   assert row10.count("n/a") == 6  # CW and AA-apgd x overall/balanced/tail
   assert "| 100 | mcat | AA-apgd | 1 |" in md

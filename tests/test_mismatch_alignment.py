@@ -82,6 +82,47 @@ def test_planted_two_group_mismatch_is_detected():
                              ga @ gb / np.linalg.norm(ga) / np.linalg.norm(gb), rtol=1e-5)
 
 
+def test_gains_at_delta_use_the_attackers_step():
+  """A.5 gains at δ ≠ 0 are a_u = ∇_{δ^a} ℓ_u · δ^a with the attacker's δ (hand case).
+
+  ℓ_u = C_a[u]·δ^a + C_b[u]·δ^b: the sign steps are (1, 1) in both modalities, giving
+  gains a = (1, 1, 2), b = (1, 1, 2) (correlation 1); the attacker's δ^a = (.5, −.5),
+  δ^b = (.2, 0) gives a = (.5, −.5, 0), b = (0, .2, .4): cov −.1, var .5 and .08,
+  correlation −.1 / √(.5 · .08) = −0.5.
+  """
+  c_a = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  c_b = jnp.array([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])
+
+  def per_user(d):
+    return c_a @ d["a"] + c_b @ d["b"]
+
+  delta = {"a": jnp.array([0.5, -0.5]), "b": jnp.array([0.2, 0.0])}
+  groups = user_groups.one_hot_groups(np.array([0, 1, 1]))
+  diag = mismatch.mismatch_diagnostics(per_user, delta, groups, gain_step=delta)
+  np.testing.assert_allclose(float(diag.gain_correlation[0]), -0.5, rtol=1e-6)
+  assert int(diag.active_users) == 3
+  sign_step = mismatch.mismatch_diagnostics(per_user, delta, groups)
+  np.testing.assert_allclose(float(sign_step.gain_correlation[0]), 1.0, rtol=1e-6)
+
+
+def test_runner_gains_after_attack_are_those_of_its_delta():
+  surface = make_surface(jax.random.key(5), nonlinear=True)
+  anchors, k, tgts = np.arange(12), 5, [2, 7]
+  ctx = promotion.build_context(surface, anchors, k=k)
+  groups = user_groups.one_hot_groups(np.arange(12) % 2)
+  out = promotion.PromotionAttackRunner(surface, chunk_size=2).run(
+      promotion.pgd_attack(0.3, k=k, margin=10.0), ctx, tgts, groups)
+  for i, t in enumerate(tgts):
+    per_user = _loss_fn(surface, anchors, t, k, 10.0)
+    delta = {m: jnp.asarray(out["delta"][m][i]) for m in surface.modalities}
+    jac = jax.jacobian(per_user)(delta)
+    a, b = (np.asarray(jac[m] @ delta[m], np.float64) for m in ("a", "b"))
+    active = (a != 0) | (b != 0)
+    assert active.sum() >= 3
+    np.testing.assert_allclose(out["mismatch_at_delta"].gain_correlation[i][0],
+                               np.corrcoef(a[active], b[active])[0, 1], rtol=1e-4)
+
+
 def test_runner_reports_planted_mismatch_for_every_target():
   surface = _planted_surface()
   ctx = promotion.build_context(surface, np.arange(8), k=4)

@@ -190,6 +190,26 @@ def test_user_groups_wrong_length(tmp_path):
                r"user_groups\.npy: group ids must be non-negative integers")
 
 
+def test_only_user_groups_npy_is_read_and_other_npy_warn(tmp_path):
+  """groups.npy is not the documented name: it is ignored, loudly, and the attack
+  outputs then say "k-means"; user_groups.npy is read and its path reported."""
+  folder = write_folder(tmp_path / "g")
+  np.save(folder / "groups.npy", np.array([0, 1, 0]))
+  with pytest.warns(UserWarning, match=r"groups\.npy.*user_groups\.npy"):
+    data = mmrec.load_mmrec(folder)
+  assert data.user_groups is None and data.user_groups_source is None
+  from uatmc_jax.attacks import user_groups
+  assert user_groups.grouping_description(data, False, 4) == "k-means k=4 on anchor user vectors"
+  good = write_folder(tmp_path / "u", user_groups=np.array([0, 1, 0]))
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing to warn about
+    data = mmrec.load_mmrec(good)
+  assert data.user_groups_source == str(good / "user_groups.npy")
+  assert user_groups.grouping_description(data, True, 4) == (
+      f"planted from {good / 'user_groups.npy'}")
+
+
 # ---------------------------------------------------------------- real data
 
 

@@ -142,6 +142,49 @@ def test_info_nce_closed_form_and_duplicates():
   np.testing.assert_allclose(losses.info_nce(a, b, tau, jnp.array([3, 3])), 0.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("nce", [base.info_nce, base.unit_info_nce])
+def test_info_nce_ignores_padding_rows(nce):
+  """Padding rows (copies of row 0, mask 0, as the trainer's short last batch) change
+  neither the rows averaged nor the negatives: the value is that of the real rows."""
+  rng = np.random.default_rng(0)
+  a = base.l2_normalize(jnp.asarray(rng.standard_normal((5, 4)), jnp.float32))
+  b = base.l2_normalize(jnp.asarray(rng.standard_normal((5, 4)), jnp.float32))
+  ids = jnp.array([4, 7, 4, 9, 2])  # a duplicated id among the real rows
+  pad = jnp.array([0, 0, 0])
+  a_pad, b_pad = jnp.concatenate([a, a[pad]]), jnp.concatenate([b, b[pad]])
+  ids_pad = jnp.concatenate([ids, ids[pad]])
+  mask = jnp.array([1.0] * 5 + [0.0] * 3)
+  clean = nce(a, b, 0.3, ids)
+  np.testing.assert_allclose(nce(a_pad, b_pad, 0.3, ids_pad, mask=mask), clean, rtol=1e-6)
+  np.testing.assert_allclose(nce(a_pad, b_pad, 0.3, None, mask=mask), nce(a, b, 0.3),
+                             rtol=1e-6)
+  # Unmasked, the padding does change it (the defect the mask removes).
+  assert abs(float(nce(a_pad, b_pad, 0.3, ids_pad)) - float(clean)) > 1e-3
+  g_pad = jax.grad(lambda x: nce(x, b_pad, 0.3, ids_pad, mask=mask))(a_pad)
+  np.testing.assert_allclose(g_pad[:5], jax.grad(lambda x: nce(x, b, 0.3, ids))(a),
+                             rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("defence", ["vanilla", "apr", "amr"])
+def test_padded_batch_loss_equals_unpadded(defence):
+  """The whole training loss of a batch padded with copies of row 0 (mask 0) equals the
+  loss of the real rows alone, InfoNCE included (VBPR-MLP, InfoNCE weight 1)."""
+  from uatmc_jax.defences import make_defence_loss
+  data = tiny_data()
+  model = build_recommender("vbpr_mlp", data, {"align_weight": 1.0}, nnx.Rngs(0))
+  users, pos, neg = jnp.array([0, 1, 2, 3]), jnp.array([1, 2, 3, 4]), jnp.array([5, 6, 7, 8])
+  pad = jnp.zeros(4, jnp.int32)
+  padded = {"users": jnp.concatenate([users, users[pad]]),
+            "pos": jnp.concatenate([pos, pos[pad]]), "neg": jnp.concatenate([neg, neg[pad]]),
+            "mask": jnp.array([1.0] * 4 + [0.0] * 4)}
+  loss_fn = make_defence_loss(defence, {"reg_weight": 0.01})
+  loss, aux = loss_fn(model, {"users": users, "pos": pos, "neg": neg}, jfeats(data), None)
+  loss_pad, aux_pad = loss_fn(model, padded, jfeats(data), None)
+  assert float(aux["aux"]) > 0.1
+  np.testing.assert_allclose(aux_pad["aux"], aux["aux"], rtol=1e-5)
+  np.testing.assert_allclose(loss_pad, loss, rtol=1e-5)
+
+
 def test_bpr_and_emb_loss_closed_forms():
   pos, neg = jnp.array([2.0, 0.0, -1.0]), jnp.array([0.0, 0.0, 1.0])
   expect = -np.mean(np.log(1e-10 + 1 / (1 + np.exp(-np.array([2.0, 0.0, -2.0])))))
@@ -242,3 +285,14 @@ def test_unit_info_nce_equals_masked_info_nce_with_duplicates():
     np.testing.assert_allclose(v1, v0, rtol=1e-5)
     for x, y in zip(g1, g0):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_vbpr_mlp_default_info_nce_weight_is_the_protocol_default():
+  """One InfoNCE default: building VBPR-MLP without a weight gives the weight the
+  train_recsys / uatmc protocol uses on real data (1.0), as the docstrings say."""
+  from experiments.configs import recsys as recsys_config
+  data = tiny_data()
+  protocol = recsys_config.default_model_align_weight("../shared/data/tiktok")
+  assert build_recommender("vbpr_mlp", data, {}, nnx.Rngs(0)).align_weight == protocol
+  cfg = recsys_config.get_config("model=vbpr_mlp,dataset=../shared/data/tiktok")
+  assert cfg.model_config["align_weight"] == protocol

@@ -156,6 +156,8 @@ def test_train_and_evaluate_writes_results_and_reloads(tmp_path):
 @pytest.mark.parametrize("model", ["vbpr_mlp", "vbpr", "mmgcn"])
 @pytest.mark.parametrize("dataset", ["synthetic", "../shared/data/tiktok"])
 def test_backbone_reg_weight_defaults_follow_train_recsys(model, dataset):
+  """train_recsys and uatmc resolve the same EmbLoss weight, an override wins, and the
+  resolved weight is the one the training loss applies (loss = BPR + reg·Emb + aux)."""
   from experiments.configs import recsys as recsys_config
   from experiments.configs import uatmc as uatmc_config
   arg = f"model={model},dataset={dataset}"
@@ -164,22 +166,42 @@ def test_backbone_reg_weight_defaults_follow_train_recsys(model, dataset):
   assert uatmc_config.get_config(arg).train["reg_weight"] == expected
   assert uatmc_config.get_config(arg + ",reg_weight=0.5").train["reg_weight"] == 0.5
   assert recsys_config.get_config(arg + ",reg_weight=0.5").train["reg_weight"] == 0.5
-  assert recsys_config.default_reg_weight("vbpr_mlp", dataset) == (
-      0.01 if dataset == "synthetic" else 2.0)
+  data = tiny_data()
+  net = build_recommender(model, data, {"embedding_dim": 4}, nnx.Rngs(0))
+  batch = {"users": jnp.array([0, 1, 2]), "pos": jnp.array([0, 16, 3]),
+           "neg": jnp.array([20, 2, 25]), "mask": jnp.ones(3)}
+  feats = {m: jnp.asarray(x) for m, x in data.features.items()}
+  for train in (recsys_config.get_config(arg).train,
+                recsys_config.get_config(arg + ",reg_weight=0.5").train):
+    loss, aux = resolve_loss_fn(train)(net, batch, feats, jax.random.key(0))
+    np.testing.assert_allclose(loss, aux["bpr"] + train["reg_weight"] * aux["emb"]
+                               + aux["aux"], rtol=1e-6)
+    assert float(aux["emb"]) > 0
 
 
 @pytest.mark.parametrize("model", ["vbpr_mlp", "vbpr", "mmgcn"])
 @pytest.mark.parametrize("dataset", ["synthetic", "../shared/data/tiktok"])
 def test_learning_rate_defaults_follow_train_recsys(model, dataset):
+  """Both configs resolve the same rate, an override wins, and a trainer built from the
+  config takes Adam steps of that size (Adam's first step is lr·g/(|g| + 1e-8))."""
   from experiments.configs import recsys as recsys_config
   from experiments.configs import uatmc as uatmc_config
   arg = f"model={model},dataset={dataset}"
-  expected = 5e-3 if (model != "mmgcn" and dataset != "synthetic") else 1e-3
-  assert recsys_config.default_learning_rate(model, dataset) == expected
+  expected = recsys_config.default_learning_rate(model, dataset)
   assert recsys_config.get_config(arg).train["learning_rate"] == expected
   assert uatmc_config.get_config(arg).train["learning_rate"] == expected
   assert recsys_config.get_config(arg + ",lr=0.002").train["learning_rate"] == 0.002
   assert uatmc_config.get_config(arg + ",lr=0.002").train["learning_rate"] == 0.002
+  data = tiny_data()
+  for lr in (expected, 0.002):
+    train = dict(recsys_config.get_config(arg + f",lr={lr}").train, log=False,
+                 eval_batch_size=16, batch_size=64)
+    trainer = RecsysTrainer(build_recommender(model, data, {"embedding_dim": 4},
+                                              nnx.Rngs(0)), data, train)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), trainer.params)
+    updates, _ = trainer.tx.update(grads, trainer.tx.init(trainer.params), trainer.params)
+    steps = np.concatenate([np.abs(np.asarray(u)).ravel() for u in jax.tree.leaves(updates)])
+    np.testing.assert_allclose(steps, lr, rtol=1e-5)
 
 
 def test_item_bias_flag_reaches_the_model_config_and_rejects_non_booleans():

@@ -137,3 +137,16 @@ def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
   with pytest.raises(Exception, match="unknown attack"):
     eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
                                     counts, ["fgsm"], config)
+
+
+def test_mean_std_is_the_sample_std():
+  """Tables report mean ± sample std (ddof 1), numpy's std(ddof=1); 0 for one value."""
+  from uatmc_jax.evaluation import reporting
+  values = [0.31, 0.27, 0.40]
+  ms = reporting.mean_std(values)
+  np.testing.assert_allclose(ms["std"], np.std(values, ddof=1), rtol=1e-12)
+  assert abs(ms["std"] - np.std(values)) > 1e-3  # not the population std
+  np.testing.assert_allclose(ms["mean"], np.mean(values))
+  assert reporting.mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
+  assert reporting.std_header(3) == "mean ± sample std (ddof 1) over 3 seeds"
+  assert reporting.format_value(ms, 2) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"

@@ -1,7 +1,8 @@
-"""End-to-end: experiments.uatmc on a tiny synthetic folder produces every result key."""
+"""End-to-end: experiments.uatmc on a tiny synthetic folder: result keys and invariants."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from uatmc_jax.data.synthetic import SyntheticConfig, write_synthetic
@@ -29,14 +30,38 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
         assert set(block[metric]) == {"mean", "std"}
       assert set(block["attacks"]) == {"fgsm", "pgd", "pgd_aligned"}
       for attack in block["attacks"].values():
-        for key in ("hit@50_before", "hit@50_after", "avg_rank_change"):
+        # Hit@K is named after the attack's K (attack_k=10), not a fixed 50.
+        assert "hit@50_after" not in attack
+        for key in ("hit@10_before", "hit@10_after", "avg_rank_change"):
           assert set(attack[key]) == {"mean", "std"}
           assert attack[key]["mean"] is not None
+  assert results["hit_k"] == 10
+  for name, block in results["defences"].items():
+    for metric in ("recall@20", "ndcg@10", "ndcg@20"):
+      assert 0 < block[metric]["mean"] <= 1, (name, metric)
+    at = block["attacks"]
+    # The clean hit rate is the model's, whichever attacker runs next.
+    before = {a: at[a]["hit@10_before"]["mean"] for a in at}
+    assert len(set(before.values())) == 1, (name, before)
+    for a in at:
+      assert 0 <= at[a]["hit@10_before"]["mean"] <= 1
+      assert 0 <= at[a]["hit@10_after"]["mean"] <= 1
+  # The seed's stored numbers are the ones aggregated (one seed: mean = value).
+  stage = json.load(open(os.path.join(workdir, "seed_1", "vanilla", "attack_results.json")))
+  np.testing.assert_allclose(results["defences"]["vanilla"]["attacks"]["pgd"]["hit@10_after"]
+                             ["mean"], stage["pgd"]["hit@10_after"])
   for name in ("results.md", "tradeoff.png", "mismatch.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   table = open(os.path.join(workdir, "results.md")).read()
   for row in ("Vanilla", "APR", "AMR", "UAT-MC w/o align", "UAT-MC"):
     assert f"| {row} |" in table
+  assert "Hit@10 PGD" in table and "Hit@50" not in table
+  assert "mean ± sample std (ddof 1) over 1 seeds" in table
+  # The planted groups of the folder are used, and every output says so.
+  planted = f"planted from {folder / 'user_groups.npy'}"
+  assert results["protocol"]["groups"] == planted and planted in table
+  assert json.load(open(os.path.join(workdir, "seed_1", "apr", "attack_results.json")))[
+      "groups"] == planted
   # Every stage wrote its own result file; a rerun skips them all and reproduces the table.
   for name in DEFENCE_KEYS:
     stage = os.path.join(workdir, "seed_1", name)
@@ -56,6 +81,19 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   assert saved["settings"]["epsilon"] == 0.5
   assert os.path.getmtime(os.path.join(stage, "train_results.json")) == trained_at
   assert wide["defences"]["vanilla"]["recall@20"] == results["defences"]["vanilla"]["recall@20"]
+  # ε = 0: no attacker moves any item, so after = before and the rank change is 0 for
+  # every defence and attacker (the trained stages are reused).
+  zero = uatmc.run_experiment(uatmc_config.get_config(
+      f"dataset={folder},seeds=1,runlocal=True,epochs=2,finetune_epochs=1,batch_size=512,"
+      "targets=4,attack_k=10,sweep=,mesh_data=1,attack_epsilon=0.0"), workdir)
+  for name, block in zero["defences"].items():
+    for a, at in block["attacks"].items():
+      assert at["hit@10_after"]["mean"] == at["hit@10_before"]["mean"], (name, a)
+      assert at["avg_rank_change"]["mean"] == 0.0, (name, a)
+      assert at["hit@10_before"] == results["defences"][name]["attacks"][a]["hit@10_before"]
+  # With ε > 0 some attacker promotes some target on the undefended model.
+  van = wide["defences"]["vanilla"]["attacks"]
+  assert any(van[a]["avg_rank_change"]["mean"] < 0 for a in van)
   # A changed training config in the same workdir is refused with the field named.
   from uatmc_jax.errors import ConfigError
   other_lr = uatmc_config.get_config(
@@ -63,3 +101,15 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
       "targets=4,attack_k=10,sweep=,mesh_data=1,lr=0.5")
   with pytest.raises(ConfigError, match="learning_rate"):
     uatmc.run_experiment(other_lr, workdir)
+
+
+def test_vbpr_runs_only_what_needs_no_shared_space():
+  from experiments import uatmc
+  from experiments.configs import uatmc as uatmc_config
+  from uatmc_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="uat_mc.*shared projected space"):
+    uatmc.attackers_for(uatmc_config.get_config("model=vbpr"))
+  attackers, sweep = uatmc.attackers_for(
+      uatmc_config.get_config("model=vbpr,defences=vanilla+apr+uat_mc_no_align"))
+  assert "pgd_aligned" not in attackers and "pgd_aligned" not in sweep
+  assert uatmc.attackers_for(uatmc_config.get_config("model=mmgcn"))[0] == uatmc.ATTACKERS

@@ -24,6 +24,9 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
     epsilon, adv_weight, align_weight override it.
   apr_epsilon (0.5), apr_weight (1.0); amr_epsilon (0.1, relative), amr_weight (1.0),
     amr_modality (the image-like one).
+  graph_items: which items AMR and UAT-MC perturb on a graph model (MMGCN):
+    "with_gradient" (every item the batch's loss has a gradient on, A.7's "every item is
+    a potential target"; default) or "batch" (only the batch's items).
   adv_from_backbone: APR/AMR start from the backbone's best checkpoint, as in their
     papers (APR is initialised from BPR-MF, AMR from VBPR), for finetune_epochs (True);
     False trains them from scratch for epochs.
@@ -49,7 +52,7 @@ DEFAULTS = dict(
     batch_size=2048, lr=None, reg_weight=None, embedding_dim=64, model_align_weight=None,
     preset=None, epsilon=None, adv_weight=None, align_weight=None,
     apr_epsilon=0.5, apr_weight=1.0, amr_epsilon=0.1, amr_weight=1.0, amr_modality=None,
-    adv_from_backbone=True,
+    adv_from_backbone=True, graph_items="with_gradient",
     targets=100, attack_epsilon=0.05, anchor_share=0.4, attack_k=50,
     attack_align_weight=1.0, chunk_size=64,
     sweep="adv_weight", sweep_values="1+10", sweep_seeds=None,
@@ -78,10 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.uat_mc = dict(defence_preset=a["preset"] or
                     ("mmgcn_baby" if cfg.model == "mmgcn" else "vbpr_baby"),
                     epsilon=a["epsilon"], adv_weight=a["adv_weight"],
-                    align_weight=a["align_weight"])
+                    align_weight=a["align_weight"], graph_items=str(a["graph_items"]))
   cfg.apr = dict(epsilon=float(a["apr_epsilon"]), adv_weight=float(a["apr_weight"]))
   cfg.amr = dict(epsilon=float(a["amr_epsilon"]), adv_weight=float(a["amr_weight"]),
-                 amr_modality=a["amr_modality"], amr_relative_budget=True)
+                 amr_modality=a["amr_modality"], amr_relative_budget=True,
+                 graph_items=str(a["graph_items"]))
   cfg.adv_from_backbone = common.as_bool(a["adv_from_backbone"], "adv_from_backbone")
   cfg.attack = dict(targets=int(a["targets"]), epsilon=float(a["attack_epsilon"]),
                     anchor_share=float(a["anchor_share"]), k=int(a["attack_k"]),

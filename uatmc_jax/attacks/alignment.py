@@ -14,11 +14,13 @@ to a direction {m: (d_m,)} on which the attack takes its sign step:
   equal projected width enter the mean; with none, J = L. A target whose gradient is zero contributes cosine 0 (the
   reference's average over zero-gradient rows is not reproduced: every target is its
   own problem here).
-  Note: when the score is piecewise linear in δ (e.g. VBPR-MLP attacked in its
-  projected space: the fusion layer is linear, the hinge and the K-th-score clip are
-  piecewise linear), the Hessian of L is zero almost everywhere, so this reward has
-  zero gradient and the step equals the naive one. It matters for raw-feature attacks
-  (through the projection MLPs) and for smooth/graph models.
+  Note: when the score is piecewise linear in x̂ (VBPR-MLP: the fusion layer is linear,
+  the hinge and the K-th-score clip are piecewise linear), the Hessian of L in x̂ is
+  zero almost everywhere, so this reward has zero gradient and the step equals the
+  naive one — in the projected space and equally for raw-feature attacks, because the
+  probe gradient ∇_{x̂} L does not depend on how x̂ is reached (use
+  ``"cosine_pushforward"`` there). It can act only where the score is curved in x̂:
+  smooth or graph models (MMGCN, whose user and item vectors both move with x̂).
 * ``"cosine_pushforward"`` (this project's variant for raw-feature attacks): the same
   J, but each modality's gradient enters the cosine as the projected-space displacement
   its raw ascent step causes, v^m = J_m ∇_{δ^m} L with J_m the Jacobian of the lift
@@ -48,6 +50,9 @@ from uatmc_jax import errors
 from uatmc_jax.attacks import mismatch
 
 Direction = dict[str, jax.Array]
+# Alignments whose reward is a cross-modal cosine: they need a model with a shared
+# projected space (``Recommender.shared_projected_space``).
+SHARED_SPACE_ALIGNMENTS = ("cosine", "cosine_pushforward")
 
 
 class Probe(NamedTuple):

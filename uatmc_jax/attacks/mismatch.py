@@ -5,14 +5,17 @@ modality's gradient g^m = (1/|A|) Σ_u ∇_{δ^m} ℓ_u is a sum over users. Per
 G_k the group gradient is g_k^m = (1/|A|) Σ_{u∈G_k} ∇_{δ^m} ℓ_u (so Σ_k g_k^m = g^m),
 computed for all groups at once as ``jax.vmap`` over groups of one VJP. Per target:
 
-* cos(g^m, g^m') for every modality pair living in one space (same width);
+* cos(g^m, g^m') for every modality pair living in one shared space (the model's
+  ``shared_projected_space``, and equal widths);
 * each group's share of each modality's gradient w_k^m = <g_k^m, g^m> / ||g^m||²
   (Σ_k w_k^m = 1), the dominant group argmax_k w_k^m, and whether it differs between
   modalities (the mismatch);
-* per-user score gains of each modality's sign step, a_u = ∇_{δ^m} ℓ_u · sign(g^m)
-  (one JVP per modality gives all users at once; the scale of the step does not
-  matter for a correlation), and their Pearson correlation across the users with any
-  non-zero gain, for every modality pair.
+* per-user score gains of each modality's step, a_u = ∇_{δ^m} ℓ_u · s^m (one JVP per
+  modality gives all users at once), and their Pearson correlation across the users
+  with any non-zero gain, for every modality pair. At δ = 0 the step s^m is the sign
+  step sign(g^m) (the scale does not matter for a correlation); at the attacker's final
+  δ ≠ 0 it is that δ^m itself (``gain_step``), the step the attack actually took — not
+  sign(∇L) at the perturbed point, which is the *next* step's direction.
 
 Everything works for any number of modalities (pairs in ``itertools.combinations``
 order of the attacked modalities).
@@ -63,8 +66,8 @@ def per_group_gradients(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.A
 class MismatchDiagnostics(NamedTuple):
   """Per-target A.5 diagnostics (leading axes added by vmap over targets).
 
-  cosine: (P,) cos(g^m, g^m') per modality pair; NaN when the widths differ (no
-    shared space) or a gradient is zero.
+  cosine: (P,) cos(g^m, g^m') per modality pair; NaN without a shared projected space
+    (``shared_space=False``, or the widths differ) or when a gradient is zero.
   shares: (M, G) w_k^m; NaN rows for modalities with a zero gradient.
   dominant: (M,) argmax_k w_k^m (-1 when the gradient is zero).
   dominant_differs: () True when every modality has a gradient and their dominant
@@ -95,7 +98,10 @@ def pearson_masked(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.Array],
-                         group_weights: jax.Array, probe=None) -> MismatchDiagnostics:
+                         group_weights: jax.Array, probe=None, *,
+                         shared_space: bool = True,
+                         gain_step: Mapping[str, jax.Array] | None = None
+                         ) -> MismatchDiagnostics:
   """The A.5 diagnostics of one target at perturbation ``delta`` (usually 0).
 
   Args:
@@ -138,7 +144,7 @@ def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.
   zeros = {m: jnp.zeros_like(delta[m]) for m in modalities}
   for m in modalities:
     tangent = dict(zeros)
-    tangent[m] = jnp.sign(step_grads[m])
+    tangent[m] = jnp.sign(step_grads[m]) if gain_step is None else gain_step[m]
     gains[m] = jax.jvp(per_user_loss_fn, (dict(delta),), (tangent,))[1]
   active = jnp.zeros_like(gains[modalities[0]], dtype=bool)
   for m in modalities:
@@ -147,7 +153,7 @@ def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.
   pairs = modality_pairs(modalities)
   cosines, correlations = [], []
   for a, b in pairs:
-    if full[a].shape == full[b].shape:
+    if shared_space and full[a].shape == full[b].shape:
       cos = jnp.where((norms2[a] > 0) & (norms2[b] > 0), safe_cosine(full[a], full[b]),
                       jnp.nan)
     else:

@@ -447,9 +447,11 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
   if with_mismatch:
     # A.5 diagnostics at the clean point and at the attacker's final perturbation.
     out["mismatch"] = mismatch_lib.mismatch_diagnostics(per_user_loss, zero, group_weights,
-                                                        probe)
-    out["mismatch_at_delta"] = mismatch_lib.mismatch_diagnostics(per_user_loss, delta,
-                                                                 group_weights, probe)
+                                                        probe, shared_space=surface.shared_space)
+    # ... the gains at δ are those of the attacker's own step δ (A.5: a_u = ∇ℓ_u · δ^v).
+    out["mismatch_at_delta"] = mismatch_lib.mismatch_diagnostics(
+        per_user_loss, delta, group_weights, probe, shared_space=surface.shared_space,
+        gain_step=delta)
   return out
 
 
@@ -525,6 +527,12 @@ class PromotionAttackRunner:
       if unknown:
         raise errors.ConfigError(f"attacked modalities {sorted(unknown)} not in the model's "
                                  f"{list(self.surface.modalities)}")
+      if (attack.alignment in alignment_lib.SHARED_SPACE_ALIGNMENTS
+          and not self.surface.shared_space):
+        raise errors.ConfigError(
+            f"alignment {attack.alignment!r} compares modality gradients in a shared "
+            "projected space, which this model does not have (shared_projected_space="
+            "False, e.g. VBPR); use alignment 'none' or a group-level one")
       surface, ks, with_mismatch = self.surface, self.ks, self.with_mismatch
       counts = self.trace_counts
 

@@ -45,6 +45,9 @@ class AttackSurface:
     lift_fn: (params, {m: (n, d_m)}) -> {m: (n, p_m)}.
     item_vectors_fn: (params, {m: (n, p_m)}, ids (n,)) -> (n, D).
     encode_fn: (params, {m: (n_items, p_m)}) -> (users (n_users, D), items (n_items, D)).
+    shared_space: the model projects every modality into one common space
+      (``Recommender.shared_projected_space``); without it the cosine alignments are
+      refused and the A.5 cross-modal cosine is NaN.
   """
   modalities: tuple[str, ...]
   is_graph: bool
@@ -55,6 +58,7 @@ class AttackSurface:
   lift_fn: Callable
   item_vectors_fn: Callable
   encode_fn: Callable
+  shared_space: bool = True
 
   @property
   def n_items(self) -> int:
@@ -105,8 +109,9 @@ def surface_from_recommender(model, features: Features, *,
 
   projected = jax.jit(project)(state, features)
   projected = {m: projected[m] for m in modalities}
+  shared = bool(getattr(model, "shared_projected_space", False))
   if space == "projected":
     return AttackSurface(modalities, bool(model.is_graph), space, state, projected,
-                         projected, identity_lift, item_vectors_fn, encode_fn)
+                         projected, identity_lift, item_vectors_fn, encode_fn, shared)
   return AttackSurface(modalities, bool(model.is_graph), space, state, features, projected,
-                       project, item_vectors_fn, encode_fn)
+                       project, item_vectors_fn, encode_fn, shared)

@@ -45,3 +45,22 @@ def one_hot_groups(assignment, n_groups: int | None = None) -> jax.Array:
   a = np.asarray(assignment)
   g = int(a.max()) + 1 if n_groups is None else n_groups
   return jax.nn.one_hot(jnp.asarray(a), g, dtype=jnp.float32)
+
+
+def anchor_groups(planted, anchors, anchor_vectors: jax.Array, key: jax.Array,
+                  k: int) -> jax.Array:
+  """(n_anchors, G) one-hot groups of the anchor users: the planted partition
+  ``planted[anchors]`` when ``planted`` (n_users,) is given, else k-means (k groups) of
+  the anchors' user vectors."""
+  if planted is not None:
+    return one_hot_groups(np.asarray(planted)[np.asarray(anchors)])
+  _, assign = kmeans(key, anchor_vectors, k=k)
+  return one_hot_groups(assign, k)
+
+
+def grouping_description(data, planted: bool, k: int) -> str:
+  """What the attack outputs print: "planted from <file>" or "k-means k=<k>"."""
+  if planted:
+    source = getattr(data, "user_groups_source", None) or "data.user_groups (in memory)"
+    return f"planted from {source}"
+  return f"k-means k={k} on anchor user vectors"

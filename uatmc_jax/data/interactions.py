@@ -19,6 +19,8 @@ class InteractionData:
       (sorted by modality name) that every model and attack uses for concatenation.
     user_groups: optional int32 (n_users,) planted user-group ids (synthetic data) or
       None; used by the cross-modal mismatch diagnostics.
+    user_groups_source: where ``user_groups`` came from (the file path for a folder's
+      ``user_groups.npy``), for the attack outputs' "planted from <source>".
   """
   name: str
   n_users: int
@@ -28,6 +30,7 @@ class InteractionData:
   test: np.ndarray
   features: dict[str, np.ndarray]
   user_groups: np.ndarray | None = None
+  user_groups_source: str | None = None
 
   @property
   def modalities(self) -> tuple[str, ...]:

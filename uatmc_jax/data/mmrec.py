@@ -9,7 +9,9 @@ A dataset folder holds
 * ``<modality>_feat.npy``: one (n_items, d_m) float16/float32 array per modality, row =
   item id. Any modality names (``image``, ``text``, ``audio`` ...).
 * optionally ``user_groups.npy``: (n_users,) integer planted user groups (written by the
-  synthetic generator; used by the cross-modal mismatch diagnostics, A.5).
+  synthetic generator; used by the cross-modal mismatch diagnostics, A.5). Only this
+  name is read: any other ``.npy`` (e.g. ``groups.npy``) is ignored with a warning, and
+  the attack outputs say which grouping they used ("planted from <file>" or k-means).
 
 Everything is validated before an :class:`InteractionData` is returned; bad input raises
 :class:`~uatmc_jax.errors.DataFormatError` naming the file, the line or array and what
@@ -19,6 +21,7 @@ TikTok (68k lines) and Baby (160k lines) load in a fraction of a second.
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -217,6 +220,22 @@ def find_inter_file(folder: pathlib.Path, name: str | None) -> pathlib.Path:
   return candidates[0]
 
 
+def _warn_unknown_npy(folder: pathlib.Path) -> None:
+  """Warns about ``.npy`` files the loader ignores (e.g. ``groups.npy``).
+
+  Only ``<modality>_feat.npy`` and ``user_groups.npy`` are read; a planted grouping under
+  another name would otherwise be silently replaced by k-means in the attacks.
+  """
+  ignored = sorted(p.name for p in folder.glob("*.npy")
+                   if not p.name.endswith(FEATURE_SUFFIX) and p.name != USER_GROUPS_FILE)
+  if ignored:
+    warnings.warn(
+        f"{folder}: ignoring {ignored}: planted user groups are read only from "
+        f"{USER_GROUPS_FILE!r} and features only from <modality>{FEATURE_SUFFIX}; without "
+        f"{USER_GROUPS_FILE} the attacks group users by k-means (rename the file to use "
+        "it)", UserWarning, stacklevel=3)
+
+
 def load_mmrec(folder: str | pathlib.Path,
                name: str | None = None,
                modalities: Sequence[str] | None = None,
@@ -292,6 +311,7 @@ def load_mmrec(folder: str | pathlib.Path,
           "needs at least one interaction")
     splits[split] = rows
 
+  _warn_unknown_npy(folder)
   user_groups = None
   groups_path = folder / USER_GROUPS_FILE
   if groups_path.exists():
@@ -326,7 +346,8 @@ def load_mmrec(folder: str | pathlib.Path,
   return InteractionData(name=name, n_users=n_users, n_items=n_items,
                          train=splits["train"], valid=splits["valid"],
                          test=splits["test"], features=features,
-                         user_groups=user_groups)
+                         user_groups=user_groups,
+                         user_groups_source=None if user_groups is None else str(groups_path))
 
 
 BUILTIN_DATASETS = ("synthetic",)

@@ -9,7 +9,9 @@ paper; configurable here, default :func:`default_amr_modality`) by the fast-grad
 and the model trains on L = BPR + λ · BPR_adv + reg · EmbLoss (+ the backbone's
 auxiliary loss), with d held constant in the outer step; BPR_adv's gradient reaches
 every parameter, the projection of the perturbed modality included. For graph models
-only the batch's items are perturbed (the other rows of the feature table stay clean).
+every item the batch's loss has a gradient on is perturbed, each at its own budget
+(``graph_items="with_gradient"``, the default); ``graph_items="batch"`` perturbs only
+the batch's items (the other rows of the feature table stay clean), see ``batch_slots``.
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ def default_amr_modality(modalities: Sequence[str]) -> str:
 
 
 def amr_perturbation(model, raw: Mapping[str, jax.Array], slots: bs.BatchSlots,
-                     modality: str, epsilon: float,
-                     relative_budget: bool = False) -> jax.Array:
+                     modality: str, epsilon: float, relative_budget: bool = False,
+                     graph_items: str = "with_gradient") -> jax.Array:
   """d (S, d_m): ε-scaled row-normalised ∇ of the batch BPR w.r.t. ``modality``'s rows.
 
   Args:
@@ -44,29 +46,37 @@ def amr_perturbation(model, raw: Mapping[str, jax.Array], slots: bs.BatchSlots,
     modality: the perturbed modality.
     epsilon: L2 radius per item (times ||f_i|| when ``relative_budget``).
     relative_budget: scale the radius by each item's feature norm.
+    graph_items: which items of a graph model are perturbed (``bs.perturbed_rows``);
+      rows without gradient get d = 0 in any case.
   """
   raw = jax.lax.stop_gradient(dict(raw))
-  grad = jax.grad(lambda d: perturbed_modality_bpr(model, raw, slots, modality, d))(
+  rows = bs.perturbed_rows(model, slots, graph_items)
+  grad = jax.grad(lambda d: perturbed_modality_bpr(model, raw, slots, modality, d, rows))(
       jnp.zeros_like(raw[modality]))
   radius = epsilon * (bs.row_norm(raw[modality]) if relative_budget else 1.0)
-  in_batch = slots.item_in_batch[:, None].astype(grad.dtype)
-  return jax.lax.stop_gradient(radius * bs.safe_row_normalize(grad) * in_batch)
+  return jax.lax.stop_gradient(_masked_rows(radius * bs.safe_row_normalize(grad), rows))
+
+
+def _masked_rows(x: jax.Array, rows: jax.Array | None) -> jax.Array:
+  return x if rows is None else x * rows[:, None].astype(x.dtype)
 
 
 def perturbed_modality_bpr(model, raw: Mapping[str, jax.Array], slots: bs.BatchSlots,
-                           modality: str, delta: jax.Array) -> jax.Array:
-  """Batch BPR with ``raw[modality] + delta`` (delta (S, d_m), masked to batch items)."""
-  in_batch = slots.item_in_batch[:, None].astype(delta.dtype)
+                           modality: str, delta: jax.Array,
+                           rows: jax.Array | None = None) -> jax.Array:
+  """Batch BPR with ``raw[modality] + delta`` (delta (S, d_m), masked to ``rows``)."""
   perturbed = dict(raw)
-  perturbed[modality] = raw[modality] + delta * in_batch
+  perturbed[modality] = raw[modality] + _masked_rows(delta, rows)
   return bs.slot_bpr(*bs.slot_vectors(model, model.project(perturbed), slots), slots)
 
 
 def amr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, jax.Array],
                   key: jax.Array, *, epsilon: float, adv_weight: float, reg_weight: float,
-                  modality: str | None = None,
-                  relative_budget: bool = False) -> tuple[jax.Array, dict]:
+                  modality: str | None = None, relative_budget: bool = False,
+                  graph_items: str = "with_gradient") -> tuple[jax.Array, dict]:
   """AMR training loss of one batch (the trainer's loss seam).
+
+  ``graph_items``: see ``batch_slots.perturbed_rows`` (graph models only).
 
   Returns:
     (loss, {"bpr", "bpr_adv", "emb", "aux"}).
@@ -82,8 +92,10 @@ def amr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, 
   user_vecs, item_vecs = bs.slot_vectors(model, projected, slots)
   bpr = bs.slot_bpr(user_vecs, item_vecs, slots)
   emb = bs.slot_emb_loss(user_vecs, item_vecs, slots)
-  aux = model.auxiliary_loss(bs.positive_projections(projected, slots), batch["pos"])
-  delta = amr_perturbation(model, raw, slots, modality, epsilon, relative_budget)
+  aux = model.auxiliary_loss(bs.positive_projections(projected, slots), batch["pos"],
+                             slots.mask)
+  delta = amr_perturbation(model, raw, slots, modality, epsilon, relative_budget,
+                           graph_items)
   bpr_adv = perturbed_modality_bpr(model, raw, slots, modality, delta)
   loss = bpr + adv_weight * bpr_adv + reg_weight * emb + aux
   return loss, {"bpr": bpr, "bpr_adv": bpr_adv, "emb": emb, "aux": aux}

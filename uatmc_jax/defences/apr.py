@@ -58,7 +58,8 @@ def apr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, 
   user_vecs, item_vecs = bs.slot_vectors(model, projected, slots)
   bpr = bs.slot_bpr(user_vecs, item_vecs, slots)
   emb = bs.slot_emb_loss(user_vecs, item_vecs, slots)
-  aux = model.auxiliary_loss(bs.positive_projections(projected, slots), batch["pos"])
+  aux = model.auxiliary_loss(bs.positive_projections(projected, slots), batch["pos"],
+                             slots.mask)
   delta_u, delta_i = apr_perturbation(user_vecs, item_vecs, slots, epsilon)
   bpr_adv = bs.slot_bpr(user_vecs + delta_u, item_vecs + delta_i, slots)
   loss = bpr + adv_weight * bpr_adv + reg_weight * emb + aux

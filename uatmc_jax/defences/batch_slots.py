@@ -13,17 +13,28 @@ O(n_items · d) per perturbation, so the batch is indexed by its distinct ids in
 * graph models (MMGCN): one item's features move every vector, so the slots are all
   items in id order, and ``item_in_batch`` marks the ones the batch contains.
 
+Which item slots a defence perturbs (``perturbed_rows``): on non-graph models the
+batch's items (no other item gets a gradient). On graph models the batch's loss has a
+gradient on every item within the propagation's receptive field of the batch — nearly
+all items — and A.7 treats every item as a potential target, so by default
+(``graph_items="with_gradient"``) every item with a non-zero gradient is perturbed, at
+its own budget, and UAT-MC's cosine is averaged over those items. ``graph_items=
+"batch"`` is the narrower variant that perturbs only the batch's own items (the other
+rows of the feature table stay clean), kept as a named option for comparison.
+
 Users are always the distinct users of the batch. Padding slots (``jnp.unique`` with a
 static size repeats an id) are never referenced, so their gradients are exactly zero.
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
+from uatmc_jax.errors import ConfigError
 from uatmc_jax.models import recsys_base as base
 from uatmc_jax.objectives import recsys_losses
 
@@ -125,6 +136,30 @@ def slot_emb_loss(user_vecs: jax.Array, item_vecs: jax.Array, slots: BatchSlots)
 def positive_projections(projected: Features, slots: BatchSlots) -> dict[str, jax.Array]:
   """Projected features of the batch's positives, {m: (B, p_m)} (auxiliary-loss input)."""
   return {m: jnp.take(p, slots.pos_index, axis=0) for m, p in projected.items()}
+
+
+GRAPH_ITEMS = ("with_gradient", "batch")
+
+
+def perturbed_rows(model, slots: BatchSlots, graph_items: str = "with_gradient"):
+  """bool (S,) item slots a defence perturbs, or None for "every slot with gradient".
+
+  Non-graph models: the batch's items (``item_in_batch``). Graph models: None with
+  ``graph_items="with_gradient"`` (the default, see the module docstring), the batch's
+  items with ``"batch"``.
+  """
+  if graph_items not in GRAPH_ITEMS:
+    raise ConfigError(f"graph_items must be one of {list(GRAPH_ITEMS)}, got {graph_items!r}")
+  if model.is_graph and graph_items == "with_gradient":
+    return None
+  return slots.item_in_batch
+
+
+def rows_with_gradient(grads: Mapping[str, jax.Array]) -> jax.Array:
+  """bool (S,): rows where some modality's gradient is non-zero (piecewise constant)."""
+  g = jax.lax.stop_gradient(dict(grads))
+  has = [jnp.any(x != 0, axis=-1) for x in g.values()]
+  return functools.reduce(jnp.logical_or, has)
 
 
 def safe_row_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

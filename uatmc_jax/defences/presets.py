@@ -20,10 +20,15 @@ UAT_MC_PRESETS: dict[str, dict[str, float]] = {
 }
 
 # Defaults per defence when neither config nor a preset sets a value.
+# ``graph_items`` (AMR, UAT-MC; graph models only): "with_gradient" perturbs every item
+# the batch's loss has a gradient on (A.7: every item is a potential target), "batch"
+# only the batch's own items (see ``batch_slots.perturbed_rows``).
 DEFENCE_DEFAULTS: dict[str, dict] = {
     "vanilla": {},
     "apr": {"epsilon": 0.5, "adv_weight": 1.0},
-    "amr": {"epsilon": 0.1, "adv_weight": 1.0, "relative_budget": True, "modality": None},
-    "uat_mc_no_align": {**UAT_MC_PRESETS["vbpr_baby"], "align_weight": 0.0},
-    "uat_mc": dict(UAT_MC_PRESETS["vbpr_baby"]),
+    "amr": {"epsilon": 0.1, "adv_weight": 1.0, "relative_budget": True, "modality": None,
+            "graph_items": "with_gradient"},
+    "uat_mc_no_align": {**UAT_MC_PRESETS["vbpr_baby"], "align_weight": 0.0,
+                        "graph_items": "with_gradient"},
+    "uat_mc": {**UAT_MC_PRESETS["vbpr_baby"], "graph_items": "with_gradient"},
 }

@@ -4,7 +4,7 @@
 (loss, aux)``, the signature of ``uatmc_jax.objectives.recsys_losses.bpr_objective``,
 so the one training loop runs every defence. Hyper-parameters come from ``config``
 (keys ``reg_weight``, ``epsilon``, ``adv_weight``, ``align_weight``, ``amr_modality``,
-``amr_relative_budget``), else from the named ``defence_preset`` (UAT-MC, see
+``amr_relative_budget``, ``graph_items``), else from the named ``defence_preset`` (UAT-MC, see
 ``presets.UAT_MC_PRESETS``), else from ``presets.DEFENCE_DEFAULTS``.
 
 ======================  ===========================================================
@@ -23,6 +23,7 @@ import functools
 from typing import Any, Mapping
 
 from uatmc_jax.defences import amr, apr, uat_mc
+from uatmc_jax.defences.batch_slots import GRAPH_ITEMS
 from uatmc_jax.defences.presets import DEFENCE_DEFAULTS, UAT_MC_PRESETS
 from uatmc_jax.errors import ConfigError
 from uatmc_jax.objectives import recsys_losses
@@ -56,6 +57,11 @@ def defence_hyperparameters(name: str, config: Mapping[str, Any] | None = None) 
       out["modality"] = str(cfg["amr_modality"])
     if cfg.get("amr_relative_budget") is not None:
       out["relative_budget"] = bool(cfg["amr_relative_budget"])
+  if cfg.get("graph_items") is not None and "graph_items" in out:
+    out["graph_items"] = str(cfg["graph_items"])
+  if out.get("graph_items", GRAPH_ITEMS[0]) not in GRAPH_ITEMS:
+    raise ConfigError(f"defence {name!r}: graph_items must be one of {list(GRAPH_ITEMS)}, "
+                      f"got {out['graph_items']!r}")
   out["reg_weight"] = float(cfg.get("reg_weight", 1e-4))
   for key, value in out.items():
     if key in ("epsilon", "adv_weight", "align_weight", "reg_weight") and value < 0:

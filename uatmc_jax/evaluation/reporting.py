@@ -72,10 +72,23 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], digits:
   return "\n".join(lines)
 
 
+STD_NOTE = "sample std (ddof 1)"
+
+
 def mean_std(values: Sequence[float]) -> dict:
-  """``{"mean", "std"}`` (population std, 0 for a single value)."""
+  """``{"mean", "std"}`` with the sample std (ddof 1; 0 for a single value).
+
+  Over a few seeds the sample std (divisor n − 1) is the unbiased-variance estimate
+  readers expect; the population std (divisor n) understates the spread, by a factor
+  1/√2 for two seeds. Table headers say so via :func:`std_header`.
+  """
   a = np.asarray(values, dtype=np.float64)
-  return {"mean": float(a.mean()), "std": float(a.std()) if a.size > 1 else 0.0}
+  return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0}
+
+
+def std_header(n: int | str, what: str = "seeds") -> str:
+  """"mean ± sample std (ddof 1) over <n> <what>", the wording of every table header."""
+  return f"mean ± {STD_NOTE} over {n} {what}"
 
 
 class ProgressLogger:

@@ -87,6 +87,9 @@ class MMGCN(base.RecommenderBase):
     rngs: NNX random streams.
   """
 
+  # Every modality is projected to D-d branch inputs: the A.6 cosine compares them.
+  shared_projected_space = True
+
   def __init__(self, n_users: int, n_items: int, feature_dims: dict[str, int],
                train: np.ndarray, *, embedding_dim: int = 64, num_layers: int = 2,
                rngs: nnx.Rngs):

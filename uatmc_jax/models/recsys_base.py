@@ -14,7 +14,13 @@ The contract (``/tmp/recsys_api.md`` in the design notes):
   only valid when ``projected`` holds all items in id order.
 * ``user_vectors() -> (n_users, D)`` (non-graph models).
 * ``encode(projected_all) -> (user_vecs (n_users, D), item_vecs (n_items, D))``.
-* ``auxiliary_loss(projected_batch, item_ids) -> scalar`` (0 unless the model has one).
+* ``shared_projected_space``: class attribute, True when every modality is projected
+  into one common space (VBPR-MLP, MMGCN); False for VBPR, whose ``project`` is the
+  identity on raw features (equal raw widths, e.g. TikTok's 128/128, are unrelated
+  coordinates). Alignment (A.6) and the A.5 cosine need it.
+* ``auxiliary_loss(projected_batch, item_ids, mask=None) -> scalar`` (0 unless the model
+  has one); ``mask`` float (B,) marks real rows (1) and padding (0): padding rows must
+  not change the value (the trainer pads the short last batch with copies of row 0).
 
 score(u, i) = <user_vecs[u], item_vecs[i]> for every model.
 
@@ -43,6 +49,7 @@ class Recommender(Protocol):
 
   modalities: tuple[str, ...]
   is_graph: bool
+  shared_projected_space: bool
   n_users: int
   n_items: int
 
@@ -58,7 +65,8 @@ class Recommender(Protocol):
   def encode(self, projected_all: Features) -> tuple[jax.Array, jax.Array]:
     ...
 
-  def auxiliary_loss(self, projected_batch: Features, item_ids: jax.Array) -> jax.Array:
+  def auxiliary_loss(self, projected_batch: Features, item_ids: jax.Array,
+                     mask: jax.Array | None = None) -> jax.Array:
     ...
 
 
@@ -67,6 +75,10 @@ class RecommenderBase(nnx.Module):
 
   modalities: tuple[str, ...] = ()
   is_graph: bool = False
+  # True when project() maps every modality into ONE common space (same width, same
+  # meaning of each coordinate), so cross-modal gradient cosines (A.5/A.6) are
+  # meaningful. A property of the architecture, never inferred from array widths.
+  shared_projected_space: bool = False
   n_users: int = 0
   n_items: int = 0
 
@@ -75,8 +87,9 @@ class RecommenderBase(nnx.Module):
     item_ids = jnp.arange(self.n_items, dtype=jnp.int32)
     return self.user_vectors(), self.item_vectors(projected_all, item_ids)
 
-  def auxiliary_loss(self, projected_batch: Features, item_ids: jax.Array) -> jax.Array:
-    del projected_batch, item_ids
+  def auxiliary_loss(self, projected_batch: Features, item_ids: jax.Array,
+                     mask: jax.Array | None = None) -> jax.Array:
+    del projected_batch, item_ids, mask
     return jnp.zeros((), jnp.float32)
 
 
@@ -168,33 +181,47 @@ def bpr_batch_vectors(model: Recommender, features: Features, users: jax.Array,
 
 
 def info_nce(a: jax.Array, b: jax.Array, temperature: jax.Array | float,
-             item_ids: jax.Array | None = None) -> jax.Array:
+             item_ids: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
   """Symmetric InfoNCE between two views of the same rows (METHODS.md A.2, VBPR-MLP).
 
   logits = a b^T / temperature; the positive of row i is row i of the other view;
   loss = (CE(logits, diag) + CE(logits^T, diag)) / 2, averaged over rows. When
   ``item_ids`` is given, off-diagonal pairs with the same id (duplicates in a batch)
-  are removed from the negatives instead of being pushed apart.
+  are removed from the negatives instead of being pushed apart. With ``mask`` (float
+  (n,), 0 = padding row) padding rows are neither negatives of the real rows nor part of
+  the mean: the value equals that of the real rows alone.
 
   Args:
     a, b: (n, p) row vectors (the caller normalises them when cosine logits are meant).
     temperature: positive scalar.
     item_ids: optional int (n,) ids of the rows.
+    mask: optional float (n,) row weights, 1 real / 0 padding.
 
   Returns:
     scalar loss.
   """
   chex.assert_equal_shape([a, b])
   chex.assert_rank(a, 2)
+  n = a.shape[0]
   logits = (a @ b.T) / temperature
+  off_diag = ~jnp.eye(n, dtype=bool)
   if item_ids is not None:
-    n = a.shape[0]
-    dup = (item_ids[:, None] == item_ids[None, :]) & ~jnp.eye(n, dtype=bool)
+    dup = (item_ids[:, None] == item_ids[None, :]) & off_diag
     logits = jnp.where(dup, -jnp.inf, logits)
+  if mask is not None:  # a padding row is nobody's negative (its own diagonal stays finite)
+    real = mask > 0
+    logits = jnp.where(~(real[:, None] & real[None, :]) & off_diag, -jnp.inf, logits)
   diag_ab = jnp.diagonal(logits)
   loss_ab = jax.nn.logsumexp(logits, axis=1) - diag_ab
   loss_ba = jax.nn.logsumexp(logits, axis=0) - diag_ab
-  return 0.5 * (jnp.mean(loss_ab) + jnp.mean(loss_ba))
+  return 0.5 * (masked_mean(loss_ab, mask) + masked_mean(loss_ba, mask))
+
+
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean of (n,) ``x`` weighted by the 1/0 row ``mask`` (plain mean without one)."""
+  if mask is None:
+    return jnp.mean(x)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 # Largest |logit| for which unit_info_nce may skip the log-sum-exp shift: exp(64) * rows
@@ -210,7 +237,8 @@ def duplicate_counts(item_ids: jax.Array) -> jax.Array:
 
 
 def unit_info_nce(a: jax.Array, b: jax.Array, temperature: jax.Array | float,
-                  item_ids: jax.Array | None = None) -> jax.Array:
+                  item_ids: jax.Array | None = None,
+                  mask: jax.Array | None = None) -> jax.Array:
   """:func:`info_nce` for unit-norm rows, with one exp pass instead of two log-sum-exps.
 
   Preconditions (the VBPR-MLP auxiliary loss meets both): every row of ``a`` and ``b``
@@ -219,27 +247,40 @@ def unit_info_nce(a: jax.Array, b: jax.Array, temperature: jax.Array | float,
   the same item), so a duplicate pair's logit equals the diagonal one and the duplicate
   terms are removed in closed form, (count − 1)·exp(diag), instead of by an n x n mask.
   Equal to :func:`info_nce` under these conditions (a test checks value and gradient);
-  about 2x cheaper on CPU for 2048 rows.
+  about 2x cheaper on CPU for 2048 rows. ``mask`` as in :func:`info_nce`: padding
+  columns are dropped from the sums (a multiply, no n x n select) and padding rows get
+  ids of their own, so they are no real row's duplicates.
   """
   chex.assert_equal_shape([a, b])
   chex.assert_rank(a, 2)
   logits = (a @ b.T) / temperature
   diag = jnp.sum(a * b, axis=-1) / temperature
   e = jnp.exp(logits)
-  row, col = jnp.sum(e, axis=1), jnp.sum(e, axis=0)
+  e_diag = jnp.exp(diag)
+  if mask is None:
+    row, col = jnp.sum(e, axis=1), jnp.sum(e, axis=0)
+  else:
+    w = (mask > 0).astype(e.dtype)
+    # Real columns (rows) only; a padding row keeps its own diagonal term (finite log).
+    row = e @ w + (1.0 - w) * e_diag
+    col = w @ e + (1.0 - w) * e_diag
+    if item_ids is not None:
+      own = -1 - jnp.arange(item_ids.shape[0], dtype=item_ids.dtype)
+      item_ids = jnp.where(mask > 0, item_ids, jnp.minimum(jnp.min(item_ids), 0) + own)
   if item_ids is not None:
-    e_diag = jnp.exp(diag)
     extra = (duplicate_counts(item_ids) - 1).astype(e.dtype) * e_diag
     row = jnp.maximum(row - extra, e_diag)  # the true sum is >= its diagonal term
     col = jnp.maximum(col - extra, e_diag)
-  return 0.5 * (jnp.mean(jnp.log(row) - diag) + jnp.mean(jnp.log(col) - diag))
+  return 0.5 * (masked_mean(jnp.log(row) - diag, mask) + masked_mean(jnp.log(col) - diag, mask))
 
 
 def pairwise_info_nce(views: Sequence[jax.Array], temperature: jax.Array | float,
-                      item_ids: jax.Array | None = None, *, nce=None) -> jax.Array:
+                      item_ids: jax.Array | None = None, *, nce=None,
+                      mask: jax.Array | None = None) -> jax.Array:
   """Mean of ``nce`` (default :func:`info_nce`) over all unordered pairs of views."""
   nce = nce or info_nce
   pairs = [(i, j) for i in range(len(views)) for j in range(i + 1, len(views))]
   if not pairs:
     return jnp.zeros((), jnp.float32)
-  return sum(nce(views[i], views[j], temperature, item_ids) for i, j in pairs) / len(pairs)
+  return sum(nce(views[i], views[j], temperature, item_ids, mask=mask)
+             for i, j in pairs) / len(pairs)

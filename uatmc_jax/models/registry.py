@@ -12,6 +12,7 @@ from uatmc_jax.models.vbpr import VBPR
 from uatmc_jax.models.vbpr_mlp import VBPRMLP
 
 RECOMMENDERS = ("vbpr", "vbpr_mlp", "mmgcn")
+MODEL_CLASSES = {"vbpr": VBPR, "vbpr_mlp": VBPRMLP, "mmgcn": MMGCN}
 
 
 def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any] | None,
@@ -23,7 +24,7 @@ def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any
     data: the dataset (MMGCN also takes its train graph from it).
     config: optional mapping with ``embedding_dim`` (64), and per model:
       vbpr: ``item_bias`` (False);
-      vbpr_mlp: ``wide_threshold`` (1024), ``align_weight`` (0.1),
+      vbpr_mlp: ``wide_threshold`` (1024), ``align_weight`` (InfoNCE weight, 1.0),
       ``init_temperature`` (0.2); mmgcn: ``num_layers`` (2). Other keys are ignored.
     rngs: NNX random streams (``params`` is used).
   """
@@ -39,7 +40,7 @@ def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any
   if name == "vbpr_mlp":
     return VBPRMLP(data.n_users, data.n_items, dims, embedding_dim=emb,
                    wide_threshold=int(cfg.get("wide_threshold", 1024)),
-                   align_weight=float(cfg.get("align_weight", 0.1)),
+                   align_weight=float(cfg.get("align_weight", 1.0)),
                    init_temperature=float(cfg.get("init_temperature", 0.2)), rngs=rngs)
   if name == "mmgcn":
     return MMGCN(data.n_users, data.n_items, dims, data.train, embedding_dim=emb,

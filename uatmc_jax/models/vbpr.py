@@ -24,6 +24,10 @@ from uatmc_jax.models import recsys_base as base
 class VBPR(base.RecommenderBase):
   """VBPR (MMRec variant).
 
+  No shared projected space (``shared_projected_space = False``): ``project`` is the
+  identity on raw features, whose coordinates mean different things per modality even
+  when the widths agree, so alignment (A.6) and the A.5 cosine are refused / NaN.
+
   Args:
     n_users, n_items: table sizes.
     feature_dims: {modality: d_m} of the raw features.
@@ -31,6 +35,8 @@ class VBPR(base.RecommenderBase):
     item_bias: add a learned per-item bias beta_i (zero-initialised) to the score.
     rngs: NNX random streams.
   """
+
+  shared_projected_space = False
 
   def __init__(self, n_users: int, n_items: int, feature_dims: dict[str, int], *,
                embedding_dim: int = 64, item_bias: bool = False, rngs: nnx.Rngs):

@@ -45,21 +45,26 @@ def projection_hidden(d: int, wide_threshold: int) -> tuple[int, ...]:
 
 
 class VBPRMLP(base.RecommenderBase):
+  shared_projected_space = True
+
   """VBPR with per-modality projection MLPs and cross-modal InfoNCE.
+
+  Every modality is projected into one common 64-d space (``shared_projected_space``).
 
   Args:
     n_users, n_items: table sizes.
     feature_dims: {modality: d_m}.
     embedding_dim: ID / projected width (64); user vectors are 2x (128).
     wide_threshold: raw width from which a modality gets the wide MLP.
-    align_weight: weight of the InfoNCE auxiliary loss (0 disables it).
+    align_weight: weight of the InfoNCE auxiliary loss (0 disables it); 1.0, the
+      protocol default of ``experiments/configs/recsys.py`` (0 on synthetic data).
     init_temperature: initial InfoNCE temperature (learnable, kept in [1/64, 100]).
     rngs: NNX random streams.
   """
 
   def __init__(self, n_users: int, n_items: int, feature_dims: dict[str, int], *,
                embedding_dim: int = 64, wide_threshold: int = 1024,
-               align_weight: float = 0.1, init_temperature: float = 0.2, rngs: nnx.Rngs):
+               align_weight: float = 1.0, init_temperature: float = 0.2, rngs: nnx.Rngs):
     self.modalities = base.ordered_modalities(feature_dims)
     self.is_graph = False
     self.n_users, self.n_items = int(n_users), int(n_items)
@@ -95,10 +100,14 @@ class VBPRMLP(base.RecommenderBase):
     lower = math.log(1.0 / base.UNIT_LOGIT_BOUND)  # keeps |logits| <= 64 (unit_info_nce)
     return jnp.exp(jnp.clip(self.log_temperature[...], lower, math.log(100.0)))
 
-  def auxiliary_loss(self, projected_batch: base.Features, item_ids: jax.Array) -> jax.Array:
-    """align_weight · mean pairwise InfoNCE(x̂^a, x̂^b) over the batch's items."""
+  def auxiliary_loss(self, projected_batch: base.Features, item_ids: jax.Array,
+                     mask: jax.Array | None = None) -> jax.Array:
+    """align_weight · mean pairwise InfoNCE(x̂^a, x̂^b) over the batch's real items.
+
+    ``mask`` (float (B,), 0 = padding) drops padding rows from the rows and negatives.
+    """
     if self.align_weight == 0.0 or len(self.modalities) < 2:
       return jnp.zeros((), jnp.float32)
     views = [projected_batch[m] for m in self.modalities]
     return self.align_weight * base.pairwise_info_nce(views, self.temperature(), item_ids,
-                                                      nce=base.unit_info_nce)
+                                                      nce=base.unit_info_nce, mask=mask)

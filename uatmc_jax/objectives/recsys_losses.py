@@ -20,7 +20,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from uatmc_jax.models.recsys_base import bpr_batch_vectors, info_nce, pairwise_info_nce
+from uatmc_jax.models.recsys_base import (bpr_batch_vectors, info_nce, masked_mean,
+                                          pairwise_info_nce)
 
 __all__ = ["bpr_loss", "emb_loss", "info_nce", "pairwise_info_nce", "bpr_objective",
            "make_bpr_objective", "LossFn"]
@@ -28,12 +29,6 @@ __all__ = ["bpr_loss", "emb_loss", "info_nce", "pairwise_info_nce", "bpr_objecti
 # loss_fn(model, batch, features, key) -> (scalar loss, aux dict of scalars)
 LossFn = Callable[[Any, Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array],
                   tuple[jax.Array, dict]]
-
-
-def _masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
-  if mask is None:
-    return jnp.mean(x)
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def bpr_loss(pos_scores: jax.Array, neg_scores: jax.Array,
@@ -45,7 +40,7 @@ def bpr_loss(pos_scores: jax.Array, neg_scores: jax.Array,
     mask: optional (B,) 1/0 row weights.
   """
   chex.assert_equal_shape([pos_scores, neg_scores])
-  return _masked_mean(-jnp.log(1e-10 + jax.nn.sigmoid(pos_scores - neg_scores)), mask)
+  return masked_mean(-jnp.log(1e-10 + jax.nn.sigmoid(pos_scores - neg_scores)), mask)
 
 
 def emb_loss(*vectors: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -92,7 +87,7 @@ def bpr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, 
   neg_scores = jnp.sum(u * neg_vec, axis=-1)
   bpr = bpr_loss(pos_scores, neg_scores, mask)
   reg = emb_loss(u, pos_vec, neg_vec, mask=mask)
-  aux = model.auxiliary_loss(projected_pos, batch["pos"])
+  aux = model.auxiliary_loss(projected_pos, batch["pos"], mask)
   loss = bpr + reg_weight * reg + aux
   return loss, {"bpr": bpr, "emb": reg, "aux": aux}
 
