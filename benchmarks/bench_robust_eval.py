@@ -35,6 +35,7 @@ def main():
   p.add_argument("--attacks", default="pgd20,cw,autoattack")
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--apgd_iterations", type=int, default=100)
+  p.add_argument("--fab_iterations", type=int, default=100)
   p.add_argument("--square_queries", type=int, default=5000)
   p.add_argument("--quiet", action="store_true", help="no per-batch progress lines")
   args = p.parse_args()
@@ -71,11 +72,11 @@ def main():
     what = f"{run['model']} {run['method']} from {args.workdir}"
   print(f"bench_robust_eval: uatmc_jax from {os.path.dirname(uatmc_jax.__file__)}; {what}; "
         f"{len(labels)} test images; batch {args.batch_size}; APGD {args.apgd_iterations} "
-        f"it, Square {args.square_queries} q; {jax.devices()[0].platform}; "
+        f"it, FAB {args.fab_iterations} it, Square {args.square_queries} q; {jax.devices()[0].platform}; "
         f"load {os.getloadavg()}", flush=True)
   config = robust_accuracy.RobustEvalConfig(
       batch_size=args.batch_size, apgd_iterations=args.apgd_iterations,
-      square_queries=args.square_queries)
+      fab_iterations=args.fab_iterations, square_queries=args.square_queries)
   evaluator = robust_accuracy.RobustEvaluator(logits_fn, config)
   log = None if args.quiet else (lambda s: print("  " + s, flush=True))
   clean = evaluator.run("clean", images, labels).correct
