@@ -11,38 +11,42 @@ from uatmc_jax.evaluation import robust_accuracy
 
 
 def test_run_until_fooled_matches_a_brute_force_schedule():
-  """Point p is fooled at its run fool_at[p] (never if >= n_runs): the queue must run
-  each point on runs 0, 1, ... in order, stop at its first success, fill every batch
-  but the last, and return that run's example."""
+  """Point p is fooled at its run fool_at[p] (never if >= n_runs). Whatever the queue
+  packs together, the outcome must be that of running each point's runs one by one
+  and stopping at the first success; every batch but the last must be full (few
+  points: later runs fill the free rows), each (point, run) run at most once."""
   rng = np.random.default_rng(0)
-  n, n_runs, batch = 23, 4, 5
-  fool_at = rng.integers(0, 6, n)
-  images = np.arange(n, dtype=np.float32)[:, None] * 10.
-  labels = np.arange(n, dtype=np.int32)
-  points = np.flatnonzero(rng.uniform(size=n) < 0.8)   # the still-robust points
-  calls, sizes = [], []
+  n_runs, batch = 4, 5
+  for n, share in ((23, 0.8), (3, 1.0)):   # many points; fewer points than a batch
+    fool_at = rng.integers(0, 6, n)
+    images = np.arange(n, dtype=np.float32)[:, None] * 10.
+    labels = np.arange(n, dtype=np.int32)
+    points = np.flatnonzero(rng.uniform(size=n) < share)   # the still-robust points
+    calls = []
 
-  def fn(x, y, run, batch_index):
-    sizes.append(len(x))
-    calls.append((batch_index, y.copy(), run.copy()))
-    return x + run[:, None] + 0.5, run < fool_at[y]   # adv names the run it came from
+    def fn(x, y, run, batch_index):
+      assert len(x) == batch                                # one shape: no retrace
+      calls.append((batch_index, y.copy(), run.copy()))
+      return x + run[:, None] + 0.5, run < fool_at[y]      # adv names its run
 
-  still, adv = batching.run_until_fooled(fn, images, labels, points, n_runs, batch)
-  np.testing.assert_array_equal(still, fool_at[points] >= n_runs)
-  last_run = np.minimum(fool_at[points], n_runs - 1)
-  np.testing.assert_allclose(adv[:, 0], images[points, 0] + last_run + 0.5)
-  total_runs = int(np.sum(last_run + 1))
-  assert all(sz == batch for sz in sizes)                  # one shape: no retrace
-  assert len(calls) == -(-total_runs // batch)             # only the last one padded
-  # Every point ran exactly runs 0 .. its last, in this order (padding rows dropped).
-  seen = {int(p): [] for p in points}
-  for b, (batch_index, y, run) in enumerate(calls):
-    assert batch_index == b
-    real = batch if b < len(calls) - 1 else total_runs - batch * (len(calls) - 1)
-    for yy, rr in zip(y[:real], run[:real]):
-      seen[int(yy)].append(int(rr))
-  for p, lr in zip(points, last_run):
-    assert seen[int(p)] == list(range(lr + 1)), (p, seen[int(p)])
+    still, adv = batching.run_until_fooled(fn, images, labels, points, n_runs, batch)
+    np.testing.assert_array_equal(still, fool_at[points] >= n_runs)
+    first_or_last = np.minimum(fool_at[points], n_runs - 1)
+    np.testing.assert_allclose(adv[:, 0], images[points, 0] + first_or_last + 0.5)
+    seen = {int(p): [] for p in points}
+    for b, (batch_index, y, run) in enumerate(calls):
+      assert batch_index == b
+      pairs = set(zip(y.tolist(), run.tolist()))   # padding repeats row 0
+      if b < len(calls) - 1:
+        assert len(pairs) == batch, (n, b, pairs)  # full
+      for yy, rr in sorted(pairs):
+        seen[yy].append(rr)
+    for p, need in zip(points, first_or_last):
+      runs = sorted(seen[int(p)])
+      assert runs == list(range(len(runs))) and len(runs) == len(set(runs))
+      assert len(runs) >= need + 1   # ran up to its first success (or all runs)
+    needed = int(np.sum(first_or_last + 1))
+    assert len(calls) <= -(-needed // batch) + 1
 
 
 def _mlp(seed=1, n=20, shape=(4, 4, 3), classes=10):

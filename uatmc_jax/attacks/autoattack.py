@@ -12,9 +12,10 @@ Versions (`SUITES`):
 Each attack runs only on the points still robust (correct and not yet fooled): a
 work queue (`batching.run_until_fooled`) packs the pending (point, target class)
 pairs of a stage, whatever their target, into full fixed-size jitted batches (only a
-stage's last batch is padded; the target rank is a per-row input), so every stage
-compiles once whatever the data set size, and a point leaves the queue at its first
-success. With a `log`, each stage prints a progress line per batch (runs done /
+stage's last batch is padded; the target rank is a per-row input; with fewer points
+than a batch, rows that would be padding run the same points' next targets ahead of
+time, each point keeping its lowest successful target), so every stage compiles once
+whatever the data set size, and a point leaves the queue at its first success. With a `log`, each stage prints a progress line per batch (runs done /
 total, robust so far, seconds, ETA) and a summary line. APGD uses the original
 100-iteration schedule (not a 10-step shortcut). Targets of APGD-T / FAB-T are the
 ranks 2 … n_target_classes + 1 of the clean logits, one run each, like the authors.

@@ -113,35 +113,59 @@ def run_until_fooled(fn: Callable, images: np.ndarray, labels: np.ndarray,
 
   Point p runs ``fn(x, y, run, batch_index, *extra_args) -> (x_adv, still_robust)``
   for run = 0, 1, ... n_runs − 1 (e.g. AutoAttack's target classes) and stops after
-  its first success. The pending (point, run) pairs, whatever their run number, fill
-  fixed-size batches in first-in-first-out order, so only the last batch is padded;
-  ``run`` is a per-row int32 vector and ``batch_index`` counts the batches.
+  its first success. The pending (point, next run) pairs, whatever their run number,
+  fill fixed-size batches in first-in-first-out order; ``run`` is a per-row int32
+  vector and ``batch_index`` counts the batches. When fewer pairs are pending than a
+  batch holds, the rows that would be padding take the same points' following runs
+  ahead of time; a point's outcome is then its lowest successful run, as if its runs
+  had gone one by one, so every batch but the last is full even with few points.
 
-  Returns (still_robust (P,), x_adv (P, ...)): x_adv is the fooling example where
-  fooled, else that of the point's last run. ``robust_before``: robust points of the
-  whole data set before this stage, for the progress line (default len(points)).
+  Returns (still_robust (P,), x_adv (P, ...)): x_adv is the first fooling example
+  where fooled, else that of the point's last run. ``robust_before``: robust points
+  of the whole data set before this stage, for the progress line (default P).
   """
   points = np.asarray(points, np.int64)
   n = len(points)
   still = np.ones(n, bool)
   adv = np.array(images[points], copy=True)
   queue_pos = np.arange(n)             # positions into `points`
-  queue_run = np.zeros(n, np.int32)
+  queue_run = np.zeros(n, np.int32)    # their next run
   done, b = 0, 0
   robust = n if robust_before is None else int(robust_before)
   while len(queue_pos):
     pos, run = queue_pos[:batch_size], queue_run[:batch_size]
     queue_pos, queue_run = queue_pos[batch_size:], queue_run[batch_size:]
+    if len(pos) < batch_size:  # the whole queue fits: fill the rest with later runs
+      extra_pos, extra_run = [pos], [run]
+      free = batch_size - len(pos)
+      for ahead in range(1, n_runs):  # a loop over runs (<= 9), not rows
+        later = np.flatnonzero(run + ahead < n_runs)[:free]
+        if not later.size or not free:
+          break
+        extra_pos.append(pos[later])
+        extra_run.append(run[later] + ahead)
+        free -= later.size
+      pos, run = np.concatenate(extra_pos), np.concatenate(extra_run).astype(np.int32)
     rows = points[pos]
     batch = pad_rows([images[rows], labels[rows], run], batch_size)
     x_out, ok = fn(*batch, b, *extra_args)
     x_out, ok = np.asarray(x_out)[:len(pos)], np.asarray(ok, bool)[:len(pos)]
-    adv[pos] = x_out
-    still[pos] = ok
-    robust -= int((~ok).sum())
-    again = ok & (run + 1 < n_runs)
-    queue_pos = np.concatenate([queue_pos, pos[again]])
-    queue_run = np.concatenate([queue_run, run[again] + 1])
+    # Per point of this batch (its rows are consecutive runs): the lowest fooling run,
+    # else its highest run, which decides the next one.
+    order = np.lexsort((np.where(ok, run + n_runs, run), pos))
+    first = np.r_[True, pos[order][1:] != pos[order][:-1]]
+    head = order[first]                     # per point: lowest fooling run, or lowest run
+    last = order[np.r_[first[1:], True]]    # per point: its highest run in the batch
+    fooled = ~ok[head]
+    p_fooled, p_kept = pos[head[fooled]], pos[last[~fooled]]
+    still[p_fooled] = False
+    adv[p_fooled] = x_out[head[fooled]]
+    adv[p_kept] = x_out[last[~fooled]]
+    robust -= int(fooled.sum())
+    nxt = run[last[~fooled]] + 1
+    again = nxt < n_runs
+    queue_pos = np.concatenate([queue_pos, p_kept[again]])
+    queue_run = np.concatenate([queue_run, nxt[again]]).astype(np.int32)
     done += len(pos)
     b += 1
     if progress is not None:
