@@ -77,8 +77,8 @@ class StageProgress:
 
   ``total`` is an upper bound while points can still stop early (a point fooled by
   its first target class skips the others); ETA = elapsed / done · remaining.
-  ``log`` None: silent. Lines are written at most every ``min_interval`` seconds
-  (plus the last one).
+  ``log`` None: silent. Lines are written at most every ``min_interval`` seconds,
+  plus the last one.
   """
 
   def __init__(self, name: str, total: int, n_points: int,
@@ -88,20 +88,17 @@ class StageProgress:
     self.unit, self.min_interval = unit, float(min_interval)
     self.start = time.time()
     self._last = -np.inf
-    self.lines = 0
 
-  def update(self, done: int, total: int, robust: int, final: bool = False) -> None:
+  def update(self, done: int, total: int, robust: int) -> None:
     self.total = int(total)
     now = time.time()
-    if self.log is None or (not final and now - self._last < self.min_interval):
+    if self.log is None or (done < total and now - self._last < self.min_interval):
       return
     self._last = now
     elapsed = now - self.start
     eta = elapsed / done * (total - done) if done else float("nan")
-    self.log(f"{self.name}: {done}/{total} {self.unit}"
-             f"{' (done)' if final else ''}, robust {robust}/{self.n_points}, "
-             f"{elapsed:.1f}s" + ("" if final else f", ETA {eta:.0f}s"))
-    self.lines += 1
+    self.log(f"{self.name}: {done}/{total} {self.unit}, robust {robust}/{self.n_points}, "
+             f"{elapsed:.1f}s, ETA {eta:.0f}s")
 
 
 def run_until_fooled(fn: Callable, images: np.ndarray, labels: np.ndarray,
