@@ -21,7 +21,13 @@ the ``--mesh_data`` devices of all processes and each process attacks only its r
 
 The classifier comes from `longtail_trainer.load_trained_classifier(workdir)`; the
 test set is reloaded as recorded in the run's results.json (dataset, data_dir, class
-names, test images per class). Geometry is measured on the test set's penultimate
+names, test images per class: the same seeded per-class subsample, seed
+``longtail.EVAL_SUBSET_SEED``, for TFDS and image folders).
+
+Progress: every attack logs (stderr) a line per batch with the points (or point x
+target runs) done / total, the robust count so far, seconds and ETA, and a summary
+line per attack and per AutoAttack stage; only the clean-correct points are attacked,
+and each AutoAttack stage only the points still robust. Geometry is measured on the test set's penultimate
 features (NC1, equiangularity), the classifier rows (ETF distance) and, for the
 Theorem-1 bound, on clean vs PGD-20 examples. `evaluate_classifier` is the same
 pipeline for any pure `logits_fn` / `features_fn` / W.
@@ -49,7 +55,9 @@ flags.DEFINE_float("step_size", 2. / 255., "PGD / CW step.")
 flags.DEFINE_integer("batch_size", 128, "Fixed evaluation batch size (last batch padded).")
 flags.DEFINE_integer("seed", 0, "Attack seed.")
 flags.DEFINE_integer("test_per_class", None,
-                     "First k test images per class (default: as the training run).")
+                     "A seeded subsample of k test images per class (seed "
+                     "longtail.EVAL_SUBSET_SEED = 0, the images the training run "
+                     "evaluated on; default: as the training run).")
 flags.DEFINE_integer("apgd_iterations", 100, "APGD iterations (100 = reference).")
 flags.DEFINE_integer("square_queries", 5000, "Square Attack queries (5000 = reference).")
 flags.DEFINE_bool("best", False, "Restore the best checkpoint instead of the latest.")
@@ -176,13 +184,12 @@ def load_test_set(run: dict, test_per_class: Optional[int]):
   if dataset == "folder":
     test = image_folder.load_image_folder(os.path.join(data_dir, "test"),
                                           class_names=class_names,
-                                          max_per_class=test_per_class)
+                                          max_per_class=test_per_class,
+                                          seed=longtail.EVAL_SUBSET_SEED)
   elif dataset in ("cifar10", "cifar100"):
     from uatmc_jax.data import tfds_images
-    test = tfds_images.load_tfds_images(dataset, "test", data_dir)
-    if test_per_class:
-      counts = np.minimum(test.class_counts(), int(test_per_class))
-      test = test.subset(longtail.longtail_indices(test.labels, counts, seed=0))
+    test = longtail.balanced_subset(tfds_images.load_tfds_images(dataset, "test", data_dir),
+                                    test_per_class)
   else:
     raise ConfigError(f"results.json: dataset {dataset!r} is not one eval_robust can reload "
                       f"(expected folder, cifar10 or cifar100)")

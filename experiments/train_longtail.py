@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import flags
 
 from experiments import launch
@@ -44,22 +43,22 @@ def load_datasets(cfg):
       raise ConfigError("dataset=folder needs data_dir=<root with train/ and test/>")
     n_max = cfg.n_max
     cache_dir = cfg.get("cache_dir") or None
-    # Only the first n_max files of each class can be drawn from when n_max is set.
+    # With n_max set only a seeded n_max-file subsample of each class (data_seed) is
+    # decoded; make_longtail then draws the profile from it (the head class: all of it).
     train = image_folder.load_image_folder(os.path.join(cfg.data_dir, "train"),
-                                           max_per_class=n_max, cache_dir=cache_dir)
+                                           max_per_class=n_max, seed=int(cfg.data_seed),
+                                           cache_dir=cache_dir)
     test = image_folder.load_image_folder(os.path.join(cfg.data_dir, "test"),
                                           class_names=train.class_names,
                                           max_per_class=cfg.test_per_class,
+                                          seed=longtail.EVAL_SUBSET_SEED,
                                           cache_dir=cache_dir)
     return train, test
   if cfg.dataset in TFDS_NAMES:
     from uatmc_jax.data import tfds_images  # imported lazily: TFDS is slow to import
     train = tfds_images.load_tfds_images(cfg.dataset, "train", cfg.data_dir)
     test = tfds_images.load_tfds_images(cfg.dataset, "test", cfg.data_dir)
-    if cfg.test_per_class:
-      counts = np.full(test.num_classes, int(cfg.test_per_class))
-      test = test.subset(longtail.longtail_indices(test.labels, counts, seed=0))
-    return train, test
+    return train, longtail.balanced_subset(test, cfg.test_per_class)
   raise ConfigError(f"dataset: expected one of {TFDS_NAMES + ('folder',)}, got {cfg.dataset!r}")
 
 

@@ -24,7 +24,8 @@ Arguments (``k=v`` joined by ``,``):
   latent_dim (128), manifold_hidden (1024), latent_steps (T_z, 5), latent_step_size
     (0.01), manifold_refresh (every_step | frozen), manifold_warmup_epochs (5),
     manifold_fit_steps (1), manifold_lr (1e-3): MCAT's manifold models.
-  test_per_class: evaluate on the first k test images of each class (all).
+  test_per_class: evaluate on a seeded subsample of k test images per class (seed 0
+    for every run, TFDS and folders alike; default all).
   seed (0): model/attack seed; data_seed (0): long-tail subsampling seed.
   eval_robust: after training, run experiments.eval_robust with these attacks
     ("" = skip; e.g. "pgd20+cw").

@@ -10,9 +10,14 @@ Versions (`SUITES`):
     gradient masking it is usually within a few tenths of a point of "standard",
     but it is an upper bound on it, so label results with the version used.
 
-Each attack runs only on the points still robust (correct and not yet fooled); the
-survivors are regathered and processed in fixed-size, padded, jitted batches, so
-every stage compiles once whatever the data set size. APGD uses the original
+Each attack runs only on the points still robust (correct and not yet fooled): a
+work queue (`batching.run_until_fooled`) packs the pending (point, target class)
+pairs of a stage, whatever their target, into full fixed-size jitted batches (only a
+stage's last batch is padded; the target rank is a per-row input; with fewer points
+than a batch, rows that would be padding run the same points' next targets ahead of
+time, each point keeping its lowest successful target), so every stage compiles once
+whatever the data set size, and a point leaves the queue at its first success. With a `log`, each stage prints a progress line per batch (runs done /
+total, robust so far, seconds, ETA) and a summary line. APGD uses the original
 100-iteration schedule (not a 10-step shortcut). Targets of APGD-T / FAB-T are the
 ranks 2 … n_target_classes + 1 of the clean logits, one run each, like the authors.
 With fewer than 4 classes APGD-T is skipped (targeted DLR needs z_π4). A point counts
@@ -96,9 +101,11 @@ class AutoAttack:
     config.attacks()  # validates the version
     base_key = jax.random.PRNGKey(config.seed)
 
-    def stage_key(stage, batch_index, rank):
-      return jax.random.fold_in(jax.random.fold_in(
-          jax.random.fold_in(base_key, stage), rank), batch_index)
+    def stage_key(stage, batch_index, rank=None):
+      # One queue per stage serves every target rank, so the batch index alone tells
+      # the batches of a stage apart (``rank`` is a per-row vector there).
+      del rank
+      return jax.random.fold_in(jax.random.fold_in(base_key, stage), batch_index)
 
     def apgd_ce(x, y, batch_index, rank, eps):
       res = apgd.apgd_attack(logits_fn, x, y, epsilon=eps,
@@ -132,19 +139,21 @@ class AutoAttack:
     # should trace once; `trace_counts` records it (tests assert it stays at 1).
     self.trace_counts: Dict[str, int] = {}
 
-    def counted(name, fn):
-      def traced(*args):
-        self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
-        return fn(*args)
-      return jax.jit(traced)
+    def queued(fn, targeted):
+      # The work queue's signature: (x, y, run (B,) int32, batch_index, eps); run r of
+      # a targeted stage attacks the target of rank r + 2.
+      def staged(x, y, run, batch_index, eps):
+        rank = run + 2 if targeted else jnp.int32(0)
+        return fn(x, y, batch_index, rank, eps)
+      return staged
 
-    self._stages = {"apgd-ce": counted("apgd-ce", apgd_ce),
-                    "apgd-t": counted("apgd-t", apgd_t),
-                    "fab-t": counted("fab-t", fab_t),
-                    "square": counted("square", square_stage)}
+    self._stages = {name: batching.counted_jit(self.trace_counts, name, queued(fn, t))
+                    for name, fn, t in (("apgd-ce", apgd_ce, False), ("apgd-t", apgd_t, True),
+                                        ("fab-t", fab_t, True),
+                                        ("square", square_stage, False))}
     self._predict = jax.jit(lambda x, _: (jnp.argmax(logits_fn(x), axis=-1),))
-    # On a mesh: (x, y) batches split over its devices; each process attacks its rows.
-    self._stages = {k: batching.on_mesh(f, mesh, 2) for k, f in self._stages.items()}
+    # On a mesh: (x, y, run) batches split over its devices; each process attacks its rows.
+    self._stages = {k: batching.on_mesh(f, mesh, 3) for k, f in self._stages.items()}
     self._predict = batching.on_mesh(self._predict, mesh, 1)
     for f in (self._predict, *self._stages.values()):
       if isinstance(f, batching.OnMesh):
@@ -185,23 +194,25 @@ class AutoAttack:
     x_adv = images.copy()
     robust_after, seconds = {"clean": int(robust.sum())}, {}
     suite = dataclasses.replace(cfg, version=version).attacks() if version else cfg.attacks()
+    if log is not None:
+      log(f"autoattack clean: robust {robust.sum()}/{len(robust)}; stages {list(suite)}")
     for name in suite:
       start = time.time()
-      ranks = range(2, n_targets + 2) if name in ("apgd-t", "fab-t") else (0,)
+      n_runs = n_targets if name in ("apgd-t", "fab-t") else 1
       if name == "apgd-t" and n_classes < 4:
-        ranks = ()  # the targeted DLR loss needs 4 classes; the stage is skipped
+        n_runs = 0  # the targeted DLR loss needs 4 classes; the stage is skipped
         if log is not None:
           log(f"autoattack apgd-t: skipped, the targeted DLR loss needs >= 4 classes")
-      for rank in ranks:
-        idx = np.flatnonzero(robust)
-        if idx.size == 0:
-          break
-        adv, still = batching.map_in_fixed_batches(
-            self._stages[name], [images[idx], labels[idx]], cfg.batch_size,
-            np.int32(rank), np.float32(eps))
-        fooled = ~still
-        robust[idx[fooled]] = False
-        x_adv[idx[fooled]] = adv[fooled]
+      idx = np.flatnonzero(robust)
+      if idx.size and n_runs:
+        unit = "point x target runs" if n_runs > 1 else "points"
+        progress = batching.StageProgress(f"autoattack {name}", idx.size * n_runs,
+                                          len(robust), log, unit=unit)
+        still, adv = batching.run_until_fooled(
+            self._stages[name], images, labels, idx, n_runs, cfg.batch_size,
+            np.float32(eps), progress=progress, robust_before=int(robust.sum()))
+        robust[idx[~still]] = False
+        x_adv[idx[~still]] = adv[~still]
       seconds[name] = time.time() - start
       robust_after[name] = int(robust.sum())
       if log is not None:

@@ -12,6 +12,9 @@ files) are decoded with PIL to RGB, and the whole folder is returned as an
 ``ImageDataset`` (uint8 ``(N, H, W, 3)``, int32 labels, class names). Class ``c`` is
 the ``c``-th sorted sub-folder name unless ``class_names`` gives the order (and
 selects a subset). Within a class, files are read in sorted name order.
+``max_per_class=k`` keeps k files of each class: with ``seed`` a seeded subsample
+(``longtail.class_sample``: the same files as reading everything and then taking
+``longtail.longtail_indices`` with that seed), without one the first k by name.
 
 Decoding runs on a thread pool (PIL releases the GIL while decoding). With
 ``cache_dir`` the decoded arrays are saved as an uncompressed ``.npz`` keyed by the
@@ -33,11 +36,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from uatmc_jax.data import longtail
 from uatmc_jax.data.image_dataset import ImageDataset
 from uatmc_jax.errors import DataFormatError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"
 _CHUNK = 512  # images per decoding task
 
 
@@ -65,10 +69,10 @@ def _class_folder_names(root: pathlib.Path, class_names: Sequence[str] | None) -
   return names
 
 
-def _image_files(root: pathlib.Path, names: Sequence[str],
-                 max_per_class: int | None) -> list[list[pathlib.Path]]:
+def _image_files(root: pathlib.Path, names: Sequence[str], max_per_class: int | None,
+                 seed: int | None = None) -> list[list[pathlib.Path]]:
   files = []
-  for c in names:
+  for index, c in enumerate(names):
     with os.scandir(root / c) as it:  # d_type from the directory: no stat per file
       fs = sorted(root / c / e.name for e in it
                   if e.is_file() and not e.name.startswith(".")
@@ -76,22 +80,26 @@ def _image_files(root: pathlib.Path, names: Sequence[str],
     if not fs:
       raise DataFormatError(f"{root / c}: class folder {c!r} holds no images "
                             f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
-    if max_per_class is not None:
+    if max_per_class is not None and seed is not None:
+      keep = longtail.class_sample(len(fs), min(max_per_class, len(fs)), seed, index)
+      fs = [fs[i] for i in keep]
+    elif max_per_class is not None:
       fs = fs[:max_per_class]
     files.append(fs)
   return files
 
 
 def list_image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None,
-                      max_per_class: int | None = None
+                      max_per_class: int | None = None, seed: int | None = None
                       ) -> tuple[list[str], list[list[pathlib.Path]]]:
   """``(class_names, files_per_class)`` of an image folder, without decoding.
 
-  Same class order, file order and errors (except decoding) as ``load_image_folder``.
+  Same class order, file order, subsample and errors (except decoding) as
+  ``load_image_folder``.
   """
   root = pathlib.Path(root)
   names = _class_folder_names(root, class_names)
-  return names, _image_files(root, names, max_per_class)
+  return names, _image_files(root, names, max_per_class, seed)
 
 
 def _decode(path: pathlib.Path) -> np.ndarray:
@@ -118,18 +126,19 @@ def _decode_into(out: np.ndarray, start: int, paths: Sequence[pathlib.Path],
 
 
 def _cache_path(cache_dir: pathlib.Path, root: pathlib.Path, names: Sequence[str],
-                max_per_class: int | None) -> pathlib.Path:
+                max_per_class: int | None, seed: int | None) -> pathlib.Path:
   # A directory's mtime changes whenever an entry is added, removed or renamed, so
   # the class folders' mtimes identify the file lists without listing 50k files.
   h = hashlib.sha256()
-  h.update(f"{_CACHE_VERSION}\0{root.resolve()}\0{max_per_class}\0".encode())
+  h.update(f"{_CACHE_VERSION}\0{root.resolve()}\0{max_per_class}\0{seed}\0".encode())
   for c in names:
     h.update(f"{c}\0{(root / c).stat().st_mtime_ns}\0".encode())
   return cache_dir / f"image_folder_{root.name}_{h.hexdigest()[:20]}.npz"
 
 
 def load_image_folder(root: str | os.PathLike, *, class_names: Sequence[str] | None = None,
-                      max_per_class: int | None = None, cache_dir: str | os.PathLike | None = None,
+                      max_per_class: int | None = None, seed: int | None = None,
+                      cache_dir: str | os.PathLike | None = None,
                       num_threads: int | None = None) -> ImageDataset:
   """Reads an image folder (one sub-folder per class) into memory.
 
@@ -137,8 +146,12 @@ def load_image_folder(root: str | os.PathLike, *, class_names: Sequence[str] | N
     root: the folder holding one sub-folder per class.
     class_names: class order (label ``c`` = ``class_names[c]``); only these folders
       are read. Default: all sub-folders, sorted by name.
-    max_per_class: read only the first ``k`` files (sorted by name) of each class
-      (quick runs and tests); default all.
+    max_per_class: read only ``k`` files of each class (all when a class has fewer):
+      a seeded subsample when ``seed`` is given, else the first ``k`` by name (quick
+      tests); default all.
+    seed: the subsample's seed: class ``c`` keeps the files at
+      ``longtail.class_sample(n_c, k, seed, c)`` of its sorted list, the same images
+      ``longtail.longtail_indices`` with this seed picks from the whole folder.
     cache_dir: if given, decoded arrays are cached there as ``.npz`` (created if
       needed) and reused while the folder is unchanged.
     num_threads: decoding threads (default ``min(8, os.cpu_count())``).
@@ -161,7 +174,7 @@ def load_image_folder(root: str | os.PathLike, *, class_names: Sequence[str] | N
   cache_file = None
   if cache_dir is not None:
     cache_dir = pathlib.Path(cache_dir)
-    cache_file = _cache_path(cache_dir, root, names, max_per_class)
+    cache_file = _cache_path(cache_dir, root, names, max_per_class, seed)
     if cache_file.is_file():
       try:
         with np.load(cache_file) as z:
@@ -169,7 +182,7 @@ def load_image_folder(root: str | os.PathLike, *, class_names: Sequence[str] | N
       except (OSError, ValueError, KeyError, DataFormatError):
         pass  # a corrupt / stale cache file is rebuilt below
 
-  files = _image_files(root, names, max_per_class)
+  files = _image_files(root, names, max_per_class, seed)
   flat = [p for fs in files for p in fs]
   labels = np.concatenate([np.full(len(fs), c, np.int32) for c, fs in enumerate(files)])
   first = _decode(flat[0])

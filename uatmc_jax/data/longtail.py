@@ -51,12 +51,28 @@ def longtail_class_counts(num_classes: int, imbalance_ratio: float,
   return counts.astype(np.int64)
 
 
+# The test subset (``test_per_class``) is drawn with this fixed seed, whatever the
+# training run's data_seed, so every run of a comparison is evaluated on the same images.
+EVAL_SUBSET_SEED = 0
+
+
+def class_sample(n_available: int, n_take: int, seed: int, class_index: int) -> np.ndarray:
+  """Positions (sorted, int64) of the ``n_take`` of a class's ``n_available`` items
+  (rows or files, in their sorted order) drawn from ``default_rng([seed, c])``.
+
+  The one seeded draw behind ``longtail_indices`` and the image-folder reader's
+  ``max_per_class`` with a seed, so both pick the same items of the same data.
+  """
+  perm = np.random.default_rng([int(seed), int(class_index)]).permutation(int(n_available))
+  return np.sort(perm[:int(n_take)])
+
+
 def longtail_indices(labels: np.ndarray, counts: np.ndarray, seed: int) -> np.ndarray:
   """Seeded per-class subsample: ``counts[c]`` rows of each class ``c``.
 
-  Each class draws from its own generator ``default_rng([seed, c])``, so one class's
-  draw does not depend on the others'. Returns the chosen row indices sorted
-  ascending (int64).
+  Each class draws from its own generator ``default_rng([seed, c])`` (`class_sample`),
+  so one class's draw does not depend on the others'. Returns the chosen row indices
+  sorted ascending (int64).
 
   Raises:
     ConfigError: a class has fewer images than requested.
@@ -70,9 +86,18 @@ def longtail_indices(labels: np.ndarray, counts: np.ndarray, seed: int) -> np.nd
       raise ConfigError(f"longtail: class {c} has {rows.size} images but the profile asks "
                         f"for {n_c}; lower n_max or the imbalance ratio, or use a larger "
                         f"training set")
-    perm = np.random.default_rng([seed, c]).permutation(rows.size)
-    chosen.append(rows[perm[:n_c]])
+    chosen.append(rows[class_sample(rows.size, n_c, seed, c)])
   return np.sort(np.concatenate(chosen)) if chosen else np.zeros((0,), np.int64)
+
+
+def balanced_subset(dataset: ImageDataset, per_class: int | None,
+                    seed: int = EVAL_SUBSET_SEED) -> ImageDataset:
+  """A seeded subsample of ``min(per_class, n_c)`` images of every class (the test
+  subset of ``test_per_class``); ``dataset`` itself when per_class is None / 0."""
+  if not per_class:
+    return dataset
+  counts = np.minimum(dataset.class_counts(), int(per_class))
+  return dataset.subset(longtail_indices(dataset.labels, counts, seed))
 
 
 def make_longtail(dataset: ImageDataset, imbalance_ratio: float, *, n_max: int | None = None,
