@@ -15,8 +15,9 @@ Presets (``preset=...``; every other argument given explicitly overrides them):
     small CNN (widths 16/32/64/128), CIFAR-10-LT with n_max 1000, 10 epochs, batch 64,
     lr 0.1 with 1 warm-up epoch then cosine, PGD-3 in training with step 2.5ε/3,
     PGD-20 evaluation on 100 test images per class, a monitor evaluation every 5 epochs;
-    MCAT: generators d_z 32 -> 256 -> 256 -> d_f, 3 warm-up epochs. A few minutes per
-    run on an idle 2-core machine; learns every class group above chance.
+    MCAT: generators d_z 32 -> 256 -> 256 -> d_f, 3 warm-up epochs. About 400 CPU-s
+    (~4 min on an idle 2-core machine) per run; PGD-AT at IR 10 reaches 0.27 clean /
+    0.20 PGD-20 balanced accuracy (chance 0.10), mostly on the head classes.
   runlocal=True: a ~1-minute smoke run that still learns above chance, on top of any
     preset: cpu_small with n_max 200, 6 epochs, 30 test images per class.
 
@@ -77,7 +78,7 @@ PAPER = dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, schedule="cos
 # of the long-tail AT literature (AT-BSL, RoBal's CIFAR runs) trains for.
 FULL = dict(PAPER, epochs=100)
 # CPU scale, chosen by measurement on the 2-core build machine (BUILD_NOTES): a small CNN
-# on CIFAR-10-LT that learns every class group in a few minutes per run.
+# on CIFAR-10-LT that learns well above chance in a few minutes per run.
 CPU_SMALL = dict(model="small_cnn", widths="16+32+64+128", n_max=1000, epochs=10,
                  batch_size=64, lr=0.1, warmup_epochs=1.0, pgd_steps=3,
                  pgd_step_size=2.5 * 8 / 255 / 3, test_per_class=100, manifold_hidden=256,
