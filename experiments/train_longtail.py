@@ -14,6 +14,7 @@ the trained model afterwards.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -62,6 +63,16 @@ def load_datasets(cfg):
   raise ConfigError(f"dataset: expected one of {TFDS_NAMES + ('folder',)}, got {cfg.dataset!r}")
 
 
+def _eval_batch_size(n: int) -> int:
+  # at most 256; a multiple of 8 (any data-axis size up to 8 divides it)
+  return 256 if n >= 256 else 8 * ((n + 7) // 8)
+
+
+def _cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict:
   t_start = time.perf_counter()
   train_full, test = load_datasets(cfg)
@@ -72,8 +83,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                                            manifold_weight=cfg.manifold_weight)
   config = longtail_trainer.LongTailTrainConfig(
       model=cfg.model, model_kwargs=cfg.model_kwargs.to_dict(), num_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
-      learning_rate=float(cfg.lr), schedule=cfg.schedule, weight_decay=float(cfg.weight_decay),
-      attack_steps=int(cfg.pgd_steps), latent_dim=int(cfg.latent_dim),
+      learning_rate=float(cfg.lr), schedule=cfg.schedule,
+      warmup_epochs=float(cfg.warmup_epochs), weight_decay=float(cfg.weight_decay),
+      attack_steps=int(cfg.pgd_steps), attack_step_size=float(cfg.pgd_step_size),
+      latent_dim=int(cfg.latent_dim),
       manifold_hidden_dim=int(cfg.manifold_hidden), latent_steps=int(cfg.latent_steps),
       latent_step_size=float(cfg.latent_step_size), manifold_refresh=cfg.manifold_refresh,
       manifold_warmup_epochs=int(cfg.manifold_warmup_epochs),
@@ -89,11 +102,22 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   print(f"train_longtail: {cfg.dataset} IR={cfg.imbalance_ratio} n_max={n_max} "
         f"counts={counts.tolist()} method={method.name} model={cfg.model} "
         f"test={len(test)} images", file=sys.stderr, flush=True)
-  state, info = trainer.fit(pipe, workdir)
+  eval_bs = _eval_batch_size(len(test))
+  monitor = test.subset(longtail.longtail_indices(
+      test.labels, np.minimum(np.bincount(test.labels, minlength=test.num_classes),
+                              int(cfg.monitor_per_class)), seed=0))
+  state, info = trainer.fit(
+      pipe, workdir, monitor_every=int(cfg.monitor_every),
+      monitor_pgd_steps=int(cfg.monitor_pgd_steps),
+      monitor_batches=lambda: eval_batches(monitor.images, monitor.labels,
+                                           batch_size=_eval_batch_size(len(monitor))))
   t_eval = time.perf_counter()
-  eval_bs = 256 if len(test) >= 256 else 8 * ((len(test) + 7) // 8)
   blocks = trainer.evaluate(state, eval_batches(test.images, test.labels, batch_size=eval_bs),
                             pgd_steps=int(cfg.eval_pgd_steps), seed=int(cfg.seed))
+  test_scalars = {}
+  for name, block in blocks.items():
+    test_scalars.update(longtail_trainer.group_scalars(f"test/{name}", block))
+  trainer.write_scalars(workdir, int(cfg.epochs) * pipe.steps_per_epoch, test_scalars)
   results = {
       "dataset": cfg.dataset, "data_dir": cfg.data_dir,
       "imbalance_ratio": float(cfg.imbalance_ratio), "n_max": n_max,
@@ -103,8 +127,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       "model": cfg.model, "epochs": int(cfg.epochs), "seed": int(cfg.seed),
       "class_counts": counts.tolist(), "n_train": int(len(train)), "n_test": int(len(test)),
       "class_names": list(train.class_names),
+      "preset": cfg.preset,
       "train_seconds": info["train_seconds"], "eval_seconds": time.perf_counter() - t_eval,
       "total_seconds": time.perf_counter() - t_start,
+      # user+system CPU time of this process: comparable across machine loads (on an
+      # idle 2-core machine the wall time is roughly half of it).
+      "cpu_seconds": _cpu_seconds(),
+      "monitor": info["monitor"],
       "last_epoch_metrics": info["last_epoch_metrics"],
       "runlocal": bool(cfg.runlocal),
       **blocks,

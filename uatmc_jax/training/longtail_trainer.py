@@ -47,6 +47,8 @@ from uatmc_jax.parallel import multihost
 from uatmc_jax.parallel import precision
 from uatmc_jax.training import longtail_methods as methods
 from uatmc_jax.training.checkpointing import CheckpointStore
+from uatmc_jax.training.progress import StepProgress
+from uatmc_jax.training.tensorboard_writer import ScalarWriter
 
 TRAINER_CONFIG_FILE = "trainer_config.json"
 
@@ -60,6 +62,9 @@ class LongTailTrainConfig:
   batch_size: int = 128
   learning_rate: float = 0.1
   schedule: str = "cosine"            # cosine | step
+  # Linear warm-up from 0 over this many epochs (may be fractional), then the schedule
+  # over the remaining steps; 0 = none (the B.3/B.4 settings).
+  warmup_epochs: float = 0.0
   momentum: float = 0.9
   weight_decay: float = 5e-4
   epsilon: float = 8 / 255
@@ -87,18 +92,33 @@ class LongTailTrainConfig:
                         f"{self.manifold_refresh!r}")
     if self.num_epochs < 1 or self.batch_size < 1 or self.attack_steps < 0:
       raise ConfigError("num_epochs, batch_size must be >= 1 and attack_steps >= 0")
+    if not 0 <= self.warmup_epochs < self.num_epochs:
+      raise ConfigError(f"warmup_epochs: expected 0 <= warmup_epochs < num_epochs "
+                        f"({self.num_epochs}), got {self.warmup_epochs}")
+
+
+def learning_rate_schedule(config: LongTailTrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up over ``warmup_epochs`` (if any), then cosine decay to 0 or step decay
+  (x0.1 at 50% and 75% of the post-warm-up steps)."""
+  total = max(config.num_epochs * steps_per_epoch, 1)
+  warm = int(round(config.warmup_epochs * steps_per_epoch))
+  rest = max(total - warm, 1)
+  if config.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(config.learning_rate, rest)
+  else:
+    decay = optax.piecewise_constant_schedule(
+        config.learning_rate, {int(0.5 * rest): 0.1, int(0.75 * rest): 0.1})
+  if not warm:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, config.learning_rate, warm), decay], [warm])
 
 
 def make_optimizer(config: LongTailTrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD(momentum) with coupled weight decay and a cosine or step schedule."""
-  total = config.num_epochs * steps_per_epoch
-  if config.schedule == "cosine":
-    lr = optax.cosine_decay_schedule(config.learning_rate, max(total, 1))
-  else:
-    lr = optax.piecewise_constant_schedule(
-        config.learning_rate, {int(0.5 * total): 0.1, int(0.75 * total): 0.1})
+  """SGD(momentum) with coupled weight decay and ``learning_rate_schedule``."""
   return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(lr, momentum=config.momentum))
+                     optax.sgd(learning_rate_schedule(config, steps_per_epoch),
+                               momentum=config.momentum))
 
 
 class StepFlags(NamedTuple):
@@ -241,12 +261,22 @@ class LongTailTrainer:
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
     state.update(params=optax.apply_updates(state["params"], updates), batch_stats=stats,
                  opt_state=opt_state)
-    metrics.update(parts, loss=loss,
-                   adv_train_acc=jnp.mean(jnp.argmax(adv_logits, -1) == y))
+    correct = jnp.argmax(adv_logits, -1) == y
+    metrics.update(parts, loss=loss, adv_train_acc=jnp.mean(correct))
+    # Per-class counts of this batch (summed over the epoch, not averaged): the training
+    # robust accuracy per Many/Medium/Few/Tail group at no extra forward pass.
+    onehot = jax.nn.one_hot(y, self.num_classes, dtype=jnp.int32)
+    metrics["per_class"] = {"adv_correct": jnp.sum(onehot * correct[:, None], 0),
+                            "seen": jnp.sum(onehot, 0)}
     return state, metrics
 
   def train_step(self, state: dict, batch: dict, key: jax.Array, *, flags: StepFlags):
-    """One jitted, state-donating step (compiled once per ``flags``)."""
+    """One jitted, state-donating step (compiled once per ``flags``).
+
+    Returns ``(state, metrics)``: scalar batch means (``loss``, ``adv_train_acc``, the
+    method's loss parts) and ``metrics["per_class"]``, the (C,) int counts
+    ``adv_correct`` / ``seen`` of the batch's labels.
+    """
     if flags not in self._steps:
       self._steps[flags] = jax.jit(functools.partial(self._train_step, flags=flags),
                                    donate_argnums=(0,))
@@ -307,12 +337,31 @@ class LongTailTrainer:
       with open(os.path.join(workdir, TRAINER_CONFIG_FILE), "w") as f:
         json.dump(info, f, indent=2, default=str)
 
+  def write_scalars(self, workdir: str, step: int, scalars: dict) -> None:
+    """Appends ``scalars`` at ``step`` to the TensorBoard event files in ``workdir``
+    (e.g. the final test evaluation; process 0 only)."""
+    with ScalarWriter(workdir, enabled=mesh_lib.is_primary_process()) as writer:
+      writer.write(step, scalars)
+
   def fit(self, pipeline, workdir: str, *, logger: ProgressLogger | None = None,
-          stop_after_epoch: int | None = None) -> tuple[dict, dict]:
+          stop_after_epoch: int | None = None, monitor_batches: Callable[[], Any] | None = None,
+          monitor_every: int = 0, monitor_pgd_steps: int = 10,
+          progress_every_seconds: float = 10.0) -> tuple[dict, dict]:
     """Trains ``num_epochs`` (resuming from ``workdir/checkpoints``); returns (state, info).
 
     ``pipeline.epoch(e)`` yields host batches ``{"image", "label"}``. ``stop_after_epoch``
     ends the run early after that epoch (used to test resume).
+
+    Progress: a line every ``progress_every_seconds`` (step, epoch, loss, images/s, ETA;
+    ``training.progress``), one line per epoch (``logger``). Every epoch's scalars go to
+    TensorBoard event files in ``workdir`` (``training.tensorboard_writer``), at the
+    global step of the epoch's end: ``train/*`` (epoch means of the step metrics, the
+    learning rate, images/s) and ``train_adv/{overall,balanced,many,medium,few,tail}``
+    (accuracy on the adversarial training examples, per class group). With
+    ``monitor_batches`` (a callable returning eval batches, e.g. a small test subset)
+    and ``monitor_every`` = k > 0, every k-th epoch and the last one are also evaluated
+    clean and under PGD-``monitor_pgd_steps``: ``monitor/clean/*``,
+    ``monitor/pgd<k>/*`` (same keys); ``info["monitor"]`` holds the history.
     """
     self.save_config(workdir)
     store = CheckpointStore(os.path.join(workdir, "checkpoints"))
@@ -322,29 +371,72 @@ class LongTailTrainer:
     if restored is not None:
       state, meta = restored
       start_epoch, train_seconds = meta["epoch"] + 1, meta["train_seconds"]
-    logger = logger or ProgressLogger(f"longtail:{self.method.name}")
-    metrics_hist = {}
-    for epoch in range(start_epoch, self.config.num_epochs):
+    primary = mesh_lib.is_primary_process()
+    logger = logger or ProgressLogger(f"longtail:{self.method.name}", enabled=primary)
+    spe, epochs = self.steps_per_epoch, self.config.num_epochs
+    progress = StepProgress(f"longtail:{self.method.name}", total_steps=epochs * spe,
+                            images_per_step=self.config.batch_size, num_epochs=epochs,
+                            every_seconds=progress_every_seconds,
+                            enabled=primary and progress_every_seconds >= 0)
+    writer = ScalarWriter(workdir, enabled=primary)
+    schedule = learning_rate_schedule(self.config, spe)
+    metrics_hist, monitor_hist = {}, []
+    for epoch in range(start_epoch, epochs):
       flags = self.step_flags(epoch)
       t0 = time.perf_counter()
       sums: dict[str, float] = {}
+      class_sums = {"adv_correct": 0, "seen": 0}
       n = 0
       for step, batch in enumerate(pipeline.epoch(epoch)):
         dev = mesh_lib.shard_batch(batch, self.mesh)
         state, metrics = self.train_step(state, dev, self.step_key(epoch, step), flags=flags)
+        per_class = multihost.to_host(metrics.pop("per_class"))
+        for k in class_sums:
+          class_sums[k] = class_sums[k] + np.asarray(per_class[k], np.int64)
         for k, v in metrics.items():
           sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
+        progress.update(epoch * spe + step + 1, epoch, loss=float(metrics["loss"]),
+                        adv_train_acc=float(metrics["adv_train_acc"]))
       seconds = time.perf_counter() - t0
       train_seconds += seconds
       metrics_hist = {k: v / max(n, 1) for k, v in sums.items()}
       logger.log(epoch, examples=n * self.config.batch_size, seconds=seconds, **metrics_hist)
+      global_step = (epoch + 1) * spe
+      scalars = {f"train/{k}": v for k, v in metrics_hist.items()}
+      scalars.update({"train/learning_rate": float(schedule(global_step - 1)),
+                      "train/images_per_second": n * self.config.batch_size / seconds,
+                      "train/epoch_seconds": seconds})
+      train_block = class_accuracy.accuracy_block(class_sums["adv_correct"],
+                                                  class_sums["seen"], self.class_counts)
+      scalars.update(group_scalars("train_adv", train_block))
+      last = epoch == epochs - 1 or (stop_after_epoch is not None and epoch >= stop_after_epoch)
+      if monitor_batches is not None and monitor_every > 0 and (
+          (epoch + 1) % monitor_every == 0 or last):
+        blocks = self.evaluate(state, monitor_batches(), pgd_steps=monitor_pgd_steps,
+                               seed=self.config.seed)
+        monitor_hist.append({"epoch": epoch, **blocks})
+        for name, block in blocks.items():
+          scalars.update(group_scalars(f"monitor/{name}", block))
+        logger.log(epoch, **{f"monitor_{name}_balanced": b["balanced"]
+                             for name, b in blocks.items()})
+      writer.write(global_step, scalars)
+      writer.flush()
       store.save(epoch, state, {"epoch": epoch, "train_seconds": train_seconds,
                                 "metrics": metrics_hist})
       if stop_after_epoch is not None and epoch >= stop_after_epoch:
         break
+    writer.close()
     store.close()
-    return state, {"train_seconds": train_seconds, "last_epoch_metrics": metrics_hist}
+    return state, {"train_seconds": train_seconds, "last_epoch_metrics": metrics_hist,
+                   "monitor": monitor_hist}
+
+
+def group_scalars(prefix: str, block: dict) -> dict[str, float]:
+  """``{prefix}/{overall,balanced,many,medium,few,tail}`` of an accuracy block (empty
+  groups, i.e. None, are left out)."""
+  return {f"{prefix}/{k}": block[k] for k in ("overall", "balanced", "many", "medium",
+                                               "few", "tail") if block.get(k) is not None}
 
 
 class TrainedClassifier(NamedTuple):
