@@ -12,8 +12,9 @@ and applies ``num_layers`` MMGCN layers
   x̃     = LeakyReLU(x W_lin + b) + e_id                 (node's own ID-aware signal)
   x     = LeakyReLU([h ; x̃] W_g + b)                    (combination)
 
-with Â the symmetrically normalised adjacency D^{-1/2} A D^{-1/2} applied by
-``jax.ops.segment_sum`` over the edge list (no dense adjacency). Scores sum the
+with Â the symmetrically normalised adjacency D^{-1/2} A D^{-1/2} applied as a sparse
+product over the edge list (no dense adjacency; ``graph_propagation``: one CSR product
+for all modalities per layer, Âᵀ = Â in the backward pass). Scores sum the
 per-modality dot products plus an ID part: the user/item vectors are the
 concatenations [e_id ; x^{m_1} ; x^{m_2} ...], so one dot product gives
 <e_u, e_i> + Σ_m <x_u^m, x_i^m>.
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uatmc_jax.models import graph_propagation
 from uatmc_jax.models import recsys_base as base
 
 
@@ -68,9 +70,18 @@ class MMGCNLayer(nnx.Module):
     self.combine = nnx.Linear(2 * dim, dim, rngs=rngs)
 
   def __call__(self, x, id_embedding, dst, src, weight, n_nodes):
-    messages = jnp.take(self.conv(x), src, axis=0) * weight[:, None]
-    h = jax.nn.leaky_relu(jax.ops.segment_sum(messages, dst, num_segments=n_nodes,
-                                              indices_are_sorted=True))
+    """The layer on any edge list (``dst`` sorted): Â (x W_conv) by segment sums."""
+    del n_nodes  # = x.shape[0]
+    return self.output(graph_propagation.segment_propagate(self.conv(x), dst, src, weight),
+                       x, id_embedding)
+
+  def output(self, aggregate, x, id_embedding):
+    """The layer from its aggregate Â (x W_conv) (row-wise in all three arguments).
+
+    Since ``conv`` has no bias, Â (x W_conv) = (Â x) W_conv: the model passes
+    ``conv(Â x)``, so rows of the aggregate can be formed for a subset of nodes.
+    """
+    h = jax.nn.leaky_relu(aggregate)
     x_self = jax.nn.leaky_relu(self.self_linear(x)) + id_embedding
     return jax.nn.leaky_relu(self.combine(jnp.concatenate([h, x_self], axis=-1)))
 
@@ -117,26 +128,53 @@ class MMGCN(base.RecommenderBase):
     base.check_features(features, self.modalities)
     return {m: self.feature_proj[m](features[m]) for m in self.modalities}
 
-  def _branch(self, m: str, projected_items: jax.Array, id_embedding: jax.Array) -> jax.Array:
-    x = base.l2_normalize(jnp.concatenate([self.preferences[m][...], projected_items], axis=0))
-    n_nodes = self.n_users + self.n_items
+  def _forward(self, projected_all: base.Features, rows: jax.Array | None = None) -> jax.Array:
+    """Node vectors [e_id ; x^{m_1} ; ...] of all nodes, or of node ids ``rows`` only.
+
+    Every layer aggregates all modalities at once, Â [x^{m_1}, x^{m_2}, ...], with the
+    symmetric CSR product (its transpose is itself; no scatter in the backward pass),
+    and applies ``conv`` after aggregating (= before, ``conv`` being linear). With
+    ``rows`` the last layer runs on those rows only (its inputs at every node are still
+    needed for the aggregate): the BPR loss needs just the batch's users and items.
+    """
+    base.check_features(projected_all, self.modalities, self.n_items)
+    id_embedding = self.id_embedding[...]
     dst, src, w = self.edge_dst[...], self.edge_src[...], self.edge_weight[...]
-    for layer in self.branches[m]:
-      x = layer(x, id_embedding, dst, src, w, n_nodes)
-    return x
+    xs = [base.l2_normalize(jnp.concatenate([self.preferences[m][...], projected_all[m]],
+                                            axis=0)) for m in self.modalities]
+    n_layers = len(self.branches[self.modalities[0]])
+    ids = id_embedding
+    for l in range(n_layers):
+      widths = np.cumsum([x.shape[-1] for x in xs])[:-1]
+      aggregated = jnp.split(graph_propagation.symmetric_propagate(
+          jnp.concatenate(xs, axis=-1), dst, src, w), widths, axis=-1)
+      if rows is not None and l == n_layers - 1:
+        xs = [jnp.take(x, rows, axis=0) for x in xs]
+        aggregated = [jnp.take(a, rows, axis=0) for a in aggregated]
+        ids = jnp.take(id_embedding, rows, axis=0)
+      xs = [self.branches[m][l].output(self.branches[m][l].conv(a), x, ids)
+            for m, x, a in zip(self.modalities, xs, aggregated)]
+    if rows is not None and n_layers == 0:
+      xs = [jnp.take(x, rows, axis=0) for x in xs]
+      ids = jnp.take(id_embedding, rows, axis=0)
+    return jnp.concatenate([ids] + xs, axis=-1)
 
   def encode(self, projected_all: base.Features) -> tuple[jax.Array, jax.Array]:
     """(user vecs (U, D(1+|M|)), item vecs (I, D(1+|M|))) from all items' projections."""
-    base.check_features(projected_all, self.modalities, self.n_items)
-    id_embedding = self.id_embedding[...]
-    nodes = jnp.concatenate(
-        [id_embedding] + [self._branch(m, projected_all[m], id_embedding)
-                          for m in self.modalities], axis=-1)
+    nodes = self._forward(projected_all)
     return nodes[:self.n_users], nodes[self.n_users:]
+
+  def encode_rows(self, projected_all: base.Features, user_ids: jax.Array,
+                  item_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows ``user_ids`` / ``item_ids`` of :meth:`encode`, computing the last layer there only."""
+    rows = jnp.concatenate([user_ids.astype(jnp.int32),
+                            item_ids.astype(jnp.int32) + self.n_users])
+    nodes = self._forward(projected_all, rows)
+    return nodes[:user_ids.shape[0]], nodes[user_ids.shape[0]:]
 
   def item_vectors(self, projected: base.Features, item_ids: jax.Array) -> jax.Array:
     """Rows ``item_ids`` of the full forward; ``projected`` must hold all items."""
-    return jnp.take(self.encode(projected)[1], item_ids, axis=0)
+    return self.encode_rows(projected, jnp.zeros((0,), jnp.int32), item_ids)[1]
 
   def user_vectors(self) -> jax.Array:
     raise TypeError("MMGCN user vectors depend on every item's features; use "

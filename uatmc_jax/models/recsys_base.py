@@ -21,6 +21,9 @@ The contract (``/tmp/recsys_api.md`` in the design notes):
 * ``auxiliary_loss(projected_batch, item_ids, mask=None) -> scalar`` (0 unless the model
   has one); ``mask`` float (B,) marks real rows (1) and padding (0): padding rows must
   not change the value (the trainer pads the short last batch with copies of row 0).
+* optional, graph models: ``encode_rows(projected_all, user_ids, item_ids) -> (user_vecs
+  (n_u, D), item_vecs (n_i, D))``, those rows of ``encode`` (cheaper: a BPR batch needs
+  only its own rows of the last layer).
 
 score(u, i) = <user_vecs[u], item_vecs[i]> for every model.
 
@@ -144,6 +147,9 @@ def batch_item_vectors(model: Recommender, features: Features,
   """
   if model.is_graph:
     projected_all = model.project(features)
+    if hasattr(model, "encode_rows"):
+      item_vecs = model.encode_rows(projected_all, jnp.zeros((0,), jnp.int32), item_ids)[1]
+      return item_vecs, gather_rows(projected_all, item_ids)
     _, item_vecs = model.encode(projected_all)
     return jnp.take(item_vecs, item_ids, axis=0), gather_rows(projected_all, item_ids)
   if item_ids.shape[0] < model.n_items:
@@ -169,6 +175,9 @@ def bpr_batch_vectors(model: Recommender, features: Features, users: jax.Array,
   chex.assert_shape([pos, neg], (b,))
   if model.is_graph:
     projected_all = model.project(features)
+    if hasattr(model, "encode_rows"):  # only the batch's rows of the last layer
+      u, item_vecs = model.encode_rows(projected_all, users, jnp.concatenate([pos, neg]))
+      return u, item_vecs[:b], item_vecs[b:], gather_rows(projected_all, pos)
     user_all, item_all = model.encode(projected_all)
     u = jnp.take(user_all, users, axis=0)
     pos_vec = jnp.take(item_all, pos, axis=0)
