@@ -16,9 +16,14 @@ o_1 ≥ ... ≥ o_K the K highest scores of the *other* items (computed once per
     s_K(u; δ) = clip(s_t, o_K, o_{K-1})      (o_0 = +∞),
 
 exactly: t above o_{K-1} leaves o_{K-1} K-th; between them it is K-th itself; below
-o_K, o_K stays K-th. Graph models (MMGCN, ``is_graph``) move every user and item
-vector, so their path re-encodes with the perturbed table and takes ``top_k`` every
-step (exact, chunked over targets).
+o_K, o_K stays K-th. Graph models (MMGCN, ``is_graph``) move the user and item vectors
+within the L-hop neighbourhood of t. Their default path ("local",
+``_graph_local_view``) recomputes only that neighbourhood from a clean per-layer cache
+(``uatmc_jax.attacks.graph_local``) and gets each anchor's K-th score exactly from its
+clean top-(K+|I_c|) list minus the changed items I_c plus their new scores (full rows for
+anchors whose own vector moved), skipping anchors whose hinge provably stays at zero;
+the reference path ("full") re-encodes the whole graph with the perturbed table and takes
+``top_k`` every step. Both are exact; tests check them against each other.
 
 Attacks (A.4, reference settings):
   FGSM: δ^m = ε_m · sign(∇_{δ^m} L(0)), ε_m = ε·||x_t^m||₂ (relative), margin 10.
@@ -31,7 +36,8 @@ Metrics (A.4): the rank of t for user u is the number of items scored strictly h
 (ties favour the target); Hit@K = share of anchors with rank < K. Ranks come from each
 anchor's clean scores sorted once (``searchsorted``), minus the target's own clean
 score when it beats its perturbed one, so they are exact for non-graph models; graph
-models count against the re-encoded scores. Unmasked ranking over all items is the
+models add the changed items' new scores (local path) or count against the re-encoded
+scores (full path). Unmasked ranking over all items is the
 reference's (default); the masked variant removes each user's train items (a target
 the user interacted with gets score −∞ for that user).
 

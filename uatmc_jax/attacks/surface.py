@@ -35,8 +35,9 @@ class AttackSurface:
 
   Attributes:
     modalities: ordered modality names (the model's order).
-    is_graph: True when one item's features move every user/item vector (MMGCN);
-      attacks then take the exact, more expensive full re-encode path.
+    is_graph: True when one item's features move other users'/items' vectors (MMGCN);
+      attacks then take an exact graph path (local recomputation when ``graph`` is set,
+      else the full re-encode).
     space: "projected" (reference) or "raw": where perturbations live.
     params: parameter pytree passed to the functions below.
     attack_table: {m: (n_items, d_m)} clean features in the attacked space.
