@@ -254,9 +254,10 @@ def run_attacks(cfg, model, data, mesh=None):
     raise errors.ConfigError(f"groups=planted but dataset {data.name!r} has no user groups")
   grouping = user_groups.grouping_description(data, use_planted, cfg.n_groups)
   logging.info("user groups (A.5 diagnostics, group alignments): %s", grouping)
-  chunk = promotion.chunk_size_for(surface, cfg.chunk_size, cfg.targets, mesh)
+  graph_path = cfg.get("graph_path", "local")
+  chunk = promotion.chunk_size_for(surface, cfg.chunk_size, cfg.targets, mesh, graph_path)
   runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=cfg.mismatch,
-                                           mesh=mesh)
+                                           mesh=mesh, graph_path=graph_path)
   pop = data.item_popularity()
   runs = {(eps, n): [] for eps in cfg.epsilons for n in names}
   t_start = time.perf_counter()
@@ -284,6 +285,8 @@ def run_attacks(cfg, model, data, mesh=None):
       "pgd": "10 sign steps of 1.25*eps/10, ||delta^m||_inf <= eps, no random start, margin 1",
       "align_weight": cfg.align_weight, "group_temperature": cfg.group_temperature,
       "chunk_size": chunk, "chunk_targets": runner.targets_per_chunk,
+      "graph_path": ("local (exact neighbourhood recomputation)" if runner.uses_local_graph_path
+                     else "full re-encode" if surface.is_graph else "n/a (row-wise model)"),
       "devices": 1 if runner.mesh is None else runner.mesh.size,
       "processes": jax.process_count(), "total_seconds": time.perf_counter() - t_start}}
   from uatmc_jax.attacks.mismatch import modality_pairs

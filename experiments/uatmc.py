@@ -189,12 +189,14 @@ class AttackBench:
       nnx.update(model, multihost.to_local(nnx.state(model)))
     surface = surface_from_recommender(model, data.features, space="projected")
     if self.runner is None:
+      graph_path = a.get("graph_path", "local")
       chunk = promotion.chunk_size_for(surface, a["chunk_size"],
-                                       min(a["targets"], data.n_items), self.mesh)
+                                       min(a["targets"], data.n_items), self.mesh, graph_path)
       # Hit@K is reported at the K of the attack objective (A.4), whatever it is.
       ks = tuple(sorted(set(promotion.METRIC_KS) | {int(a["k"])}))
       self.runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, ks=ks,
-                                                    with_mismatch=True, mesh=self.mesh)
+                                                    with_mismatch=True, mesh=self.mesh,
+                                                    graph_path=graph_path)
     self.runner.surface = surface
     anchors = targets_lib.select_anchors(data.n_users, a["anchor_share"], seed)
     targets = targets_lib.select_targets("random", min(a["targets"], data.n_items),
@@ -225,9 +227,10 @@ class AttackBench:
 def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names) -> dict:
   from uatmc_jax.evaluation.reporting import read_json, write_json
   path = os.path.join(stage_dir, ATTACK_FILE)
-  # chunk_size only changes memory, not results (tested), so it may change on resume.
+  # chunk_size and graph_path (local / full re-encode: equal, tested) change memory and
+  # speed, not results, so they may change on resume.
   settings = _json_plain({k: v for k, v in _plain(bench.cfg.attack).items()
-                          if k != "chunk_size"})
+                          if k not in ("chunk_size", "graph_path")})
   if os.path.isfile(path):
     done = read_json(path)
     # Reuse only results of the same attack protocol (budget, targets, anchors, K, ...):

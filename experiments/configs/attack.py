@@ -22,7 +22,10 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``;`` or ``+``):
   n_groups: k-means groups (4).
   align_weight: λ_align of the cosine reward (1.0).
   group_temperature: τ of pgd_shared_groups (0.1).
-  chunk_size: targets per vmapped chunk (64; graph models use min(chunk_size, 4)).
+  chunk_size: targets per vmapped chunk (64; graph models on the full path use
+    min(chunk_size, 4), on the local path a memory cap per neighbourhood size bucket).
+  graph_path: graph models (MMGCN): local (exact neighbourhood-local recomputation, the
+    default) | full (re-encode the whole graph every step: the slow reference).
   mismatch: compute the A.5 diagnostics (True).
   mesh_data: devices (over all processes) that share the targets of each chunk (-1 =
     all); chunk_size is then per device. The model is replicated for the attack.
@@ -36,7 +39,7 @@ from experiments.configs import common
 
 DEFAULTS = dict(targets=100, seeds=3, epsilon=0.05, attack=None, target_set="random",
                 anchor_share=0.4, k=50, space="projected", groups="auto", n_groups=4,
-                align_weight=1.0, group_temperature=0.1, chunk_size=64, mismatch=True,
+                align_weight=1.0, group_temperature=0.1, chunk_size=64, graph_path="local", mismatch=True,
                 mesh_data=-1, runlocal=False)
 
 
@@ -60,6 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.align_weight = float(a["align_weight"])
   cfg.group_temperature = float(a["group_temperature"])
   cfg.chunk_size = int(a["chunk_size"])
+  cfg.graph_path = str(a["graph_path"])
   cfg.mismatch = bool(a["mismatch"])
   cfg.mesh_data = int(a["mesh_data"])
   cfg.runlocal = bool(a["runlocal"])

@@ -54,7 +54,7 @@ DEFAULTS = dict(
     apr_epsilon=0.5, apr_weight=1.0, amr_epsilon=0.1, amr_weight=1.0, amr_modality=None,
     adv_from_backbone=True, graph_items="with_gradient",
     targets=100, attack_epsilon=0.05, anchor_share=0.4, attack_k=50,
-    attack_align_weight=1.0, chunk_size=64,
+    attack_align_weight=1.0, chunk_size=64, graph_path="local",
     sweep="adv_weight", sweep_values="1+10", sweep_seeds=None,
     mesh_data=-1, eval_batch_size=2048, runlocal=False)
 
@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.attack = dict(targets=int(a["targets"]), epsilon=float(a["attack_epsilon"]),
                     anchor_share=float(a["anchor_share"]), k=int(a["attack_k"]),
                     align_weight=float(a["attack_align_weight"]),
-                    chunk_size=int(a["chunk_size"]))
+                    chunk_size=int(a["chunk_size"]), graph_path=str(a["graph_path"]))
   cfg.sweep = str(a["sweep"]) if a["sweep"] else ""
   cfg.sweep_values = common.as_list(a["sweep_values"], float)
   cfg.sweep_seeds = int(a["sweep_seeds"]) if a["sweep_seeds"] is not None else len(cfg.seeds)

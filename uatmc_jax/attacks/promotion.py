@@ -16,9 +16,14 @@ o_1 ≥ ... ≥ o_K the K highest scores of the *other* items (computed once per
     s_K(u; δ) = clip(s_t, o_K, o_{K-1})      (o_0 = +∞),
 
 exactly: t above o_{K-1} leaves o_{K-1} K-th; between them it is K-th itself; below
-o_K, o_K stays K-th. Graph models (MMGCN, ``is_graph``) move every user and item
-vector, so their path re-encodes with the perturbed table and takes ``top_k`` every
-step (exact, chunked over targets).
+o_K, o_K stays K-th. Graph models (MMGCN, ``is_graph``) move the user and item vectors
+within the L-hop neighbourhood of t. Their default path ("local",
+``_graph_local_view``) recomputes only that neighbourhood from a clean per-layer cache
+(``uatmc_jax.attacks.graph_local``) and gets each anchor's K-th score exactly from its
+clean top-(K+|I_c|) list minus the changed items I_c plus their new scores (full rows for
+anchors whose own vector moved), skipping anchors whose hinge provably stays at zero;
+the reference path ("full") re-encodes the whole graph with the perturbed table and takes
+``top_k`` every step. Both are exact; tests check them against each other.
 
 Attacks (A.4, reference settings):
   FGSM: δ^m = ε_m · sign(∇_{δ^m} L(0)), ε_m = ε·||x_t^m||₂ (relative), margin 10.
@@ -31,7 +36,8 @@ Metrics (A.4): the rank of t for user u is the number of items scored strictly h
 (ties favour the target); Hit@K = share of anchors with rank < K. Ranks come from each
 anchor's clean scores sorted once (``searchsorted``), minus the target's own clean
 score when it beats its perturbed one, so they are exact for non-graph models; graph
-models count against the re-encoded scores. Unmasked ranking over all items is the
+models add the changed items' new scores (local path) or count against the re-encoded
+scores (full path). Unmasked ranking over all items is the
 reference's (default); the masked variant removes each user's train items (a target
 the user interacted with gets score −∞ for that user).
 
@@ -211,7 +217,7 @@ def project_linf(delta: Mapping[str, jax.Array],
 
 
 def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.Array],
-               group_weights: jax.Array, probe=None) -> dict[str, jax.Array]:
+               group_weights: jax.Array, probe=None, monitor=None):
   """The perturbation {m: (d_m,)} of one target (pure; vmap it over targets).
 
   Args:
@@ -221,9 +227,11 @@ def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.
     group_weights: (n_anchor, G) user groups (used by group-level alignments).
     probe: None, or ``alignment.Probe(probe_loss_fn(δ, η), η0, lift)`` for attacks
       outside the projected space (the cosine alignments compare modalities there).
+    monitor: None, or δ -> bool scalar evaluated at every point where the loss is
+      differentiated (δ = 0 and each PGD iterate).
 
   Returns:
-    δ, inside the budget.
+    δ, inside the budget; ``(δ, all monitor values true)`` when ``monitor`` is given.
   """
   direction_fn = functools.partial(
       alignment_lib.get_ascent_direction(attack.alignment), per_user_loss_fn,
@@ -231,16 +239,21 @@ def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.
       group_temperature=attack.group_temperature, probe=probe)
   eps = budgets(attack, x_t)
   delta0 = {m: jnp.zeros_like(x) for m, x in x_t.items()}
+  check = monitor or (lambda _: jnp.asarray(True))
   if attack.method == "fgsm":
     g = direction_fn(delta0)
-    return {m: eps[m] * jnp.sign(g[m]) for m in x_t}
-  step = {m: attack.step_scale * eps[m] / attack.steps for m in x_t}
+    delta, ok = {m: eps[m] * jnp.sign(g[m]) for m in x_t}, check(delta0)
+  else:
+    step = {m: attack.step_scale * eps[m] / attack.steps for m in x_t}
 
-  def body(_, delta):
-    g = direction_fn(delta)
-    return project_linf({m: delta[m] + step[m] * jnp.sign(g[m]) for m in x_t}, eps)
+    def body(_, carry):
+      delta, ok = carry
+      g = direction_fn(delta)
+      return (project_linf({m: delta[m] + step[m] * jnp.sign(g[m]) for m in x_t}, eps),
+              ok & check(delta))
 
-  return jax.lax.fori_loop(0, attack.steps, body, delta0)
+    delta, ok = jax.lax.fori_loop(0, attack.steps, body, (delta0, jnp.asarray(True)))
+  return delta if monitor is None else (delta, ok)
 
 
 # ----------------------------------------------------------------------------------
@@ -258,6 +271,11 @@ class PromotionContext(NamedTuple):
   sorted_scores: (n_A, n_items) clean scores, ascending per user (ranks).
   masked_sorted_scores: (n_A, n_items) same with each user's train items at −∞, or None.
   train_mask: (n_A, n_items) bool, True for (anchor, train item) pairs, or None.
+  Graph models with a local path (``surface.graph``) only, else None:
+  desc_values, desc_indices: (n_A, W) clean top-W scores and their items, W = min(n_items,
+    k + the largest number of items one target's features move).
+  anchor_row: (n_users,) int32 each user's anchor row, n_A for non-anchors.
+  graph_cache: ``graph_local.GraphCache``, the clean activations of every layer.
   """
   anchors: jax.Array
   anchor_vectors: jax.Array
@@ -267,6 +285,10 @@ class PromotionContext(NamedTuple):
   sorted_scores: jax.Array
   masked_sorted_scores: jax.Array | None
   train_mask: jax.Array | None
+  desc_values: jax.Array | None = None
+  desc_indices: jax.Array | None = None
+  anchor_row: jax.Array | None = None
+  graph_cache: Any = None
 
 
 def anchor_train_mask(anchors: np.ndarray, n_users: int, n_items: int,
@@ -303,7 +325,12 @@ def build_context(surface: AttackSurface, anchors: np.ndarray, *, k: int = 50,
     train_pairs: optional (n, 2) (user, item) train interactions; enables the masked
       metrics.
   """
-  users, items = surface.clean_vectors()
+  cache = None
+  if surface.graph is not None:
+    cache = jax.jit(surface.graph.clean_fn)(surface.params, surface.projected_table)
+    users, items = cache.users, cache.items
+  else:
+    users, items = surface.clean_vectors()
   anchors = np.asarray(anchors, np.int32)
   anchor_vectors = jnp.take(users, jnp.asarray(anchors), axis=0)
   n_items = items.shape[0]
@@ -317,6 +344,13 @@ def build_context(surface: AttackSurface, anchors: np.ndarray, *, k: int = 50,
       masked=mask is not None)
   ctx = PromotionContext(jnp.asarray(anchors), anchor_vectors, scores, values, indices,
                          sorted_scores, masked_sorted, mask)
+  if cache is not None:
+    width = min(n_items, k + surface.graph.neighbourhoods.max_changed_items())
+    desc_values, desc_indices = jax.jit(jax.lax.top_k, static_argnums=1)(scores, width)
+    anchor_row = np.full(users.shape[0], len(anchors), np.int32)
+    anchor_row[anchors] = np.arange(len(anchors), dtype=np.int32)
+    ctx = ctx._replace(desc_values=desc_values, desc_indices=desc_indices.astype(jnp.int32),
+                       anchor_row=jnp.asarray(anchor_row), graph_cache=cache)
   return jax.block_until_ready(ctx)  # so attack timings do not absorb this set-up
 
 
@@ -332,11 +366,28 @@ class _TargetView(NamedTuple):
   scores_fn: Any       # δ -> (target scores (n_A,), others' top-k (n_A, k))
   ranks_fn: Any        # δ -> (ranks (n_A,), masked ranks (n_A,) or None)
   projected_row: Any   # δ -> {m: (1, p_m)} the target's projected rows at x_t + δ
+  per_user_loss: Any = None  # (δ, η, margin) -> ℓ (n_A,); None: from scores_fn
+  exact_fn: Any = None       # (δ, margin) -> bool: per_user_loss is exact at δ
+
+
+class LocalGraphSpec(NamedTuple):
+  """Static settings of the exact local graph path (hashable: keys compiled code).
+
+  shape: the neighbourhood bucket's padded sizes.
+  active_cap: anchors per step whose K-th score is recomputed (C_A; >= n_A: all).
+  """
+  shape: Any
+  active_cap: int
 
 
 def _target_view(surface: AttackSurface, params, attack_table, projected_table,
-                 ctx: PromotionContext, target: jax.Array, k: int) -> _TargetView:
-  """The pure functions of one target's attack (closures over traced arrays)."""
+                 ctx: PromotionContext, target: jax.Array, k: int, nb=None,
+                 local: LocalGraphSpec | None = None) -> _TargetView:
+  """The pure functions of one target's attack (closures over traced arrays).
+
+  ``nb`` (the target's padded ``graph_local.Neighbourhood``) and ``local`` select the
+  exact local graph path; graph surfaces without them re-encode the whole graph.
+  """
   x_t = {m: attack_table[m][target] for m in surface.modalities}
 
   def perturbed_projected_row(delta, eta=None):
@@ -345,6 +396,10 @@ def _target_view(surface: AttackSurface, params, attack_table, projected_table,
     if eta:  # an additive probe in the projected space (raw attacks: shared space)
       projected = {m: projected[m] + eta[m] if m in eta else projected[m] for m in projected}
     return projected
+
+  if local is not None:
+    return _graph_local_view(surface, params, ctx, target, k, nb, local, x_t,
+                             perturbed_projected_row)
 
   if not surface.is_graph:
     others = others_threshold_columns(ctx.topk_values, ctx.topk_indices, target, k)
@@ -400,6 +455,138 @@ def _target_view(surface: AttackSurface, params, attack_table, projected_table,
   return _TargetView(x_t, scores_fn, ranks_fn, perturbed_projected_row)
 
 
+def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
+                      local: LocalGraphSpec, x_t, projected_row) -> _TargetView:
+  """One target of a graph model, exact, from its L-hop neighbourhood only.
+
+  The perturbed target moves the vectors of the changed items I_c (the items of its
+  neighbourhood, t included) and changed users U_c (``graph_local.local_vectors``); every
+  other vector is the clean cache's. Per anchor u the objective needs s(u, t) and the
+  others' K-th/(K−1)-th scores o_K, o_{K−1} (``kth_score_with_target``):
+
+  * u ∈ U_c (its own vector moved): its full row, u·(clean item table with I_c's rows
+    replaced), then ``top_k`` without t.
+  * u ∉ U_c: its scores of the unchanged items are clean, so its others' top-K is the
+    top-K of (a) the clean top-(K+|I_c|) list with I_c's entries removed (it holds the
+    top-K of the unchanged items: at most |I_c| entries are removed; computed once per
+    target from ``ctx.desc_values``) and (b) the new scores u·v_j, j ∈ I_c∖{t}.
+  * Active set: with u_K the K-th score of the unchanged items alone (o_K ≥ u_K: adding
+    items only raises the K-th), an anchor with s(u, t) + margin ≤ u_K has ℓ_u = 0 and
+    zero gradient exactly. Per step only the ``active_cap`` anchors with the largest
+    s + margin − u_K get (b) recomputed; the loss is exact whenever at most that many
+    have s + margin − u_K > 0, which ``exact_fn`` reports (the runner re-runs a target
+    whose attack ever exceeded it with ``active_cap`` = all anchors).
+
+  Ranks count exactly: clean sorted row's count above s(u, t), minus I_c's clean entries
+  above it, plus I_c∖{t}'s new entries above it (full rows for u ∈ U_c).
+  """
+  cache = ctx.graph_cache
+  n_users, n_items = cache.users.shape[0], cache.items.shape[0]
+  n_a = ctx.anchors.shape[0]
+  item_ids = jnp.take(nb.nodes, nb.item_slots) - n_users
+  item_drop = jnp.where(nb.item_valid, item_ids, n_items)  # padding -> out of range
+  others_valid = nb.item_valid & (jnp.arange(item_ids.shape[0]) > 0)  # I_c ∖ {t}
+  user_ids = jnp.take(nb.nodes, nb.user_slots)
+  rows = jnp.where(nb.user_valid, jnp.take(ctx.anchor_row, user_ids), n_a)  # U_c's anchor rows
+  rows_clip = jnp.minimum(rows, n_a - 1)
+  changed = jnp.zeros(n_a, bool).at[rows].set(True, mode="drop")
+  width = min(k + local.shape.items, ctx.desc_values.shape[1])
+  moved = jnp.zeros(n_items, bool).at[item_drop].set(True, mode="drop")
+  keep = ~jnp.take(moved, ctx.desc_indices[:, :width])
+  desc = ctx.desc_values[:, :width]
+  kept = jnp.where(keep, desc, -jnp.inf)  # clean top of the unchanged items (holes −∞)
+  nth = jnp.cumsum(keep, axis=1)
+  unchanged_kth = jnp.where(
+      nth[:, -1] >= k,
+      jnp.take_along_axis(desc, jnp.argmax(nth >= k, axis=1)[:, None], axis=1)[:, 0], -jnp.inf)
+  clean_item_scores = jnp.take(ctx.scores, item_ids, axis=1)  # (n_A, P_i)
+  is_t = jnp.arange(n_items) == target
+  tail = max(k - 2, 0)
+
+  def vectors(delta, eta=None):
+    row = projected_row(delta, eta)
+    return surface.graph.local_fn(params, cache, {m: r[0] for m, r in row.items()}, nb,
+                                  local.shape.edges)
+
+  def target_scores(iv, uv):
+    s_changed = uv @ iv[0]
+    return (ctx.anchor_vectors @ iv[0]).at[rows].set(s_changed, mode="drop"), s_changed
+
+  def changed_rows(iv, uv):  # (P_u, n_items) full score rows of the changed users
+    return (uv @ cache.items.T).at[:, item_drop].set(uv @ iv.T, mode="drop")
+
+  def changed_others(iv, uv):
+    return jax.lax.top_k(jnp.where(is_t, -jnp.inf, changed_rows(iv, uv)), k)[0][:, tail:]
+
+  def others_of(sel, iv):  # (len(sel), 2): anchors ∉ U_c
+    new = jnp.take(ctx.anchor_vectors, sel, axis=0) @ iv.T
+    cand = jnp.concatenate([jnp.take(kept, sel, axis=0),
+                            jnp.where(others_valid, new, -jnp.inf)], axis=1)
+    return jax.lax.top_k(cand, k)[0][:, tail:]
+
+  def scores_fn(delta, eta=None):
+    iv, uv = vectors(delta, eta)
+    s, _ = target_scores(iv, uv)
+    others = others_of(jnp.arange(n_a), iv).at[rows].set(changed_others(iv, uv), mode="drop")
+    return s, others
+
+  def activity(s, margin):
+    return jnp.where(changed, -jnp.inf, s + margin - unchanged_kth)
+
+  def per_user_loss(delta, eta, margin):
+    iv, uv = vectors(delta, eta)
+    s, s_changed = target_scores(iv, uv)
+    if local.active_cap >= n_a:
+      sel = jnp.arange(n_a)
+    else:
+      sel = jax.lax.top_k(jax.lax.stop_gradient(activity(s, margin)), local.active_cap)[1]
+    loss = jnp.zeros(n_a, s.dtype).at[sel].set(
+        promotion_per_user_loss(jnp.take(s, sel), others_of(sel, iv), margin))
+    changed_loss = promotion_per_user_loss(s_changed, changed_others(iv, uv), margin)
+    return loss.at[rows].set(changed_loss, mode="drop")
+
+  def exact_fn(delta, margin):
+    if local.active_cap >= n_a:
+      return jnp.asarray(True)
+    s, _ = target_scores(*vectors(delta))
+    return jnp.sum(activity(s, margin) > 0) <= local.active_cap
+
+  def count_above(sorted_rows, clean_cols, new_cols, s, changed_full, s_changed):
+    unchanged = (count_greater(sorted_rows, s)
+                 - jnp.sum(nb.item_valid & (clean_cols > s[:, None]), axis=1)
+                 + jnp.sum(others_valid & (new_cols > s[:, None]), axis=1))
+    full = jnp.sum((changed_full > s_changed[:, None]) & ~is_t, axis=1)
+    return unchanged.astype(jnp.int32).at[rows].set(full.astype(jnp.int32), mode="drop")
+
+  def ranks_fn(delta):
+    clean_t = ctx.scores[:, target]
+    if not delta:  # the clean model reads the table itself: ties with t's own entry exact
+      ranks = count_greater(ctx.sorted_scores, clean_t)
+      masked = None
+      if ctx.masked_sorted_scores is not None:
+        masked = count_greater(ctx.masked_sorted_scores,
+                               jnp.where(ctx.train_mask[:, target], -jnp.inf, clean_t))
+      return ranks, masked
+    iv, uv = vectors(delta)
+    s, s_changed = target_scores(iv, uv)
+    new = ctx.anchor_vectors @ iv.T
+    full = changed_rows(iv, uv)
+    ranks = count_above(ctx.sorted_scores, clean_item_scores, new, s, full, s_changed)
+    masked = None
+    if ctx.masked_sorted_scores is not None:
+      seen = ctx.train_mask[:, target]
+      seen_items = jnp.take(ctx.train_mask, item_ids, axis=1)
+      seen_rows = jnp.take(ctx.train_mask, rows_clip, axis=0)
+      masked = count_above(
+          ctx.masked_sorted_scores, jnp.where(seen_items, -jnp.inf, clean_item_scores),
+          jnp.where(seen_items, -jnp.inf, new), jnp.where(seen, -jnp.inf, s),
+          jnp.where(seen_rows, -jnp.inf, full),
+          jnp.where(jnp.take(seen, rows_clip), -jnp.inf, s_changed))
+    return ranks, masked
+
+  return _TargetView(x_t, scores_fn, ranks_fn, projected_row, per_user_loss, exact_fn)
+
+
 # ----------------------------------------------------------------------------------
 # Many targets at once.
 
@@ -411,15 +598,24 @@ def _rank_metrics(ranks: jax.Array, ks: Sequence[int]) -> tuple[jax.Array, jax.A
 
 def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, params,
                                attack_table, projected_table, ctx: PromotionContext,
-                               group_weights: jax.Array, target: jax.Array, *,
+                               group_weights: jax.Array, target: jax.Array, nb=None, *,
                                ks: Sequence[int] = METRIC_KS,
-                               with_mismatch: bool = True) -> dict[str, Any]:
-  """Attack one target and measure it (pure; the runner vmaps it over targets)."""
-  view = _target_view(surface, params, attack_table, projected_table, ctx, target, attack.k)
+                               with_mismatch: bool = True,
+                               local: LocalGraphSpec | None = None) -> dict[str, Any]:
+  """Attack one target and measure it (pure; the runner vmaps it over targets).
+
+  With ``local`` (graph models: the exact local path, ``nb`` the target's neighbourhood)
+  the result has ``exact``: False when the active-anchor cap was exceeded at some
+  evaluated point (the runner then re-runs the target with the cap lifted).
+  """
+  view = _target_view(surface, params, attack_table, projected_table, ctx, target, attack.k,
+                      nb, local)
   attacked = attack.modalities or surface.modalities
   x_att = {m: view.x_t[m] for m in attacked}
 
   def per_user_loss(delta, eta=None):
+    if view.per_user_loss is not None:
+      return view.per_user_loss(delta, eta, attack.margin)
     s, others = view.scores_fn(delta, eta)
     return promotion_per_user_loss(s, others, attack.margin)
 
@@ -433,12 +629,20 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
         per_user_loss, {m: jnp.zeros(surface.projected_table[m].shape[1:],
                                      surface.projected_table[m].dtype) for m in attacked},
         lift)
-  delta = run_attack(attack, per_user_loss, x_att, group_weights, probe=probe)
+  monitor = None
+  if view.exact_fn is not None:
+    monitor = functools.partial(view.exact_fn, margin=attack.margin)
+  delta = run_attack(attack, per_user_loss, x_att, group_weights, probe=probe,
+                     monitor=monitor)
+  if monitor is not None:
+    delta, exact = delta
   delta = jax.lax.stop_gradient(delta)
   zero = {m: jnp.zeros_like(x) for m, x in x_att.items()}
   out = {"delta": delta,
          "loss_before": jnp.mean(per_user_loss(zero)),
          "loss_after": jnp.mean(per_user_loss(delta))}
+  if monitor is not None:  # δ = 0 (before, mismatch) and the final δ are evaluated too
+    out["exact"] = exact & monitor(zero) & monitor(delta)
   for tag, d in (("before", {}), ("after", delta)):
     ranks, masked = view.ranks_fn(d)
     out[f"hit_{tag}"], out[f"rank_{tag}"] = _rank_metrics(ranks, ks)
@@ -455,14 +659,20 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
   return out
 
 
-def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh=None) -> int:
+GRAPH_PATHS = ("local", "full")
+
+
+def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh=None,
+                   graph_path: str = "local") -> int:
   """Targets per vmapped chunk (per device on a mesh) for ``n_targets`` targets.
 
-  Graph surfaces (MMGCN) recompute the propagation per target, so their chunks are capped
-  at 4; on a mesh the per-device chunk is capped so that one chunk holds about
-  ``n_targets`` (at most one padded target per device).
+  Graph surfaces on the full re-encode path recompute the propagation per target, so their
+  chunks are capped at 4 (the local path caps each size bucket by memory instead, see
+  ``PromotionAttackRunner``); on a mesh the per-device chunk is capped so that one chunk
+  holds about ``n_targets`` (at most one padded target per device).
   """
-  chunk = min(int(chunk_size), 4) if surface.is_graph else int(chunk_size)
+  full_graph = surface.is_graph and (graph_path == "full" or surface.graph is None)
+  chunk = min(int(chunk_size), 4) if full_graph else int(chunk_size)
   if mesh is not None:
     chunk = max(1, min(chunk, -(-int(n_targets) // mesh.size)))
   return chunk
@@ -487,15 +697,34 @@ class PromotionAttackRunner:
       (``local_targets`` counts them, padding included). Parameters, tables, context
       and groups are replicated over the mesh (pass arrays that are identical on every
       process, e.g. local copies). A one-device, one-process mesh takes the plain path.
+    graph_path: graph models only: "local" (default; the exact neighbourhood-local
+      recomputation of ``_graph_local_view``, used when the surface has one, i.e.
+      ``surface.graph``) or "full" (re-encode the whole graph every step: the reference).
+    active_cap: local path: anchors per step whose K-th score is recomputed; a target that
+      ever has more active anchors is re-run with all anchors (``graph_fallbacks``).
+    chunk_elements: local path: a size bucket's chunk holds at most this many elements of
+      per-target working arrays (about anchors x (K + 2·changed items) + changed users x
+      items), so big neighbourhoods run in small chunks and small ones in big chunks.
+
+  On the local path targets are grouped by neighbourhood size bucket
+  (``graph_local.GraphNeighbourhoods``), each bucket with its own compiled function (its
+  shape depends on the graph only), and the results are put back in the targets' order.
   """
 
   def __init__(self, surface: AttackSurface, *, chunk_size: int = 64,
                ks: Sequence[int] = METRIC_KS, with_mismatch: bool = True,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, graph_path: str = "local",
+               active_cap: int = 256, chunk_elements: int = 2**25):
     self.surface = surface
     self.chunk_size = int(chunk_size)
     if self.chunk_size < 1:
       raise errors.ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    if graph_path not in GRAPH_PATHS:
+      raise errors.ConfigError(f"graph_path must be one of {GRAPH_PATHS}, got {graph_path!r}")
+    if active_cap < 1 or chunk_elements < 1:
+      raise errors.ConfigError("active_cap and chunk_elements must be >= 1")
+    self.graph_path, self.active_cap = graph_path, int(active_cap)
+    self.chunk_elements = int(chunk_elements)
     self.ks = tuple(int(k) for k in ks)
     self.with_mismatch = with_mismatch
     if mesh is not None and mesh.size == 1 and jax.process_count() == 1:
@@ -520,9 +749,18 @@ class PromotionAttackRunner:
       self._replicated[key] = held
     return held[1]
 
-  def chunk_function(self, attack: PromotionAttack):
-    """The jitted (params, tables, ctx, groups, targets (chunk,)) -> per-target dict."""
-    if attack not in self._compiled:
+  @property
+  def uses_local_graph_path(self) -> bool:
+    """True when the current surface is attacked on the exact local graph path."""
+    return self.graph_path == "local" and self.surface.graph is not None
+
+  def chunk_function(self, attack: PromotionAttack, local: LocalGraphSpec | None = None):
+    """The jitted (params, tables, ctx, groups, neighbourhoods, targets (chunk,)) -> dict.
+
+    ``neighbourhoods`` is None except on the local graph path (``local`` given).
+    """
+    key = attack if local is None else (attack, local)
+    if key not in self._compiled:
       unknown = set(attack.modalities or ()) - set(self.surface.modalities)
       if unknown:
         raise errors.ConfigError(f"attacked modalities {sorted(unknown)} not in the model's "
@@ -536,27 +774,34 @@ class PromotionAttackRunner:
       surface, ks, with_mismatch = self.surface, self.ks, self.with_mismatch
       counts = self.trace_counts
 
-      def chunk(params, attack_table, projected_table, ctx, group_weights, targets):
+      def chunk(params, attack_table, projected_table, ctx, group_weights, nbs, targets):
         # Runs only when traced: a fixed chunk shape must never retrace (cf.
         # chex.assert_max_traces, which keys on the definition site, not the closure).
-        counts[attack] = counts.get(attack, 0) + 1
-        if counts[attack] > 1:
-          raise AssertionError(f"promotion chunk function for {attack} retraced")
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] > 1:
+          raise AssertionError(f"promotion chunk function for {key} retraced")
         one = functools.partial(attack_and_evaluate_target, surface, attack, params,
                                 attack_table, projected_table, ctx, group_weights, ks=ks,
-                                with_mismatch=with_mismatch)
-        return jax.vmap(one)(targets)
+                                with_mismatch=with_mismatch, local=local)
+        return jax.vmap(one)(targets, nbs)
 
       if self.mesh is None:
-        self._compiled[attack] = jax.jit(chunk)
+        self._compiled[key] = jax.jit(chunk)
       else:
-        # Targets split over every mesh axis; everything else replicated. Each device
-        # vmaps over its own chunk_size targets, no communication inside.
+        # Targets (and their neighbourhoods) split over every mesh axis; everything else
+        # replicated. Each device vmaps over its own targets, no communication inside.
         split = P(tuple(self.mesh.axis_names))
-        self._compiled[attack] = jax.jit(jax.shard_map(
-            chunk, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P(), split),
+        self._compiled[key] = jax.jit(jax.shard_map(
+            chunk, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P(), split, split),
             out_specs=split, check_vma=False))
-    return self._compiled[attack]
+    return self._compiled[key]
+
+  def _bucket_chunk(self, shape, n_anchors: int, k: int) -> int:
+    """Targets per chunk (per device) of one neighbourhood bucket, by working memory."""
+    n_items = self.surface.n_items
+    per_target = (n_anchors * (k + 2 * shape.items) + 2 * shape.users * n_items
+                  + 64 * (shape.edges[-1] + shape.nodes))
+    return max(1, min(self.chunk_size, self.chunk_elements // per_target))
 
   def run(self, attack: PromotionAttack, ctx: PromotionContext, targets: Sequence[int],
           group_weights: jax.Array | None = None) -> dict[str, Any]:
@@ -584,10 +829,6 @@ class PromotionAttackRunner:
     n = len(targets)
     if n == 0:
       raise errors.ConfigError("no targets to attack")
-    c = self.targets_per_chunk
-    n_chunks = math.ceil(n / c)
-    padded = np.concatenate([targets, np.full(n_chunks * c - n, targets[0], np.int32)])
-    fn = self.chunk_function(attack)
     s = self.surface
     t0 = time.perf_counter()
     args = (s.params, s.attack_table, s.projected_table, ctx, group_weights)
@@ -600,14 +841,63 @@ class PromotionAttackRunner:
       split = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
       place = lambda t: multihost.put_global(t, split)  # noqa: E731
       fetch = multihost.to_host
+    if not self.uses_local_graph_path:
+      result = self._run_chunks(self.chunk_function(attack), args, targets, self.chunk_size,
+                                place, fetch)
+    else:
+      if ctx.graph_cache is None:
+        raise errors.ConfigError("the local graph path needs a context built by "
+                                 "build_context on this graph surface (graph_cache is None)")
+      result, fallbacks = self._run_local(attack, ctx, args, targets, place, fetch)
+      result["graph_fallbacks"] = fallbacks
+    result["targets"] = targets
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+  def _run_chunks(self, fn, args, targets, per_device, place, fetch, nbs_of=None):
+    """``fn`` over fixed-size chunks of ``targets`` (last one padded with the first)."""
+    n = len(targets)
+    c = per_device * (1 if self.mesh is None else self.mesh.size)
+    n_chunks = math.ceil(n / c)
+    padded = np.concatenate([targets, np.full(n_chunks * c - n, targets[0], np.int32)])
     pieces = []
     for i in range(n_chunks):
-      chunk_targets = place(padded[i * c:(i + 1) * c])
+      block = padded[i * c:(i + 1) * c]
+      nbs = None if nbs_of is None else jax.tree.map(place, nbs_of(block))
+      chunk_targets = place(block)
       if self.mesh is not None:
-        self.local_targets += len(chunk_targets.addressable_shards) * self.chunk_size
-      pieces.append(fetch(fn(*args, chunk_targets)))
-    seconds = time.perf_counter() - t0
-    result = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *pieces)
-    result["targets"] = targets
-    result["seconds"] = seconds
-    return result
+        self.local_targets += len(chunk_targets.addressable_shards) * per_device
+      pieces.append(fetch(fn(*args, nbs, chunk_targets)))
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *pieces)
+
+  def _run_local(self, attack, ctx, args, targets, place, fetch):
+    """The local graph path: per size bucket, then exact re-runs; (result, re-runs)."""
+    hoods = self.surface.graph.neighbourhoods
+    n_a = int(ctx.anchors.shape[0])
+    buckets = hoods.bucket_of_item[targets]
+    order, pieces, fallbacks = [], [], 0
+    for b in np.unique(buckets):  # a handful of size buckets, each compiled once
+      idx = np.flatnonzero(buckets == b)
+      shape = hoods.shapes[int(b)]
+      per_device = self._bucket_chunk(shape, n_a, attack.k)
+      nbs_of = functools.partial(hoods.batch, shape=shape)
+      spec = LocalGraphSpec(shape, self.active_cap)
+      out = self._run_chunks(self.chunk_function(attack, spec), args, targets[idx],
+                             per_device, place, fetch, nbs_of)
+      redo = np.flatnonzero(~np.asarray(out["exact"]))
+      if len(redo):
+        fallbacks += len(redo)
+        again = self._run_chunks(self.chunk_function(attack, LocalGraphSpec(shape, n_a)),
+                                 args, targets[idx][redo], per_device, place, fetch, nbs_of)
+
+        def put(a, b):
+          a = np.array(a)
+          a[redo] = b
+          return a
+
+        out = jax.tree.map(put, out, again)
+      order.append(idx)
+      pieces.append(out)
+    inverse = np.argsort(np.concatenate(order))
+    result = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[inverse], *pieces)
+    return result, fallbacks

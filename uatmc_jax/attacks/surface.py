@@ -35,8 +35,9 @@ class AttackSurface:
 
   Attributes:
     modalities: ordered modality names (the model's order).
-    is_graph: True when one item's features move every user/item vector (MMGCN);
-      attacks then take the exact, more expensive full re-encode path.
+    is_graph: True when one item's features move other users'/items' vectors (MMGCN);
+      attacks then take an exact graph path (local recomputation when ``graph`` is set,
+      else the full re-encode).
     space: "projected" (reference) or "raw": where perturbations live.
     params: parameter pytree passed to the functions below.
     attack_table: {m: (n_items, d_m)} clean features in the attacked space.
@@ -48,6 +49,9 @@ class AttackSurface:
     shared_space: the model projects every modality into one common space
       (``Recommender.shared_projected_space``); without it the cosine alignments are
       refused and the A.5 cross-modal cosine is NaN.
+    graph: for graph models that support it, a ``GraphLocal`` (exact local recomputation
+      of the vectors one item's features move; ``uatmc_jax.attacks.graph_local``), else
+      None (the attack then re-encodes the whole graph).
   """
   modalities: tuple[str, ...]
   is_graph: bool
@@ -59,6 +63,7 @@ class AttackSurface:
   item_vectors_fn: Callable
   encode_fn: Callable
   shared_space: bool = True
+  graph: "GraphLocal | None" = None
 
   @property
   def n_items(self) -> int:
@@ -71,6 +76,21 @@ class AttackSurface:
   def clean_vectors(self) -> tuple[jax.Array, jax.Array]:
     """(user vectors (n_users, D), item vectors (n_items, D)) of the clean model."""
     return jax.jit(self.encode_fn)(self.params, self.projected_table)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GraphLocal:
+  """The pure functions of a graph model's exact local recomputation.
+
+  Attributes:
+    neighbourhoods: the bucketed item neighbourhoods of its graph (host-side).
+    clean_fn: (params, {m: (n_items, p_m)}) -> ``graph_local.GraphCache``.
+    local_fn: (params, cache, {m: (p_m,)} target row, Neighbourhood, edges per layer)
+      -> (changed item vectors (P_i, D), changed user vectors (P_u, D)).
+  """
+  neighbourhoods: Any
+  clean_fn: Callable
+  local_fn: Callable
 
 
 def identity_lift(params, rows: Features) -> dict[str, jax.Array]:
@@ -110,8 +130,28 @@ def surface_from_recommender(model, features: Features, *,
   projected = jax.jit(project)(state, features)
   projected = {m: projected[m] for m in modalities}
   shared = bool(getattr(model, "shared_projected_space", False))
+  graph = _graph_local(model, graphdef) if model.is_graph else None
   if space == "projected":
     return AttackSurface(modalities, bool(model.is_graph), space, state, projected,
-                         projected, identity_lift, item_vectors_fn, encode_fn, shared)
+                         projected, identity_lift, item_vectors_fn, encode_fn, shared, graph)
   return AttackSurface(modalities, bool(model.is_graph), space, state, features, projected,
-                       project, item_vectors_fn, encode_fn, shared)
+                       project, item_vectors_fn, encode_fn, shared, graph)
+
+
+def _graph_local(model, graphdef) -> GraphLocal | None:
+  """The local recomputation of an MMGCN (None for other graph models)."""
+  from flax import nnx
+
+  from uatmc_jax.attacks import graph_local
+  from uatmc_jax.models.mmgcn import MMGCN
+  if not isinstance(model, MMGCN):
+    return None
+
+  def clean_fn(params, projected_table):
+    return graph_local.clean_activations(nnx.merge(graphdef, params), projected_table)
+
+  def local_fn(params, cache, row, nb, edges_per_layer):
+    return graph_local.local_vectors(nnx.merge(graphdef, params), cache, row, nb,
+                                     edges_per_layer)
+
+  return GraphLocal(graph_local.neighbourhoods_of(model), clean_fn, local_fn)
