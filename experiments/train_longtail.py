@@ -103,9 +103,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         f"counts={counts.tolist()} method={method.name} model={cfg.model} "
         f"test={len(test)} images", file=sys.stderr, flush=True)
   eval_bs = _eval_batch_size(len(test))
-  monitor = test.subset(longtail.longtail_indices(
-      test.labels, np.minimum(np.bincount(test.labels, minlength=test.num_classes),
-                              int(cfg.monitor_per_class)), seed=0))
+  monitor = longtail.balanced_subset(test, int(cfg.monitor_per_class))
   state, info = trainer.fit(
       pipe, workdir, monitor_every=int(cfg.monitor_every),
       monitor_pgd_steps=int(cfg.monitor_pgd_steps),
