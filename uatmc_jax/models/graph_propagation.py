@@ -85,8 +85,8 @@ def _jvp(primals, tangents):
 
 def _transpose(ct, weight, dst, src, indptr, x):
   if any(ad.is_undefined_primal(a) for a in (weight, dst, src, indptr)):
-    raise NotImplementedError("symmetric_propagate is transposed only in x (the edge "
-                              "weights' tangent goes through segment_propagate)")
+    raise TypeError("symmetric_propagate is transposed only in x (the edge "
+                    "weights' tangent goes through segment_propagate)")
   if type(ct) is ad.Zero:
     return None, None, None, None, ad.Zero(x.aval)
   return None, None, None, None, _propagate_p.bind(weight, dst, src, indptr, ct)
