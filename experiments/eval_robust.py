@@ -6,6 +6,8 @@
 Attacks: clean is always evaluated; pgd20 (CE, step 2/255, random start), cw (CW
 margin loss, 30 steps), autoattack (standard: APGD-CE, APGD-T, FAB-T, Square 5000),
 autoattack_apgd (the cheaper APGD-CE + APGD-T subset). ε = 8/255 by default.
+``--autoattack_per_class=k`` runs the AutoAttack variants on a smaller seeded subsample
+(k per class) and the other attacks on the full test set; each block records n_test.
 
 Writes into the workdir:
   eval_results.json  {"clean" | <attack>: {"per_class", "overall", "balanced",
@@ -36,7 +38,7 @@ pipeline for any pure `logits_fn` / `features_fn` / W.
 import os
 import sys
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -58,6 +60,11 @@ flags.DEFINE_integer("test_per_class", None,
                      "A seeded subsample of k test images per class (seed "
                      "longtail.EVAL_SUBSET_SEED = 0, the images the training run "
                      "evaluated on; default: as the training run).")
+flags.DEFINE_integer("autoattack_per_class", None,
+                     "Run autoattack / autoattack_apgd on a smaller seeded subsample of k "
+                     "test images per class (the protocol's cost is ~14 s per robust point "
+                     "on a 2-core CPU); the other attacks use the full test set. Default: "
+                     "the same images as the other attacks.")
 flags.DEFINE_integer("apgd_iterations", 100, "APGD iterations (100 = reference).")
 flags.DEFINE_integer("square_queries", 5000, "Square Attack queries (5000 = reference).")
 flags.DEFINE_bool("best", False, "Restore the best checkpoint instead of the latest.")
@@ -65,7 +72,7 @@ flags.DEFINE_integer("mesh_data", -1, "Devices (over all processes) that share e
                      "evaluation batch (-1 = all).")
 FLAGS = flags.FLAGS
 
-TABLE_KEYS = ("overall", "balanced", "many", "medium", "few", "tail", "seconds")
+TABLE_KEYS = ("overall", "balanced", "many", "medium", "few", "tail", "n_test", "seconds")
 
 
 def batched_features(features_fn, images: np.ndarray, batch_size: int,
@@ -120,7 +127,8 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
                         out_dir: Optional[str] = None,
                         class_names: Optional[Sequence[str]] = None,
                         log: Callable[[str], None] = print, mesh=None,
-                        evaluator: Optional[robust_accuracy.RobustEvaluator] = None) -> dict:
+                        evaluator: Optional[robust_accuracy.RobustEvaluator] = None,
+                        attack_subsets: Optional[Mapping[str, tuple]] = None) -> dict:
   """Runs clean + `attacks`, geometry, and (if out_dir) writes json / md / png.
 
   With a `mesh` every batch is split over its devices (one host or many): each process
@@ -131,18 +139,34 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
     if a not in robust_accuracy.ATTACK_NAMES or a == "clean":
       raise ConfigError(f"--attacks: unknown attack {a!r}; expected some of "
                         f"{robust_accuracy.ATTACK_NAMES[1:]}")
-  names = ["clean"] + [a for a in attacks if a != "clean"]
+  attack_subsets = dict(attack_subsets or {})
+  for a in attack_subsets:
+    if a not in attacks:
+      raise ConfigError(f"attack_subsets: {a!r} is not among the attacks {list(attacks)}")
+  names = ["clean"] + [a for a in attacks if a != "clean" and a not in attack_subsets]
+  evaluator = evaluator or robust_accuracy.RobustEvaluator(logits_fn, config, mesh=mesh)
   blocks, outcomes = robust_accuracy.evaluate_robustness(
       logits_fn, images, labels, train_counts, names, config, log=log, mesh=mesh,
       evaluator=evaluator)
+  for block in blocks.values():
+    block["n_test"] = int(len(labels))
+  for a, (sub_images, sub_labels) in attack_subsets.items():
+    sub_blocks, sub_outcomes = robust_accuracy.evaluate_robustness(
+        logits_fn, sub_images, sub_labels, train_counts, ["clean", a], config, log=log,
+        mesh=mesh, evaluator=evaluator)
+    for block in sub_blocks.values():
+      block["n_test"] = int(len(sub_labels))
+    blocks[a], outcomes[a] = sub_blocks[a], sub_outcomes[a]
+    blocks[f"clean_{a}_subset"] = sub_blocks["clean"]
   num_classes = len(train_counts)
   clean_feats = batched_features(features_fn, images, config.batch_size, mesh)
   results = dict(blocks)
   results["nc1"] = geometry.nc1(clean_feats, labels, num_classes)
   results["equiangularity"] = geometry.equiangularity(clean_feats, labels, num_classes)
   results["etf_distance"] = geometry.etf_distance(np.asarray(weight))
+  # The margin bound pairs clean and adversarial features of the same images.
   adv_name = next((n for n in ("pgd20", "cw", "autoattack_apgd", "autoattack")
-                   if n in outcomes), None)
+                   if n in outcomes and n not in attack_subsets), None)
   if adv_name is None:
     results["margin_bound"] = None
     results["margin_bound_note"] = "needs an attack to estimate L; none was run"
@@ -159,6 +183,7 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
       "apgd_iterations": config.apgd_iterations, "fab_iterations": config.fab_iterations,
       "square_queries": config.square_queries, "n_target_classes": config.n_target_classes,
       "batch_size": config.batch_size, "seed": config.seed, "n_test": int(len(labels)),
+      "n_test_per_attack": {n: b["n_test"] for n, b in blocks.items()},
       "geometry_features": "test set", "device": jax.devices()[0].platform,
       "devices": 1 if mesh is None else int(mesh.size), "processes": jax.process_count()}
   if out_dir is not None and jax.process_index() == 0:
@@ -200,7 +225,7 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
                      step_size: float = 2. / 255., batch_size: int = 128, seed: int = 0,
                      test_per_class: Optional[int] = None, apgd_iterations: int = 100,
                      square_queries: int = 5000, best: bool = False,
-                     mesh_data: int = -1) -> dict:
+                     mesh_data: int = -1, autoattack_per_class: Optional[int] = None) -> dict:
   """eval_robust on a finished train_longtail workdir (the launcher's body).
 
   The classifier is restored replicated on a mesh of ``mesh_data`` devices (all
@@ -224,6 +249,16 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
   graphdef, params, batch_stats = ic.split_classifier(trained.model)
   features_fn = lambda x: ic.apply_features(graphdef, params, batch_stats, x, train=False)[0]
   weight = np.asarray(multihost.to_host(trained.model.classifier_weight))
+  attack_subsets = {}
+  if autoattack_per_class is not None:
+    if autoattack_per_class < 1:
+      raise ConfigError(f"--autoattack_per_class must be >= 1, got {autoattack_per_class}")
+    aa = [a for a in attacks if a in ("autoattack", "autoattack_apgd")]
+    if not aa:
+      raise ConfigError("--autoattack_per_class needs autoattack or autoattack_apgd in "
+                        f"--attacks (got {list(attacks)})")
+    sub_images, sub_labels, _ = load_test_set(run, autoattack_per_class)
+    attack_subsets = {a: (sub_images, sub_labels) for a in aa}
   config = robust_accuracy.RobustEvalConfig(
       epsilon=epsilon, step_size=step_size, batch_size=batch_size, seed=seed,
       apgd_iterations=apgd_iterations, square_queries=square_queries)
@@ -234,7 +269,8 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
   results = evaluate_classifier(
       trained.logits_fn, features_fn, weight, images, labels, trained.class_counts,
       attacks, config, out_dir=workdir, class_names=class_names,
-      log=lambda s: print(s, file=sys.stderr, flush=True), mesh=mesh)
+      log=lambda s: print(s, file=sys.stderr, flush=True), mesh=mesh,
+      attack_subsets=attack_subsets)
   print(f"eval_robust: done in {time.time() - start:.1f}s", file=sys.stderr)
   return results
 
@@ -250,7 +286,8 @@ def main(argv):
       FLAGS.workdir, FLAGS.attacks, epsilon=FLAGS.epsilon, step_size=FLAGS.step_size,
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, test_per_class=FLAGS.test_per_class,
       apgd_iterations=FLAGS.apgd_iterations, square_queries=FLAGS.square_queries,
-      best=FLAGS.best, mesh_data=FLAGS.mesh_data)
+      best=FLAGS.best, mesh_data=FLAGS.mesh_data,
+      autoattack_per_class=FLAGS.autoattack_per_class)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ Writes the Markdown (``--out``, also printed) with
      medium / few / tail;
 and, with ``--plot``, per-class accuracy under the strongest evaluation present (per
 IR), classes sorted by training frequency (head left, tail right), one panel per IR,
-one line per method (mean over seeds). ``--skip_unfinished`` leaves out (and names)
+one line per method (mean over seeds). A run that overrode a method weight is its own
+row, e.g. ``mcat (manifold_weight=0)`` (MCAT without the manifold term); the long table's
+``test images`` column gives each evaluation's test-set size (eval_robust's
+``--autoattack_per_class`` runs AutoAttack on fewer images). ``--skip_unfinished`` leaves out (and names)
 directories without a results.json, e.g. runs still training.
 """
 from __future__ import annotations
@@ -63,6 +66,28 @@ def expand_workdirs(patterns: Sequence[str]) -> List[str]:
   return dirs
 
 
+_OVERRIDABLE = ("etf_weight", "manifold_weight", "beta")
+
+
+def method_label(run: dict) -> str:
+  """The run's method name, plus the weights it overrode (ablations get their own rows).
+
+  ``method=mcat,manifold_weight=0`` -> ``"mcat (manifold_weight=0)"``; a run whose
+  ``method_spec`` matches its name's defaults (or that has none) keeps the bare name."""
+  from uatmc_jax.training import longtail_methods
+  name, spec = run["method"], run.get("method_spec")
+  if not isinstance(spec, dict):
+    return name
+  default = longtail_methods.resolve_method(name)
+  diffs = [f"{k}={float(spec[k]):g}" for k in _OVERRIDABLE
+           if k in spec and float(spec[k]) != float(getattr(default, k))]
+  return f"{name} ({', '.join(diffs)})" if diffs else name
+
+
+def _base_method(label: str) -> str:
+  return label.split(" (", 1)[0].split("+", 1)[0]
+
+
 def load_run(workdir: str) -> dict:
   """{ir, method, seed, class_counts, class_names, blocks: {eval: block}, settings}."""
   path = os.path.join(workdir, "results.json")
@@ -70,14 +95,19 @@ def load_run(workdir: str) -> dict:
     raise ConfigError(f"{path}: not found; each --workdirs entry must be a finished "
                       f"train_longtail run")
   run = reporting.read_json(path)
-  blocks = {k: run[k] for k in ("clean", "pgd20") if isinstance(run.get(k), dict)}
+  def sized(block, n_test):  # older files have no per-block n_test
+    return block if "n_test" in block or n_test is None else {**block, "n_test": n_test}
+
+  blocks = {k: sized(run[k], run.get("n_test")) for k in ("clean", "pgd20")
+            if isinstance(run.get(k), dict)}
   settings = None
   eval_path = os.path.join(workdir, "eval_results.json")
   if os.path.exists(eval_path):
     ev = reporting.read_json(eval_path)
-    blocks.update({k: ev[k] for k in EVALS if isinstance(ev.get(k), dict)})
     settings = ev.get("settings")
-  return {"workdir": workdir, "ir": float(run["imbalance_ratio"]), "method": run["method"],
+    n_eval = settings.get("n_test") if isinstance(settings, dict) else None
+    blocks.update({k: sized(ev[k], n_eval) for k in EVALS if isinstance(ev.get(k), dict)})
+  return {"workdir": workdir, "ir": float(run["imbalance_ratio"]), "method": method_label(run),
           "seed": int(run["seed"]), "class_counts": list(run["class_counts"]),
           "class_names": run.get("class_names"), "blocks": blocks, "settings": settings}
 
@@ -92,8 +122,9 @@ def aggregate(runs: Sequence[dict]) -> Dict[tuple, dict]:
   "per_class": (C,) mean}}} in order IR descending, then METHOD_ORDER (other names
   after it, alphabetically)."""
   def order(r):
-    m = r["method"]
-    return (-r["ir"], METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+    m, b = r["method"], _base_method(r["method"])
+    return (-r["ir"], METHOD_ORDER.index(b) if b in METHOD_ORDER else len(METHOD_ORDER),
+            m != b, m)
 
   groups: Dict[tuple, List[dict]] = {}
   for r in sorted(runs, key=order):
@@ -114,7 +145,8 @@ def aggregate(runs: Sequence[dict]) -> Dict[tuple, dict]:
       have = [r["blocks"][e] for r in rs if e in r["blocks"]]
       if not have:
         continue
-      entry = {"n": len(have)}
+      entry = {"n": len(have),
+               "n_test": sorted({int(b["n_test"]) for b in have if "n_test" in b})}
       for m in METRICS:
         entry[m] = _mean_std_or_none([b.get(m) for b in have])
       pc = np.array([[np.nan if v is None else v for v in b["per_class"]] for b in have])
@@ -144,9 +176,11 @@ def markdown(agg: Dict[tuple, dict]) -> str:
   for (ir, method), a in agg.items():
     for e in present:
       if e in a:
-        rows.append([f"{ir:g}", method, EVAL_LABELS[e], a[e]["n"]] +
+        n_test = "/".join(str(n) for n in a[e]["n_test"]) or "?"
+        rows.append([f"{ir:g}", method, EVAL_LABELS[e], a[e]["n"], n_test] +
                     [_pct(a[e][m]) for m in METRICS])
-  long = reporting.markdown_table(["IR", "method", "eval", "seeds"] + list(METRICS), rows)
+  long = reporting.markdown_table(["IR", "method", "eval", "seeds", "test images"]
+                                  + list(METRICS), rows)
   n_seeds = sorted({len(a["seeds"]) for a in agg.values()})
   seeds = str(n_seeds[0]) if len(n_seeds) == 1 else f"{n_seeds[0]}–{n_seeds[-1]}"
   note = (f"Accuracy in %, {reporting.std_header(seeds)} (column seeds). Groups from "

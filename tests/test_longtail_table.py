@@ -18,16 +18,22 @@ def _block(per_class):
           "tail": float(pc[2]), "seconds": 1.0}
 
 
-def _write_run(root, name, *, ir, method, seed, clean, pgd, evals=None):
+def _write_run(root, name, *, ir, method, seed, clean, pgd, evals=None, method_spec=None,
+               eval_n_test=None):
   d = os.path.join(root, name)
   os.makedirs(d)
+  run = {"imbalance_ratio": ir, "method": method, "seed": seed, "class_counts": COUNTS,
+         "class_names": ["a", "b", "c"], "clean": _block(clean), "pgd20": _block(pgd)}
+  if method_spec is not None:
+    run["method_spec"] = method_spec
   with open(os.path.join(d, "results.json"), "w") as f:
-    json.dump({"imbalance_ratio": ir, "method": method, "seed": seed, "class_counts": COUNTS,
-               "class_names": ["a", "b", "c"], "clean": _block(clean),
-               "pgd20": _block(pgd)}, f)
+    json.dump(run, f)
   if evals is not None:
+    blocks = {k: _block(v) for k, v in evals.items()}
+    for k, n in (eval_n_test or {}).items():
+      blocks[k]["n_test"] = n
     with open(os.path.join(d, "eval_results.json"), "w") as f:
-      json.dump({**{k: _block(v) for k, v in evals.items()}, "settings": {"n_test": 3}}, f)
+      json.dump({**blocks, "settings": {"n_test": 3}}, f)
   return d
 
 
@@ -62,7 +68,7 @@ def test_aggregate_mean_std_over_seeds_and_markdown(tmp_path):
   assert "mean ± sample std (ddof 1) over 1–2 seeds" in md
   row10 = next(l for l in md.splitlines() if l.startswith("| 10 | pgd_at | 1 |"))
   assert row10.count("n/a") == 6  # CW and AA-apgd x overall/balanced/tail
-  assert "| 100 | mcat | AA-apgd | 1 |" in md
+  assert "| 100 | mcat | AA-apgd | 1 | 3 |" in md  # eval_results' settings.n_test
   plot = tmp_path / "pc.png"
   assert lt.per_class_plot(str(plot), agg) == {100.0: "autoattack_apgd", 10.0: "pgd20"}
   assert plot.stat().st_size > 0
@@ -79,3 +85,35 @@ def test_errors_name_the_problem(tmp_path):
   b = _write_run(root, "b", ir=100.0, method="mcat", seed=0, clean=[1, 0, 0], pgd=[1, 0, 0])
   with pytest.raises(ConfigError, match="seed listed twice"):
     lt.aggregate([lt.load_run(a), lt.load_run(b)])
+
+
+def test_ablations_are_their_own_rows_and_test_sizes_are_shown(tmp_path):
+  """MCAT with manifold_weight=0 / etf_weight=0 (recorded in method_spec, same name) must
+  not be averaged with MCAT (nor rejected as a repeated seed); they follow their base."""
+  import dataclasses
+  from uatmc_jax.training import longtail_methods
+  root = str(tmp_path)
+  spec = lambda **kw: dataclasses.asdict(longtail_methods.resolve_method("mcat", **kw))
+  assert spec()["manifold_weight"] > 0 and spec()["etf_weight"] > 0
+  _write_run(root, "ir10_mcat_noman_s0", ir=10.0, method="mcat", seed=0, clean=[.9, .5, .1],
+             pgd=[.6, .2, .0], method_spec=spec(manifold_weight=0.0))
+  _write_run(root, "ir10_mcat_s0", ir=10.0, method="mcat", seed=0, clean=[.7, .3, .3],
+             pgd=[.4, .2, .2], method_spec=spec(),
+             evals={"cw": [.3, .2, .1], "autoattack": [.3, .1, .1]},
+             eval_n_test={"cw": 300, "autoattack": 30})
+  _write_run(root, "ir10_mcat_noetf_s0", ir=10.0, method="mcat", seed=0, clean=[.8, .4, .2],
+             pgd=[.5, .2, .1], method_spec=spec(etf_weight=0.0))
+  _write_run(root, "ir10_pgd_at_s0", ir=10.0, method="pgd_at", seed=0, clean=[.8, .6, .4],
+             pgd=[.5, .3, .1], method_spec=dataclasses.asdict(
+                 longtail_methods.resolve_method("pgd_at")))
+  runs = [lt.load_run(d) for d in lt.expand_workdirs([os.path.join(root, "ir*")])]
+  agg = lt.aggregate(runs)
+  assert list(agg) == [(10.0, "pgd_at"), (10.0, "mcat"), (10.0, "mcat (etf_weight=0)"),
+                       (10.0, "mcat (manifold_weight=0)")]
+  np.testing.assert_allclose(agg[(10.0, "mcat (manifold_weight=0)")]["clean"]["tail"]["mean"],
+                             0.1)
+  np.testing.assert_allclose(agg[(10.0, "mcat")]["clean"]["tail"]["mean"], 0.3)
+  md = lt.markdown(agg)
+  assert "| 10 | mcat | AA | 1 | 30 |" in md and "| 10 | mcat | CW | 1 | 300 |" in md
+  assert "| 10 | mcat (manifold_weight=0) | clean | 1 | ? |" in md  # no n_test recorded
+  assert "| 10 | mcat | clean | 1 | ? |" in md

@@ -150,3 +150,44 @@ def test_mean_std_is_the_sample_std():
   assert reporting.mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
   assert reporting.std_header(3) == "mean ± sample std (ddof 1) over 3 seeds"
   assert reporting.format_value(ms, 2) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def test_evaluate_classifier_runs_an_attack_on_its_own_subset(tmp_path):
+  """attack_subsets (eval_robust --autoattack_per_class): that attack runs on the other
+  images only, equal to evaluating those images alone; the rest stay on the full set."""
+  import jax.numpy as jnp
+  from experiments import eval_robust
+  from uatmc_jax.errors import ConfigError
+  from uatmc_jax.evaluation import reporting
+
+  rng = np.random.default_rng(1)
+  n_classes, dim = 4, 2 * 2 * 3
+  w1 = jnp.asarray(rng.normal(size=(dim, 8)) / np.sqrt(dim), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(n_classes, 8)), jnp.float32)
+  features_fn = lambda x: jnp.tanh(4. * (x.reshape(x.shape[0], -1) - 0.5) @ w1)
+  logits_fn = lambda x: features_fn(x) @ head.T
+  images = rng.uniform(size=(12, 2, 2, 3)).astype(np.float32)
+  labels = np.asarray(jnp.argmax(logits_fn(images), -1)).astype(np.int32)
+  labels[:2] = (labels[:2] + 1) % n_classes  # two clean-wrong points in the subset
+  counts = np.array([300, 60, 15, 5])
+  config = robust_accuracy.RobustEvalConfig(epsilon=0.08, step_size=0.02, batch_size=4)
+  sub = (images[:6], labels[:6])
+  res = eval_robust.evaluate_classifier(
+      logits_fn, features_fn, np.asarray(head), images, labels, counts, ["pgd20", "cw"],
+      config, out_dir=str(tmp_path), log=lambda s: None, attack_subsets={"cw": sub})
+  alone = eval_robust.evaluate_classifier(
+      logits_fn, features_fn, np.asarray(head), *sub, counts, ["cw"], config,
+      log=lambda s: None)
+  saved = reporting.read_json(str(tmp_path / "eval_results.json"))
+  assert saved["cw"]["n_test"] == 6 and saved["pgd20"]["n_test"] == 12
+  assert saved["clean"]["n_test"] == 12 and saved["clean_cw_subset"]["n_test"] == 6
+  assert saved["settings"]["n_test_per_attack"]["cw"] == 6
+  assert res["cw"]["per_class"] == alone["cw"]["per_class"]  # None = class absent
+  assert res["cw"]["overall"] == alone["cw"]["overall"]
+  np.testing.assert_allclose(res["clean_cw_subset"]["overall"], alone["clean"]["overall"])
+  assert res["clean_cw_subset"]["overall"] == pytest.approx(4 / 6)
+  assert saved["margin_bound"]["adversarial_examples"] == "pgd20"  # same images as clean
+  with pytest.raises(ConfigError, match="not among the attacks"):
+    eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
+                                    counts, ["pgd20"], config, log=lambda s: None,
+                                    attack_subsets={"cw": sub})
