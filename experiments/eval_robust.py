@@ -8,6 +8,7 @@ margin loss, 30 steps), autoattack (standard: APGD-CE, APGD-T, FAB-T, Square 500
 autoattack_apgd (the cheaper APGD-CE + APGD-T subset). ε = 8/255 by default.
 ``--autoattack_per_class=k`` runs the AutoAttack variants on a smaller seeded subsample
 (k per class) and the other attacks on the full test set; each block records n_test.
+``--keep_existing`` adds to an earlier eval_results.json instead of replacing it.
 
 Writes into the workdir:
   eval_results.json  {"clean" | <attack>: {"per_class", "overall", "balanced",
@@ -65,6 +66,10 @@ flags.DEFINE_integer("autoattack_per_class", None,
                      "test images per class (the protocol's cost is ~14 s per robust point "
                      "on a 2-core CPU); the other attacks use the full test set. Default: "
                      "the same images as the other attacks.")
+flags.DEFINE_bool("keep_existing", False,
+                  "Keep the attack blocks of the workdir's earlier eval_results.json that "
+                  "this run does not recompute (e.g. add AutoAttack to a CW evaluation); "
+                  "refused if the earlier clean accuracy differs.")
 flags.DEFINE_integer("apgd_iterations", 100, "APGD iterations (100 = reference).")
 flags.DEFINE_integer("square_queries", 5000, "Square Attack queries (5000 = reference).")
 flags.DEFINE_bool("best", False, "Restore the best checkpoint instead of the latest.")
@@ -128,7 +133,8 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
                         class_names: Optional[Sequence[str]] = None,
                         log: Callable[[str], None] = print, mesh=None,
                         evaluator: Optional[robust_accuracy.RobustEvaluator] = None,
-                        attack_subsets: Optional[Mapping[str, tuple]] = None) -> dict:
+                        attack_subsets: Optional[Mapping[str, tuple]] = None,
+                        keep_existing: bool = False) -> dict:
   """Runs clean + `attacks`, geometry, and (if out_dir) writes json / md / png.
 
   With a `mesh` every batch is split over its devices (one host or many): each process
@@ -186,6 +192,8 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
       "n_test_per_attack": {n: b["n_test"] for n, b in blocks.items()},
       "geometry_features": "test set", "device": jax.devices()[0].platform,
       "devices": 1 if mesh is None else int(mesh.size), "processes": jax.process_count()}
+  if keep_existing and out_dir is not None:
+    _carry_over_existing(os.path.join(out_dir, "eval_results.json"), blocks, results)
   if out_dir is not None and jax.process_index() == 0:
     reporting.write_json(os.path.join(out_dir, "eval_results.json"), results)
     md = markdown_report(blocks, results)
@@ -195,6 +203,29 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
                    np.asarray(train_counts), class_names)
     print(md)
   return results
+
+
+def _carry_over_existing(path: str, blocks: dict, results: dict) -> None:
+  """Adds the attack blocks of an earlier eval_results.json that this run did not redo.
+
+  Only if the earlier clean block is this run's (same images and model), else the
+  numbers would mix two evaluations."""
+  if not os.path.exists(path):
+    return
+  old = reporting.read_json(path)
+  same = (isinstance(old.get("clean"), dict)
+          and old["clean"].get("per_class") == blocks["clean"]["per_class"]
+          and old["clean"].get("n_test", blocks["clean"]["n_test"]) == blocks["clean"]["n_test"])
+  if not same:
+    raise ConfigError(f"{path}: its clean accuracy differs from this evaluation's (another "
+                      f"model or other test images); rerun without --keep_existing")
+  kept = [n for n, b in old.items() if n not in blocks and isinstance(b, dict)
+          and "per_class" in b]
+  for n in kept:
+    blocks[n] = results[n] = old[n]
+  results["settings"]["n_test_per_attack"] = {
+      n: b.get("n_test") for n, b in blocks.items()}
+  results["settings"]["kept_from_previous_run"] = kept
 
 
 def load_test_set(run: dict, test_per_class: Optional[int]):
@@ -225,7 +256,8 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
                      step_size: float = 2. / 255., batch_size: int = 128, seed: int = 0,
                      test_per_class: Optional[int] = None, apgd_iterations: int = 100,
                      square_queries: int = 5000, best: bool = False,
-                     mesh_data: int = -1, autoattack_per_class: Optional[int] = None) -> dict:
+                     mesh_data: int = -1, autoattack_per_class: Optional[int] = None,
+                     keep_existing: bool = False) -> dict:
   """eval_robust on a finished train_longtail workdir (the launcher's body).
 
   The classifier is restored replicated on a mesh of ``mesh_data`` devices (all
@@ -270,7 +302,7 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
       trained.logits_fn, features_fn, weight, images, labels, trained.class_counts,
       attacks, config, out_dir=workdir, class_names=class_names,
       log=lambda s: print(s, file=sys.stderr, flush=True), mesh=mesh,
-      attack_subsets=attack_subsets)
+      attack_subsets=attack_subsets, keep_existing=keep_existing)
   print(f"eval_robust: done in {time.time() - start:.1f}s", file=sys.stderr)
   return results
 
@@ -287,7 +319,7 @@ def main(argv):
       batch_size=FLAGS.batch_size, seed=FLAGS.seed, test_per_class=FLAGS.test_per_class,
       apgd_iterations=FLAGS.apgd_iterations, square_queries=FLAGS.square_queries,
       best=FLAGS.best, mesh_data=FLAGS.mesh_data,
-      autoattack_per_class=FLAGS.autoattack_per_class)
+      autoattack_per_class=FLAGS.autoattack_per_class, keep_existing=FLAGS.keep_existing)
 
 
 if __name__ == "__main__":

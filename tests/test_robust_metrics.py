@@ -187,6 +187,21 @@ def test_evaluate_classifier_runs_an_attack_on_its_own_subset(tmp_path):
   np.testing.assert_allclose(res["clean_cw_subset"]["overall"], alone["clean"]["overall"])
   assert res["clean_cw_subset"]["overall"] == pytest.approx(4 / 6)
   assert saved["margin_bound"]["adversarial_examples"] == "pgd20"  # same images as clean
+  # keep_existing: a later call with only pgd20 keeps the earlier cw block.
+  eval_robust.evaluate_classifier(
+      logits_fn, features_fn, np.asarray(head), images, labels, counts, ["pgd20"], config,
+      out_dir=str(tmp_path), log=lambda s: None, keep_existing=True)
+  again = reporting.read_json(str(tmp_path / "eval_results.json"))
+  assert again["cw"] == saved["cw"] and again["settings"]["kept_from_previous_run"] == [
+      "cw", "clean_cw_subset"]
+  eval_robust.evaluate_classifier(
+      logits_fn, features_fn, np.asarray(head), images, labels, counts, ["pgd20"], config,
+      out_dir=str(tmp_path), log=lambda s: None)
+  assert "cw" not in reporting.read_json(str(tmp_path / "eval_results.json"))
+  with pytest.raises(ConfigError, match="clean accuracy differs"):
+    eval_robust.evaluate_classifier(
+        logits_fn, features_fn, np.asarray(head), images, (labels + 1) % n_classes, counts,
+        ["pgd20"], config, out_dir=str(tmp_path), log=lambda s: None, keep_existing=True)
   with pytest.raises(ConfigError, match="not among the attacks"):
     eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
                                     counts, ["pgd20"], config, log=lambda s: None,
