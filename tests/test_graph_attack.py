@@ -74,12 +74,17 @@ def test_clean_cache_and_local_vectors_equal_full_encode(setup):
   np.testing.assert_allclose(ctx.graph_cache.users, users, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ctx.graph_cache.items, items, rtol=1e-5, atol=1e-6)
   hoods = surface.graph.neighbourhoods
-  for t in (POPULAR, 5, ISOLATED):
-    shape = hoods.shapes[int(hoods.bucket_of_item[t])]
+  big = hoods.shapes[int(hoods.bucket_of_item[POPULAR])]
+  # Own bucket, and small items padded to the popular item's shape: its per-layer
+  # prefixes (levels) are longer than theirs, so the recomputed prefix holds nodes of
+  # deeper levels that must stay clean.
+  for t, shape in [(t, hoods.shapes[int(hoods.bucket_of_item[t])])
+                   for t in (POPULAR, 5, ISOLATED)] + [(5, big), (ISOLATED, big)]:
+    assert len(shape.levels) == 2 and shape.levels[-1] == shape.nodes
     nb = jax.tree.map(jnp.asarray, hoods.neighbourhood(t, shape))
     delta = _random_delta(surface, jax.random.key(t), 0.8)
     row = {m: surface.projected_table[m][t] + delta[m] for m in surface.modalities}
-    iv, uv = surface.graph.local_fn(surface.params, ctx.graph_cache, row, nb, shape.edges)
+    iv, uv = surface.graph.local_fn(surface.params, ctx.graph_cache, row, nb, shape)
     fu, fi = _full_vectors(surface, t, delta)
     nodes = np.asarray(nb.nodes)
     item_ids = nodes[np.asarray(nb.item_slots)][np.asarray(nb.item_valid)] - N_USERS

@@ -43,12 +43,15 @@ class BucketShape(NamedTuple):
   """Static padded sizes of one neighbourhood bucket (hashable: keys compiled code).
 
   nodes: |S_L| slots; items / users: slots of changed item / user nodes;
-  edges: per layer l = 1..L, the out-edges of S_{l−1} (cumulative, so edges[-1] = all).
+  edges: per layer l = 1..L, the out-edges of S_{l−1} (cumulative, so edges[-1] = all);
+  levels: per layer l = 1..L, the slots of S_l (nodes are listed by hop level, so S_l is
+    a prefix; levels[-1] = nodes): layer l is recomputed on that prefix only.
   """
   nodes: int
   items: int
   users: int
   edges: tuple[int, ...]
+  levels: tuple[int, ...] = ()
 
 
 class Neighbourhood(NamedTuple):
@@ -95,7 +98,11 @@ class GraphNeighbourhoods:
     weight: (E,) edge weights.
     n_users, n_items: node counts.
     num_layers: L.
-    growth: bucket growth factor of the node count (4: at most ~log_4(|S_L|max) buckets).
+    growth: bucket growth factor of the changed-item count (4).
+    user_growth: bucket growth factor of the changed-user count (2). Items are bucketed
+      by the pair (items, users): the users' full score rows cost |U_c| x n_items per
+      step, and on TikTok a bucket keyed by node count alone padded a median of 11
+      changed users to 315.
   """
   dst: np.ndarray
   src: np.ndarray
@@ -104,10 +111,12 @@ class GraphNeighbourhoods:
   n_items: int
   num_layers: int
   growth: int = 4
+  user_growth: int = 2
 
   def __post_init__(self):
-    if self.growth < 2:
-      raise errors.ConfigError(f"neighbourhood bucket growth must be >= 2, got {self.growth}")
+    if self.growth < 2 or self.user_growth < 2:
+      raise errors.ConfigError(f"neighbourhood bucket growth must be >= 2, got "
+                               f"{self.growth} (items) / {self.user_growth} (users)")
     n = self.n_users + self.n_items
     order = np.argsort(self.src, kind="stable")  # out-edges of a node, contiguous
     self._out_dst = np.asarray(self.dst)[order].astype(np.int64)
@@ -124,12 +133,13 @@ class GraphNeighbourhoods:
     out_deg = np.diff(self._out_ptr).astype(np.int64)
     reach = sp.csr_matrix((np.ones(self.n_items, np.float32),
                            (np.arange(self.n_items), u + np.arange(self.n_items))), shape=(self.n_items, n))
-    edges = []
+    edges, levels = [], []
     for _ in range(L):  # layers, not items
       edges.append(np.asarray(reach @ out_deg).ravel().astype(np.int64))
       reach = reach + reach @ adj
       reach.data[:] = 1.0
-    reach = reach.tocsr()
+      reach = reach.tocsr()
+      levels.append(np.diff(reach.indptr).astype(np.int64))  # |S_l|, l = 1..L
     nodes = np.diff(reach.indptr)
     is_item_col = (reach.indices >= u).astype(np.int64)
     items = np.add.reduceat(is_item_col, reach.indptr[:-1]) if reach.nnz else np.zeros(
@@ -138,13 +148,17 @@ class GraphNeighbourhoods:
     users = nodes - items
     self.item_nodes, self.item_items, self.item_users = nodes, items, users
     self.item_edges = np.stack(edges, 1)  # (n_items, L), cumulative per layer
-    self.bucket_of_item = _next_bucket(nodes, self.growth)
+    self.item_levels = np.stack(levels, 1)  # (n_items, L): |S_1| .. |S_L|
+    # One bucket per (items, users) size class; the key packs both bucket indices.
+    self.bucket_of_item = (_next_bucket(items, self.growth) * 64
+                           + _next_bucket(users, self.user_growth))
     self.shapes: dict[int, BucketShape] = {}
     for b in np.unique(self.bucket_of_item):
       sel = self.bucket_of_item == b
       self.shapes[int(b)] = BucketShape(
           int(nodes[sel].max()), int(items[sel].max()), max(1, int(users[sel].max())),
-          tuple(max(1, int(e)) for e in self.item_edges[sel].max(0)))
+          tuple(max(1, int(e)) for e in self.item_edges[sel].max(0)),
+          tuple(max(1, int(v)) for v in self.item_levels[sel].max(0)))
 
   def max_changed_items(self) -> int:
     """The largest padded number of changed items over all buckets."""
@@ -232,11 +246,12 @@ def _edges(model):
   return model.edge_dst[...], model.edge_src[...], model.edge_weight[...]
 
 
-def neighbourhoods_of(model, growth: int = 4) -> GraphNeighbourhoods:
+def neighbourhoods_of(model, growth: int = 4, user_growth: int = 2) -> GraphNeighbourhoods:
   """The bucketed item neighbourhoods of an MMGCN's train graph."""
   dst, src, w = (np.asarray(a) for a in _edges(model))
   layers = len(model.branches[model.modalities[0]])
-  return GraphNeighbourhoods(dst, src, w, model.n_users, model.n_items, layers, growth)
+  return GraphNeighbourhoods(dst, src, w, model.n_users, model.n_items, layers, growth,
+                             user_growth)
 
 
 def clean_activations(model, projected_all: base.Features) -> GraphCache:
@@ -260,7 +275,8 @@ def clean_activations(model, projected_all: base.Features) -> GraphCache:
 
 
 def local_vectors(model, cache: GraphCache, projected_row: base.Features, nb: Neighbourhood,
-                  edges_per_layer: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+                  edges_per_layer: tuple[int, ...],
+                  levels_per_layer: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
   """Vectors of the changed items and users when the target's projected row is replaced.
 
   Args:
@@ -269,6 +285,9 @@ def local_vectors(model, cache: GraphCache, projected_row: base.Features, nb: Ne
     projected_row: {m: (p_m,)} the target's (perturbed) projected features.
     nb: the target's padded ``Neighbourhood`` (no chunk axis).
     edges_per_layer: the bucket's static ``BucketShape.edges``.
+    levels_per_layer: its ``BucketShape.levels`` (() = every layer on all slots): layer l
+      is recomputed on the first levels[l−1] slots only (S_l is a prefix), and its
+      messages come from the first levels[l−2] (S_{l−1}; slot 0 alone for l = 1).
 
   Returns:
     (item vectors (P_i, D'), user vectors (P_u, D')) at ``nb.item_slots`` / ``nb.user_slots``
@@ -276,6 +295,8 @@ def local_vectors(model, cache: GraphCache, projected_row: base.Features, nb: Ne
   """
   ids = jnp.take(model.id_embedding[...], nb.nodes, axis=0)
   p = nb.nodes.shape[0]
+  n_layers = len(model.branches[model.modalities[0]])
+  levels = tuple(levels_per_layer) or (p,) * n_layers
   level = nb.level[:, None]
   finals = [ids]
   for m in model.modalities:
@@ -285,10 +306,20 @@ def local_vectors(model, cache: GraphCache, projected_row: base.Features, nb: Ne
     x = clean[0].at[0].set(x0_t)
     for l, layer in enumerate(model.branches[m], start=1):
       e = edges_per_layer[l - 1]
-      diff = jnp.where(level <= l - 1, x - clean[l - 1], 0.0)
-      agg = agg_clean[l - 1] + _aggregate(layer, diff, nb.edge_dst[:e], nb.edge_src[:e],
-                                          nb.edge_weight[:e], p)
-      x = jnp.where(level <= l, _layer_output(layer, agg, x, ids), clean[l])
+      n_out = min(levels[l - 1], p)  # slots of S_l
+      n_in = 1 if l == 1 else min(levels[l - 2], p)  # slots of S_{l−1}: the changed sources
+      diff = jnp.where(level[:n_in] <= l - 1, x[:n_in] - clean[l - 1][:n_in], 0.0)
+      # Padded to a larger bucket, the first e edges also hold this target's deeper
+      # edges (sources outside the recomputed prefix): their messages are zero (the
+      # source's diff is), so they are dropped rather than gathered out of range.
+      dst, src = nb.edge_dst[:e], nb.edge_src[:e]
+      inside = (src < n_in) & (dst < n_out)
+      agg = agg_clean[l - 1][:n_out] + _aggregate(
+          layer, diff, jnp.where(inside, dst, 0), jnp.where(inside, src, 0),
+          jnp.where(inside, nb.edge_weight[:e], 0.0), n_out)
+      out = _layer_output(layer, agg, x[:n_out], ids[:n_out])
+      head = jnp.where(level[:n_out] <= l, out, clean[l][:n_out])
+      x = jnp.concatenate([head, clean[l][n_out:]], axis=0) if n_out < p else head
     finals.append(x)
   nodes = jnp.concatenate(finals, axis=-1)
   return jnp.take(nodes, nb.item_slots, axis=0), jnp.take(nodes, nb.user_slots, axis=0)

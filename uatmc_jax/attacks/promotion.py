@@ -506,7 +506,7 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
   def vectors(delta, eta=None):
     row = projected_row(delta, eta)
     return surface.graph.local_fn(params, cache, {m: r[0] for m, r in row.items()}, nb,
-                                  local.shape.edges)
+                                  local.shape)
 
   def target_scores(iv, uv):
     s_changed = uv @ iv[0]

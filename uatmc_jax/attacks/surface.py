@@ -85,7 +85,7 @@ class GraphLocal:
   Attributes:
     neighbourhoods: the bucketed item neighbourhoods of its graph (host-side).
     clean_fn: (params, {m: (n_items, p_m)}) -> ``graph_local.GraphCache``.
-    local_fn: (params, cache, {m: (p_m,)} target row, Neighbourhood, edges per layer)
+    local_fn: (params, cache, {m: (p_m,)} target row, Neighbourhood, BucketShape)
       -> (changed item vectors (P_i, D), changed user vectors (P_u, D)).
   """
   neighbourhoods: Any
@@ -150,8 +150,8 @@ def _graph_local(model, graphdef) -> GraphLocal | None:
   def clean_fn(params, projected_table):
     return graph_local.clean_activations(nnx.merge(graphdef, params), projected_table)
 
-  def local_fn(params, cache, row, nb, edges_per_layer):
+  def local_fn(params, cache, row, nb, shape):
     return graph_local.local_vectors(nnx.merge(graphdef, params), cache, row, nb,
-                                     edges_per_layer)
+                                     shape.edges, shape.levels)
 
   return GraphLocal(graph_local.neighbourhoods_of(model), clean_fn, local_fn)
