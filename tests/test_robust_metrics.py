@@ -103,19 +103,27 @@ def test_margins_and_bound_on_simplex_etf():
   assert out["adversarial_margin"]["min"] <= out["clean_margin"]["min"]
 
 
+def _tiny_classifier(seed, n_images, n_classes):
+  """A random 2-layer classifier on 2x2x3 images, and images labelled by its own argmax."""
+  import jax.numpy as jnp
+  rng = np.random.default_rng(seed)
+  dim = 2 * 2 * 3
+  w1 = jnp.asarray(rng.normal(size=(dim, 8)) / np.sqrt(dim), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(n_classes, 8)), jnp.float32)
+  features_fn = lambda x: jnp.tanh(4. * (x.reshape(x.shape[0], -1) - 0.5) @ w1)
+  logits_fn = lambda x: features_fn(x) @ head.T
+  images = rng.uniform(size=(n_images, 2, 2, 3)).astype(np.float32)
+  labels = np.asarray(jnp.argmax(logits_fn(images), -1)).astype(np.int32)
+  return features_fn, logits_fn, head, images, labels
+
+
 def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
   import jax
   import jax.numpy as jnp
   from experiments import eval_robust
 
-  rng = np.random.default_rng(0)
-  n_classes, dim = 4, 2 * 2 * 3
-  w1 = jnp.asarray(rng.normal(size=(dim, 8)) / np.sqrt(dim), jnp.float32)
-  head = jnp.asarray(rng.normal(size=(n_classes, 8)), jnp.float32)
-  features_fn = lambda x: jnp.tanh(4. * (x.reshape(x.shape[0], -1) - 0.5) @ w1)
-  logits_fn = lambda x: features_fn(x) @ head.T
-  images = rng.uniform(size=(10, 2, 2, 3)).astype(np.float32)
-  labels = np.asarray(jnp.argmax(logits_fn(images), -1)).astype(np.int32)
+  n_classes = 4
+  features_fn, logits_fn, head, images, labels = _tiny_classifier(0, 10, n_classes)
   counts = np.array([300, 60, 15, 5])
   config = robust_accuracy.RobustEvalConfig(epsilon=0.05, step_size=0.0125, batch_size=4)
   res = eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images,
@@ -160,14 +168,8 @@ def test_evaluate_classifier_runs_an_attack_on_its_own_subset(tmp_path):
   from uatmc_jax.errors import ConfigError
   from uatmc_jax.evaluation import reporting
 
-  rng = np.random.default_rng(1)
-  n_classes, dim = 4, 2 * 2 * 3
-  w1 = jnp.asarray(rng.normal(size=(dim, 8)) / np.sqrt(dim), jnp.float32)
-  head = jnp.asarray(rng.normal(size=(n_classes, 8)), jnp.float32)
-  features_fn = lambda x: jnp.tanh(4. * (x.reshape(x.shape[0], -1) - 0.5) @ w1)
-  logits_fn = lambda x: features_fn(x) @ head.T
-  images = rng.uniform(size=(12, 2, 2, 3)).astype(np.float32)
-  labels = np.asarray(jnp.argmax(logits_fn(images), -1)).astype(np.int32)
+  n_classes = 4
+  features_fn, logits_fn, head, images, labels = _tiny_classifier(1, 12, n_classes)
   labels[:2] = (labels[:2] + 1) % n_classes  # two clean-wrong points in the subset
   counts = np.array([300, 60, 15, 5])
   config = robust_accuracy.RobustEvalConfig(epsilon=0.08, step_size=0.02, batch_size=4)
