@@ -51,7 +51,7 @@ class BucketShape(NamedTuple):
   items: int
   users: int
   edges: tuple[int, ...]
-  levels: tuple[int, ...] = ()
+  levels: tuple[int, ...]
 
 
 class Neighbourhood(NamedTuple):
@@ -276,8 +276,7 @@ def clean_activations(model, projected_all: base.Features) -> GraphCache:
 
 
 def local_vectors(model, cache: GraphCache, projected_row: base.Features, nb: Neighbourhood,
-                  edges_per_layer: tuple[int, ...],
-                  levels_per_layer: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+                  shape: BucketShape) -> tuple[jax.Array, jax.Array]:
   """Vectors of the changed items and users when the target's projected row is replaced.
 
   Args:
@@ -285,10 +284,9 @@ def local_vectors(model, cache: GraphCache, projected_row: base.Features, nb: Ne
     cache: its ``clean_activations``.
     projected_row: {m: (p_m,)} the target's (perturbed) projected features.
     nb: the target's padded ``Neighbourhood`` (no chunk axis).
-    edges_per_layer: the bucket's static ``BucketShape.edges``.
-    levels_per_layer: its ``BucketShape.levels`` (() = every layer on all slots): layer l
-      is recomputed on the first levels[l−1] slots only (S_l is a prefix), and its
-      messages come from the first levels[l−2] (S_{l−1}; slot 0 alone for l = 1).
+    shape: its bucket's static ``BucketShape``: layer l is recomputed on the first
+      ``levels[l−1]`` slots only (S_l is a prefix), from the messages of the first
+      ``levels[l−2]`` (S_{l−1}; slot 0 alone for l = 1) along the first ``edges[l−1]`` edges.
 
   Returns:
     (item vectors (P_i, D'), user vectors (P_u, D')) at ``nb.item_slots`` / ``nb.user_slots``
@@ -296,28 +294,28 @@ def local_vectors(model, cache: GraphCache, projected_row: base.Features, nb: Ne
   """
   ids = jnp.take(model.id_embedding[...], nb.nodes, axis=0)
   p = nb.nodes.shape[0]
-  n_layers = len(model.branches[model.modalities[0]])
-  levels = tuple(levels_per_layer) or (p,) * n_layers
   level = nb.level[:, None]
+  # Per layer (shared by the modalities): (n_in, n_out, dst, src, weight). Padded to a
+  # larger bucket, the first edges[l−1] edges also hold this target's deeper edges
+  # (sources outside the recomputed prefix): their messages are zero (the source's diff
+  # is), so they are dropped rather than gathered out of range.
+  layers = []
+  for l, e in enumerate(shape.edges, start=1):
+    n_in, n_out = (1 if l == 1 else shape.levels[l - 2]), shape.levels[l - 1]
+    dst, src = nb.edge_dst[:e], nb.edge_src[:e]
+    inside = (src < n_in) & (dst < n_out)
+    layers.append((n_in, n_out, jnp.where(inside, dst, 0), jnp.where(inside, src, 0),
+                   jnp.where(inside, nb.edge_weight[:e], 0.0)))
   finals = [ids]
   for m in model.modalities:
     clean = jnp.take(cache.x[m], nb.nodes, axis=1)  # (L+1, P, D)
     agg_clean = jnp.take(cache.agg[m], nb.nodes, axis=1)
     x0_t = base.l2_normalize(projected_row[m][None])[0]
     x = clean[0].at[0].set(x0_t)
-    for l, layer in enumerate(model.branches[m], start=1):
-      e = edges_per_layer[l - 1]
-      n_out = min(levels[l - 1], p)  # slots of S_l
-      n_in = 1 if l == 1 else min(levels[l - 2], p)  # slots of S_{l−1}: the changed sources
+    for l, (layer, (n_in, n_out, dst, src, w)) in enumerate(
+        zip(model.branches[m], layers), start=1):
       diff = jnp.where(level[:n_in] <= l - 1, x[:n_in] - clean[l - 1][:n_in], 0.0)
-      # Padded to a larger bucket, the first e edges also hold this target's deeper
-      # edges (sources outside the recomputed prefix): their messages are zero (the
-      # source's diff is), so they are dropped rather than gathered out of range.
-      dst, src = nb.edge_dst[:e], nb.edge_src[:e]
-      inside = (src < n_in) & (dst < n_out)
-      agg = agg_clean[l - 1][:n_out] + _aggregate(
-          layer, diff, jnp.where(inside, dst, 0), jnp.where(inside, src, 0),
-          jnp.where(inside, nb.edge_weight[:e], 0.0), n_out)
+      agg = agg_clean[l - 1][:n_out] + _aggregate(layer, diff, dst, src, w, n_out)
       out = _layer_output(layer, agg, x[:n_out], ids[:n_out])
       head = jnp.where(level[:n_out] <= l, out, clean[l][:n_out])
       x = jnp.concatenate([head, clean[l][n_out:]], axis=0) if n_out < p else head

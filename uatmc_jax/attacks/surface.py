@@ -151,7 +151,6 @@ def _graph_local(model, graphdef) -> GraphLocal | None:
     return graph_local.clean_activations(nnx.merge(graphdef, params), projected_table)
 
   def local_fn(params, cache, row, nb, shape):
-    return graph_local.local_vectors(nnx.merge(graphdef, params), cache, row, nb,
-                                     shape.edges, shape.levels)
+    return graph_local.local_vectors(nnx.merge(graphdef, params), cache, row, nb, shape)
 
   return GraphLocal(graph_local.neighbourhoods_of(model), clean_fn, local_fn)
