@@ -71,6 +71,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uatmc_jax.errors import ConfigError
+from uatmc_jax.models import conv_ops
 
 # PyTorch's BatchNorm momentum 0.1 (the reference code's) = Flax momentum 0.9.
 BN_MOMENTUM = 0.9
@@ -91,10 +92,15 @@ def _conv(in_f: int, out_f: int, kernel: int, stride: int, dtype: Dtype,
           rngs: nnx.Rngs) -> nnx.Conv:
   # Explicit symmetric padding (k//2) = PyTorch's padding=1 for 3x3, 0 for 1x1;
   # 'SAME' would pad asymmetrically for stride 2.
+  # On CPU the convolution's input gradient is rewritten so that XLA keeps it on its fast
+  # path inside the attacks' loops (conv_ops; 4.8x faster PGD-10 loop, BUILD_NOTES 13).
   pad = kernel // 2
+  conv_fn = (conv_ops.conv_general_dilated if jax.default_backend() == "cpu"
+             else jax.lax.conv_general_dilated)
   return nnx.Conv(in_f, out_f, (kernel, kernel), strides=(stride, stride),
                   padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                  param_dtype=jnp.float32, kernel_init=_conv_init, rngs=rngs)
+                  param_dtype=jnp.float32, kernel_init=_conv_init, rngs=rngs,
+                  conv_general_dilated=conv_fn)
 
 
 def _use_running_average(train: bool | None) -> bool | None:

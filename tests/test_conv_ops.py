@@ -1,0 +1,123 @@
+"""conv_ops.conv_general_dilated: same values and gradients as lax.conv_general_dilated."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from flax import nnx
+from jax import lax
+
+from uatmc_jax.models import conv_ops
+from uatmc_jax.models import image_classifiers as ic
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _both(x, w, strides, padding, **kw):
+  ref = lambda x_, w_: lax.conv_general_dilated(x_, w_, strides, padding, dimension_numbers=DN,
+                                                **kw)
+  new = lambda x_, w_: conv_ops.conv_general_dilated(x_, w_, strides, padding,
+                                                     dimension_numbers=DN, **kw)
+  return ref, new
+
+
+class ConvOpsTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      # (H, W, k, stride, padding): CIFAR 3x3 convs, ResNet downsampling 3x3/s2 and
+      # 1x1/s2 shortcuts, a 7x7/s2 stem, odd sizes, asymmetric and string padding.
+      (8, 8, 3, 1, ((1, 1), (1, 1))),
+      (9, 7, 3, 2, ((1, 1), (1, 1))),
+      (8, 8, 1, 2, ((0, 0), (0, 0))),
+      (11, 11, 7, 2, ((3, 3), (3, 3))),
+      (10, 9, 3, 2, ((0, 1), (1, 0))),
+      (8, 8, 3, 1, "SAME"),
+      (9, 9, 3, 2, "VALID"),
+  )
+  def test_values_and_gradients_match_lax(self, h, w, k, s, padding):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (3, h, w, 4))
+    wt = jax.random.normal(kw, (k, k, 4, 5))
+    ref, new = _both(x, wt, (s, s), padding)
+    y_ref, vjp_ref = jax.vjp(ref, x, wt)
+    y_new, vjp_new = jax.vjp(new, x, wt)
+    chex.assert_trees_all_close(y_new, y_ref, atol=1e-5, rtol=1e-5)
+    g = jax.random.normal(kg, y_ref.shape)
+    dx_ref, dw_ref = vjp_ref(g)
+    dx_new, dw_new = vjp_new(g)
+    chex.assert_trees_all_close(dx_new, dx_ref, atol=1e-4, rtol=1e-5)
+    chex.assert_trees_all_close(dw_new, dw_ref, atol=1e-4, rtol=1e-5)
+    # The rewritten path is the one taken (its custom_vjp in the jaxpr), so this test
+    # checks the rewrite and not the fallback.
+    self.assertIn("name=_conv_nhwc", str(jax.make_jaxpr(new)(x, wt)))
+
+  def test_input_gradient_matches_finite_differences(self):
+    x = jax.random.normal(jax.random.key(1), (1, 5, 5, 2), jnp.float32)
+    wt = jax.random.normal(jax.random.key(2), (3, 3, 2, 3))
+    f = lambda x_: jnp.sum(jnp.sin(conv_ops.conv_general_dilated(
+        x_, wt, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN)))
+    g = jax.grad(f)(x)
+    eps = 1e-3
+    e = np.zeros(x.shape, np.float32)
+    for idx in [(0, 0, 0, 0), (0, 2, 3, 1), (0, 4, 4, 0)]:
+      e[:] = 0
+      e[idx] = eps
+      fd = (f(x + e) - f(x - e)) / (2 * eps)
+      np.testing.assert_allclose(g[idx], fd, rtol=2e-2, atol=2e-3)
+
+  def test_second_order_gradient_matches_lax(self):
+    x = jax.random.normal(jax.random.key(3), (2, 6, 6, 3))
+    wt = jax.random.normal(jax.random.key(4), (3, 3, 3, 4))
+    ref, new = _both(x, wt, (1, 1), ((1, 1), (1, 1)))
+    # gradient of the input-gradient norm w.r.t. the kernel (a gradient-penalty shape)
+    pen = lambda conv: lambda w_: jnp.sum(jax.grad(
+        lambda x_: jnp.sum(jnp.tanh(conv(x_, w_))))(x) ** 2)
+    chex.assert_trees_all_close(jax.grad(pen(new))(wt), jax.grad(pen(ref))(wt),
+                                atol=1e-3, rtol=1e-4)
+
+  def test_unsupported_cases_fall_back_to_lax(self):
+    x = jax.random.normal(jax.random.key(5), (2, 8, 8, 4))
+    wt = jax.random.normal(jax.random.key(6), (3, 3, 2, 4))
+    kw = dict(dimension_numbers=DN, feature_group_count=2, rhs_dilation=(2, 2))
+    ref = lax.conv_general_dilated(x, wt, (1, 1), ((2, 2), (2, 2)), **kw)
+    new = conv_ops.conv_general_dilated(x, wt, (1, 1), ((2, 2), (2, 2)), **kw)
+    chex.assert_trees_all_close(new, ref)
+    self.assertNotIn("name=_conv_nhwc", str(jax.make_jaxpr(
+        lambda a: conv_ops.conv_general_dilated(a, wt, (1, 1), ((2, 2), (2, 2)), **kw))(x)))
+
+  def test_bfloat16_gradient_dtypes(self):
+    x = jax.random.normal(jax.random.key(7), (2, 6, 6, 3)).astype(jnp.bfloat16)
+    wt = jax.random.normal(jax.random.key(8), (3, 3, 3, 4)).astype(jnp.bfloat16)
+    ref, new = _both(x, wt, (1, 1), ((1, 1), (1, 1)))
+    dx_ref, dw_ref = jax.grad(lambda a, b: jnp.sum(ref(a, b).astype(jnp.float32)), (0, 1))(x, wt)
+    dx, dw = jax.grad(lambda a, b: jnp.sum(new(a, b).astype(jnp.float32)), (0, 1))(x, wt)
+    self.assertEqual((dx.dtype, dw.dtype), (jnp.bfloat16, jnp.bfloat16))
+    chex.assert_trees_all_close(dx.astype(jnp.float32), dx_ref.astype(jnp.float32),
+                                atol=0.1, rtol=0.05)
+
+  @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rewrite is CPU-only")
+  def test_models_use_the_rewrite_on_cpu_and_attack_gradients_match(self):
+    model = ic.build_classifier("small_cnn", 10, nnx.Rngs(0), widths=(4, 8))
+    graphdef, params, stats = ic.split_classifier(model)
+    x = jax.random.uniform(jax.random.key(9), (1, 16, 16, 3))
+
+    def loss(z, gd):
+      return jnp.sum(ic.apply_logits(gd, params, stats, z, train=False)[0] ** 2)
+
+    self.assertIn("name=_conv_nhwc", str(jax.make_jaxpr(lambda z: loss(z, graphdef))(x)))
+    # the same model with JAX's own convolution rule gives the same input gradient
+    model_ref = ic.build_classifier("small_cnn", 10, nnx.Rngs(0), widths=(4, 8))
+    for _, conv in nnx.iter_graph(model_ref):
+      if isinstance(conv, nnx.Conv):
+        conv.conv_general_dilated = lax.conv_general_dilated
+    graphdef_ref = ic.split_classifier(model_ref)[0]
+    self.assertNotIn("name=_conv_nhwc", str(jax.make_jaxpr(lambda z: loss(z, graphdef_ref))(x)))
+    chex.assert_trees_all_close(jax.grad(loss)(x, graphdef), jax.grad(loss)(x, graphdef_ref),
+                                atol=1e-4, rtol=1e-4)
+
+
+if __name__ == "__main__":
+  from absl.testing import absltest
+  absltest.main()

@@ -1,0 +1,109 @@
+"""A drop-in ``lax.conv_general_dilated`` whose input gradient XLA:CPU runs fast in loops.
+
+Why: JAX's transpose rule writes the input gradient of a convolution as a convolution
+with a reversed kernel and swapped kernel dimension numbers (``01oi``). Straight-line,
+XLA:CPU rewrites that into its fast convolution path. Inside a ``while`` loop (every
+PGD / APGD / CW attack here is a ``lax.fori_loop``), the kernel's layout change is hoisted
+out of the body and the loop's convolutions then run on a slow path: on the 2-core
+EPYC, a PGD-10 input-gradient loop of ``SmallCNN(16, 32, 64, 128)`` at batch 128 took
+2.98 s as a loop vs 0.70 s fully unrolled (one thread, jax 0.10.2; BUILD_NOTES 13).
+
+The fix is a ``custom_vjp`` whose backward pass writes the input gradient as an ordinary
+``HWIO`` convolution of the cotangent with an explicitly flipped, ``I<->O``-transposed
+kernel (input dilation = the forward stride, padding ``k - 1 - lo`` / the remainder),
+which XLA keeps on its fast path in and out of loops (the same loop: 0.62 s). The
+kernel gradient is JAX's own rule. Values equal ``lax.conv_general_dilated``'s gradients
+up to float rounding (tests/test_conv_ops.py). Cases outside the rewrite (dilations,
+grouped convolutions, other layouts, padding wider than the kernel) call
+``lax.conv_general_dilated`` unchanged.
+
+``conv_general_dilated`` is passed to ``nnx.Conv(conv_general_dilated=...)`` on CPU only
+(``image_classifiers._conv``): other backends keep JAX's rule (unmeasured there).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                 out_spec=(0, 3, 1, 2))
+
+
+def _all_ones(v) -> bool:
+  return v is None or all(int(d) == 1 for d in (v if isinstance(v, Sequence) else (v,)))
+
+
+def _canonical_dn(dimension_numbers, ndim: int):
+  if dimension_numbers is None:
+    return None
+  try:
+    return lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dimension_numbers)
+  except (TypeError, ValueError):
+    return None
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None,
+                         **kwargs):
+  """``lax.conv_general_dilated`` with a loop-friendly input gradient (see module doc)."""
+  dn = _canonical_dn(dimension_numbers, lhs.ndim)
+  fast = (lhs.ndim == 4 and dn == _NHWC and _all_ones(lhs_dilation)
+          and _all_ones(rhs_dilation) and feature_group_count == 1
+          and batch_group_count == 1 and preferred_element_type is None
+          and kwargs.get("out_sharding") is None)
+  if fast:
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+      pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    else:
+      pads = padding
+    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    k = rhs.shape[:2]
+    fast = all(0 <= lo <= k[d] - 1 and 0 <= hi <= k[d] - 1 for d, (lo, hi) in enumerate(pads))
+  if not fast:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+  return _conv_nhwc(lhs, rhs, strides, pads, precision)
+
+
+def _plain(x, w, strides, pads, precision):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_nhwc(x, w, strides, pads, precision):
+  return _plain(x, w, strides, pads, precision)
+
+
+def _conv_fwd(x, w, strides, pads, precision):
+  return _plain(x, w, strides, pads, precision), (x, w)
+
+
+def _input_grad_pads(in_size: int, out_size: int, k: int, s: int, lo: int):
+  lo_t = k - 1 - lo
+  hi_t = in_size + k - 2 - (out_size - 1) * s - lo_t
+  return lo_t, hi_t
+
+
+def _conv_bwd(strides, pads, precision, res, g):
+  x, w = res
+  w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
+  pads_t = tuple(_input_grad_pads(x.shape[1 + d], g.shape[1 + d], w.shape[d], strides[d],
+                                  pads[d][0]) for d in range(2))
+  dx = lax.conv_general_dilated(g, w_t, (1, 1), pads_t, lhs_dilation=strides,
+                                dimension_numbers=_NHWC, precision=precision)
+  dw = jax.vjp(lambda w_: _plain(x, w_, strides, pads, precision), w)[1](g)[0]
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
