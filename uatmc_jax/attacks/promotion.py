@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uatmc_jax import errors
+from uatmc_jax import errors, ops
 from uatmc_jax.attacks import alignment as alignment_lib
 from uatmc_jax.attacks import mismatch as mismatch_lib
 from uatmc_jax.attacks.surface import AttackSurface
@@ -306,7 +306,7 @@ def anchor_train_mask(anchors: np.ndarray, n_users: int, n_items: int,
 @functools.partial(jax.jit, static_argnames=("k", "masked"))
 def _context_arrays(anchor_vectors, item_vectors, train_mask, *, k, masked):
   scores = anchor_vectors @ item_vectors.T
-  values, indices = jax.lax.top_k(scores, k + 1)
+  values, indices = ops.top_k(scores, k + 1)
   sorted_scores = jnp.sort(scores, axis=1)
   masked_sorted = None
   if masked:
@@ -437,7 +437,7 @@ def _target_view(surface: AttackSurface, params, attack_table, projected_table,
   def scores_fn(delta, eta=None):
     scores = all_scores(delta, eta)
     s = scores[:, target]
-    others = jax.lax.top_k(scores.at[:, target].set(-jnp.inf), k)[0][:, max(k - 2, 0):]
+    others = ops.top_k(scores.at[:, target].set(-jnp.inf), k)[0][:, max(k - 2, 0):]
     return s, others
 
   def ranks_fn(delta):
@@ -516,13 +516,13 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
     return (uv @ cache.items.T).at[:, item_drop].set(uv @ iv.T, mode="drop")
 
   def changed_others(iv, uv):
-    return jax.lax.top_k(jnp.where(is_t, -jnp.inf, changed_rows(iv, uv)), k)[0][:, tail:]
+    return ops.top_k(jnp.where(is_t, -jnp.inf, changed_rows(iv, uv)), k)[0][:, tail:]
 
   def others_of(sel, iv):  # (len(sel), 2): anchors ∉ U_c
     new = jnp.take(ctx.anchor_vectors, sel, axis=0) @ iv.T
     cand = jnp.concatenate([jnp.take(kept, sel, axis=0),
                             jnp.where(others_valid, new, -jnp.inf)], axis=1)
-    return jax.lax.top_k(cand, k)[0][:, tail:]
+    return ops.top_k(cand, k)[0][:, tail:]
 
   def scores_fn(delta, eta=None):
     iv, uv = vectors(delta, eta)
@@ -539,7 +539,7 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
     if local.active_cap >= n_a:
       sel = jnp.arange(n_a)
     else:
-      sel = jax.lax.top_k(jax.lax.stop_gradient(activity(s, margin)), local.active_cap)[1]
+      sel = ops.top_k(jax.lax.stop_gradient(activity(s, margin)), local.active_cap)[1]
     loss = jnp.zeros(n_a, s.dtype).at[sel].set(
         promotion_per_user_loss(jnp.take(s, sel), others_of(sel, iv), margin))
     changed_loss = promotion_per_user_loss(s_changed, changed_others(iv, uv), margin)
