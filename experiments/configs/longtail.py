@@ -15,8 +15,8 @@ Presets (``preset=...``; every other argument given explicitly overrides them):
     small CNN (widths 16/32/64/128), CIFAR-10-LT with n_max 1000, 10 epochs, batch 64,
     lr 0.1 with 1 warm-up epoch then cosine, PGD-3 in training with step 2.5ε/3,
     PGD-20 evaluation on 100 test images per class, a monitor evaluation every 5 epochs;
-    MCAT: generators d_z 32 -> 256 -> 256 -> d_f, 3 warm-up epochs. About 400 CPU-s
-    (~4 min on an idle 2-core machine) per run; PGD-AT at IR 10 reaches 0.27 clean /
+    MCAT: generators d_z 32 -> 256 -> 256 -> d_f, 3 warm-up epochs. About 2 min per
+    PGD-AT run on an idle 2-core machine as 2 XLA CPU devices (BUILD_NOTES 13.2); PGD-AT at IR 10 reaches 0.27 clean /
     0.20 PGD-20 balanced accuracy (chance 0.10), mostly on the head classes; AT-BSL
     0.38 / 0.22 with every class group non-zero.
   runlocal=True: a ~1-minute smoke run that still learns above chance, on top of any
