@@ -52,27 +52,29 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          batch_group_count=1, precision=None, preferred_element_type=None,
                          **kwargs):
   """``lax.conv_general_dilated`` with a loop-friendly input gradient (see module doc)."""
-  dn = _canonical_dn(dimension_numbers, lhs.ndim)
-  fast = (lhs.ndim == 4 and dn == _NHWC and _all_ones(lhs_dilation)
-          and _all_ones(rhs_dilation) and feature_group_count == 1
-          and batch_group_count == 1 and preferred_element_type is None
-          and kwargs.get("out_sharding") is None)
-  if fast:
-    strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-      pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    else:
-      pads = padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    k = rhs.shape[:2]
-    fast = all(0 <= lo <= k[d] - 1 and 0 <= hi <= k[d] - 1 for d, (lo, hi) in enumerate(pads))
-  if not fast:
+  pads = None
+  if (lhs.ndim == 4 and _canonical_dn(dimension_numbers, lhs.ndim) == _NHWC
+      and _all_ones(lhs_dilation) and _all_ones(rhs_dilation) and feature_group_count == 1
+      and batch_group_count == 1 and preferred_element_type is None
+      and kwargs.get("out_sharding") is None):
+    pads = _rewritable_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  if pads is None:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type, **kwargs)
-  return _conv_nhwc(lhs, rhs, strides, pads, precision)
+  return _conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+
+
+def _rewritable_pads(in_spatial, kernel, strides, padding):
+  """Explicit ((lo, hi), (lo, hi)) padding, or None when a side exceeds k − 1."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(in_spatial, kernel, tuple(strides), padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if all(0 <= lo <= k - 1 and 0 <= hi <= k - 1 for k, (lo, hi) in zip(kernel, pads)):
+    return pads
+  return None
 
 
 def _plain(x, w, strides, pads, precision):
