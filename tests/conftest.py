@@ -2,6 +2,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile from scratch: launchers' persistent compilation cache (launch.setup) off.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = ""
 
 import jax  # noqa: E402
 
