@@ -257,7 +257,8 @@ def run_attacks(cfg, model, data, mesh=None):
   graph_path = cfg.get("graph_path", "local")
   chunk = promotion.chunk_size_for(surface, cfg.chunk_size, cfg.targets, mesh, graph_path)
   runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=cfg.mismatch,
-                                           mesh=mesh, graph_path=graph_path)
+                                           mesh=mesh, graph_path=graph_path,
+                                           log=lambda m: print(f"[attack] {m}", flush=True))
   pop = data.item_popularity()
   runs = {(eps, n): [] for eps in cfg.epsilons for n in names}
   t_start = time.perf_counter()

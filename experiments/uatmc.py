@@ -196,7 +196,7 @@ class AttackBench:
       ks = tuple(sorted(set(promotion.METRIC_KS) | {int(a["k"])}))
       self.runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, ks=ks,
                                                     with_mismatch=True, mesh=self.mesh,
-                                                    graph_path=graph_path)
+                                                    graph_path=graph_path, log=_say)
     self.runner.surface = surface
     anchors = targets_lib.select_anchors(data.n_users, a["anchor_share"], seed)
     targets = targets_lib.select_targets("random", min(a["targets"], data.n_items),

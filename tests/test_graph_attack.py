@@ -165,10 +165,16 @@ def full_reference(setup):
 def test_runner_local_path_equals_full_reencode(setup, full_reference, cap):
   _, surface, ctx, _ = setup
   full = full_reference
+  lines = []
   runner = promotion.PromotionAttackRunner(surface, chunk_size=2, with_mismatch=True,
-                                           active_cap=cap)
+                                           active_cap=cap, log=lines.append)
   assert runner.uses_local_graph_path
   local = runner.run(ALIGNED, ctx, TARGETS)
+  # Progress: one line per size bucket, the last one counting every target.
+  n_buckets = len(np.unique(surface.graph.neighbourhoods.bucket_of_item[TARGETS]))
+  assert len(lines) == n_buckets and f"{len(TARGETS)}/{len(TARGETS)} targets" in lines[-1]
+  assert sum(int(l.split(" re-run")[0].split(", ")[-1]) for l in lines) == \
+      local["graph_fallbacks"]
   _compare(local, full, METRIC_KEYS)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), local["delta"],
                full["delta"])

@@ -705,6 +705,8 @@ class PromotionAttackRunner:
     chunk_elements: local path: a size bucket's chunk holds at most this many elements of
       per-target working arrays (about anchors x (K + 2·changed items) + changed users x
       items), so big neighbourhoods run in small chunks and small ones in big chunks.
+    log: optional ``log(message)`` for progress on the local graph path (one line per
+      size bucket: targets, seconds, compile included on first use, re-runs).
 
   On the local path targets are grouped by neighbourhood size bucket
   (``graph_local.GraphNeighbourhoods``), each bucket with its own compiled function (its
@@ -714,8 +716,9 @@ class PromotionAttackRunner:
   def __init__(self, surface: AttackSurface, *, chunk_size: int = 64,
                ks: Sequence[int] = METRIC_KS, with_mismatch: bool = True,
                mesh: jax.sharding.Mesh | None = None, graph_path: str = "local",
-               active_cap: int = 256, chunk_elements: int = 2**25):
+               active_cap: int = 256, chunk_elements: int = 2**25, log=None):
     self.surface = surface
+    self.log = log
     self.chunk_size = int(chunk_size)
     if self.chunk_size < 1:
       raise errors.ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -876,9 +879,14 @@ class PromotionAttackRunner:
     n_a = int(ctx.anchors.shape[0])
     buckets = hoods.bucket_of_item[targets]
     order, pieces, fallbacks = [], [], 0
-    for b in np.unique(buckets):  # a handful of size buckets, each compiled once
+    unique = np.unique(buckets)
+    done, t_start = 0, time.perf_counter()
+    for i, b in enumerate(unique):  # a handful of size buckets, each compiled once
       idx = np.flatnonzero(buckets == b)
       shape = hoods.shapes[int(b)]
+      t0 = time.perf_counter()
+      fresh = LocalGraphSpec(shape, self.active_cap) not in {
+          k[1] for k in self._compiled if isinstance(k, tuple) and k[0] == attack}
       per_device = self._bucket_chunk(shape, n_a, attack.k)
       nbs_of = functools.partial(hoods.batch, shape=shape)
       spec = LocalGraphSpec(shape, self.active_cap)
@@ -898,6 +906,13 @@ class PromotionAttackRunner:
         out = jax.tree.map(put, out, again)
       order.append(idx)
       pieces.append(out)
+      done += len(idx)
+      if self.log is not None:
+        name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
+        self.log(f"{name} ε={attack.epsilon:g}: bucket {i + 1}/{len(unique)} ({shape.items} items x "
+                 f"{shape.users} users): {len(idx)} targets in {time.perf_counter() - t0:.1f} s"
+                 f"{' incl. compile' if fresh else ''}, {len(redo)} re-run with all anchors; "
+                 f"{done}/{len(targets)} targets, {time.perf_counter() - t_start:.0f} s")
     inverse = np.argsort(np.concatenate(order))
     result = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[inverse], *pieces)
     return result, fallbacks
