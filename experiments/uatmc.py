@@ -218,8 +218,14 @@ class AttackBench:
           "avg_rank_after": float(np.mean(r["rank_after"])),
           "avg_rank_change": float(np.mean(r["rank_after"] - r["rank_before"])),
           "dominant_group_differs_share": float(np.mean(r["mismatch"].dominant_differs)),
+          "dominant_group_differs_share_after": float(
+              np.mean(r["mismatch_at_delta"].dominant_differs)),
           "per_target_cosine_clean": cos_clean.tolist(),
           "per_target_cosine_after": cos_after.tolist(),
+          # Pearson r of the per-user gains of the modalities' steps (A.5), per target.
+          "per_target_gain_correlation_after": np.nanmean(
+              np.asarray(r["mismatch_at_delta"].gain_correlation, np.float64), axis=1).tolist(),
+          f"per_target_hit@{hit_k}_after": np.asarray(r["hit_after"][:, j], np.float64).tolist(),
           "n_targets": int(len(targets)), "seconds": float(r["seconds"])}
     return out
 

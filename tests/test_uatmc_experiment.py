@@ -50,6 +50,13 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   stage = json.load(open(os.path.join(workdir, "seed_1", "vanilla", "attack_results.json")))
   np.testing.assert_allclose(results["defences"]["vanilla"]["attacks"]["pgd"]["hit@10_after"]
                              ["mean"], stage["pgd"]["hit@10_after"])
+  # Per-target values behind the means (paired comparisons of attackers across targets).
+  for a in ("pgd", "pgd_aligned"):
+    assert len(stage[a]["per_target_hit@10_after"]) == 4
+    np.testing.assert_allclose(np.mean(stage[a]["per_target_hit@10_after"]),
+                               stage[a]["hit@10_after"], rtol=1e-6)
+    corr = np.asarray(stage[a]["per_target_gain_correlation_after"], float)
+    assert corr.shape == (4,) and np.all(np.isnan(corr) | (np.abs(corr) <= 1 + 1e-6))
   for name in ("results.md", "tradeoff.png", "mismatch.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   table = open(os.path.join(workdir, "results.md")).read()
