@@ -209,8 +209,8 @@ class AttackBench:
     j = list(self.runner.ks).index(hit_k)
     for name in names:
       r = self.runner.run(self.attackers[name], ctx, targets, groups)
-      cos_clean = np.nanmean(np.asarray(r["mismatch"].cosine, np.float64), axis=1)
-      cos_after = np.nanmean(np.asarray(r["mismatch_at_delta"].cosine, np.float64), axis=1)
+      cos_clean = _row_nanmean(r["mismatch"].cosine)
+      cos_after = _row_nanmean(r["mismatch_at_delta"].cosine)
       out[name] = {
           f"hit@{hit_k}_before": float(np.mean(r["hit_before"][:, j])),
           f"hit@{hit_k}_after": float(np.mean(r["hit_after"][:, j])),
@@ -223,11 +223,19 @@ class AttackBench:
           "per_target_cosine_clean": cos_clean.tolist(),
           "per_target_cosine_after": cos_after.tolist(),
           # Pearson r of the per-user gains of the modalities' steps (A.5), per target.
-          "per_target_gain_correlation_after": np.nanmean(
-              np.asarray(r["mismatch_at_delta"].gain_correlation, np.float64), axis=1).tolist(),
+          "per_target_gain_correlation_after": _row_nanmean(
+              r["mismatch_at_delta"].gain_correlation).tolist(),
           f"per_target_hit@{hit_k}_after": np.asarray(r["hit_after"][:, j], np.float64).tolist(),
           "n_targets": int(len(targets)), "seconds": float(r["seconds"])}
     return out
+
+
+def _row_nanmean(x) -> np.ndarray:
+  """Per-row mean over the finite entries (NaN for a row without any), no warning."""
+  x = np.asarray(x, np.float64)
+  ok = np.isfinite(x)
+  n = ok.sum(axis=1)
+  return np.where(n > 0, np.where(ok, x, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
 
 
 def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names) -> dict:
