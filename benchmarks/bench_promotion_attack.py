@@ -89,6 +89,7 @@ def bench(name: str, n_targets: int, chunk: int, repeats: int) -> dict:
   s = surface
   compiled = fn.lower(s.params, s.attack_table, s.projected_table, ctx,
                       jnp.ones((len(anchors), 1), jnp.float32),
+                      jnp.asarray(attack.epsilon, jnp.float32), None,
                       jnp.zeros((chunk,), jnp.int32)).compile()
   mem = compiled.memory_analysis()
   temp_mib = getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem is not None else float("nan")

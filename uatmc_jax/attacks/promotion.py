@@ -203,11 +203,17 @@ def pgd_attack(epsilon: float, **overrides) -> PromotionAttack:
   return PromotionAttack(**kw)
 
 
-def budgets(attack: PromotionAttack, x_t: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """ε_m per attacked modality for a target with (clean, attacked-space) rows x_t."""
+def budgets(attack: PromotionAttack, x_t: Mapping[str, jax.Array],
+            epsilon: jax.Array | float | None = None) -> dict[str, jax.Array]:
+  """ε_m per attacked modality for a target with (clean, attacked-space) rows x_t.
+
+  ``epsilon`` (may be traced) overrides ``attack.epsilon``: the runner passes the budget
+  as an argument so that one compiled function serves every budget.
+  """
+  eps = attack.epsilon if epsilon is None else epsilon
   if attack.budget == "relative":
-    return {m: attack.epsilon * jnp.linalg.norm(x) for m, x in x_t.items()}
-  return {m: jnp.asarray(attack.epsilon, x.dtype) for m, x in x_t.items()}
+    return {m: (eps * jnp.linalg.norm(x)).astype(x.dtype) for m, x in x_t.items()}
+  return {m: jnp.asarray(eps, x.dtype) for m, x in x_t.items()}
 
 
 def project_linf(delta: Mapping[str, jax.Array],
@@ -217,7 +223,7 @@ def project_linf(delta: Mapping[str, jax.Array],
 
 
 def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.Array],
-               group_weights: jax.Array, probe=None, monitor=None):
+               group_weights: jax.Array, probe=None, monitor=None, epsilon=None):
   """The perturbation {m: (d_m,)} of one target (pure; vmap it over targets).
 
   Args:
@@ -229,6 +235,7 @@ def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.
       outside the projected space (the cosine alignments compare modalities there).
     monitor: None, or δ -> bool scalar evaluated at every point where the loss is
       differentiated (δ = 0 and each PGD iterate).
+    epsilon: None (``attack.epsilon``) or the budget ε as a (traced) scalar.
 
   Returns:
     δ, inside the budget; ``(δ, all monitor values true)`` when ``monitor`` is given.
@@ -237,7 +244,7 @@ def run_attack(attack: PromotionAttack, per_user_loss_fn, x_t: Mapping[str, jax.
       alignment_lib.get_ascent_direction(attack.alignment), per_user_loss_fn,
       group_weights=group_weights, align_weight=attack.align_weight,
       group_temperature=attack.group_temperature, probe=probe)
-  eps = budgets(attack, x_t)
+  eps = budgets(attack, x_t, epsilon)
   delta0 = {m: jnp.zeros_like(x) for m, x in x_t.items()}
   check = monitor or (lambda _: jnp.asarray(True))
   if attack.method == "fgsm":
@@ -601,12 +608,14 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
                                group_weights: jax.Array, target: jax.Array, nb=None, *,
                                ks: Sequence[int] = METRIC_KS,
                                with_mismatch: bool = True,
-                               local: LocalGraphSpec | None = None) -> dict[str, Any]:
+                               local: LocalGraphSpec | None = None,
+                               epsilon: jax.Array | None = None) -> dict[str, Any]:
   """Attack one target and measure it (pure; the runner vmaps it over targets).
 
   With ``local`` (graph models: the exact local path, ``nb`` the target's neighbourhood)
   the result has ``exact``: False when the active-anchor cap was exceeded at some
-  evaluated point (the runner then re-runs the target with the cap lifted).
+  evaluated point (the runner then re-runs the target with the cap lifted). ``epsilon``
+  (a traced scalar, or None for ``attack.epsilon``) is the budget.
   """
   view = _target_view(surface, params, attack_table, projected_table, ctx, target, attack.k,
                       nb, local)
@@ -633,7 +642,7 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
   if view.exact_fn is not None:
     monitor = functools.partial(view.exact_fn, margin=attack.margin)
   delta = run_attack(attack, per_user_loss, x_att, group_weights, probe=probe,
-                     monitor=monitor)
+                     monitor=monitor, epsilon=epsilon)
   if monitor is not None:
     delta, exact = delta
   delta = jax.lax.stop_gradient(delta)
@@ -676,6 +685,11 @@ def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh
   if mesh is not None:
     chunk = max(1, min(chunk, -(-int(n_targets) // mesh.size)))
   return chunk
+
+
+def _budget_free(attack: PromotionAttack) -> PromotionAttack:
+  """The attacker with its budget cleared: the key of its compiled chunk function."""
+  return dataclasses.replace(attack, epsilon=0.0)
 
 
 class PromotionAttackRunner:
@@ -763,10 +777,14 @@ class PromotionAttackRunner:
     return self.graph_path == "local" and self.surface.graph is not None
 
   def chunk_function(self, attack: PromotionAttack, local: LocalGraphSpec | None = None):
-    """The jitted (params, tables, ctx, groups, neighbourhoods, targets (chunk,)) -> dict.
+    """The jitted (params, tables, ctx, groups, ε, neighbourhoods, targets (chunk,)) -> dict.
 
-    ``neighbourhoods`` is None except on the local graph path (``local`` given).
+    ``neighbourhoods`` is None except on the local graph path (``local`` given). The
+    budget ε is an argument (a float32 scalar), not part of the compiled program:
+    attackers that differ only in ``epsilon`` share one function (a budget sweep
+    compiles once).
     """
+    attack = _budget_free(attack)
     key = attack if local is None else (attack, local)
     if key not in self._compiled:
       unknown = set(attack.modalities or ()) - set(self.surface.modalities)
@@ -782,7 +800,8 @@ class PromotionAttackRunner:
       surface, ks, with_mismatch = self.surface, self.ks, self.with_mismatch
       counts = self.trace_counts
 
-      def chunk(params, attack_table, projected_table, ctx, group_weights, nbs, targets):
+      def chunk(params, attack_table, projected_table, ctx, group_weights, epsilon, nbs,
+                targets):
         # Runs only when traced: a fixed chunk shape must never retrace (cf.
         # chex.assert_max_traces, which keys on the definition site, not the closure).
         counts[key] = counts.get(key, 0) + 1
@@ -790,7 +809,7 @@ class PromotionAttackRunner:
           raise AssertionError(f"promotion chunk function for {key} retraced")
         one = functools.partial(attack_and_evaluate_target, surface, attack, params,
                                 attack_table, projected_table, ctx, group_weights, ks=ks,
-                                with_mismatch=with_mismatch, local=local)
+                                with_mismatch=with_mismatch, local=local, epsilon=epsilon)
         return jax.vmap(one)(targets, nbs)
 
       if self.mesh is None:
@@ -800,7 +819,7 @@ class PromotionAttackRunner:
         # replicated. Each device vmaps over its own targets, no communication inside.
         split = P(tuple(self.mesh.axis_names))
         self._compiled[key] = jax.jit(jax.shard_map(
-            chunk, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P(), split, split),
+            chunk, mesh=self.mesh, in_specs=(P(), P(), P(), P(), P(), P(), split, split),
             out_specs=split, check_vma=False))
     return self._compiled[key]
 
@@ -839,13 +858,15 @@ class PromotionAttackRunner:
       raise errors.ConfigError("no targets to attack")
     s = self.surface
     t0 = time.perf_counter()
-    args = (s.params, s.attack_table, s.projected_table, ctx, group_weights)
+    epsilon = jnp.asarray(attack.epsilon, jnp.float32)
+    args = (s.params, s.attack_table, s.projected_table, ctx, group_weights, epsilon)
     place, fetch = jnp.asarray, jax.device_get
     if self.mesh is not None:
       from uatmc_jax.parallel import multihost
       args = tuple(self._on_mesh(k, v) for k, v in zip(
           ("params", "attack_table", "projected_table", "ctx"), args[:4]))
-      args += (multihost.put_replicated(group_weights, self.mesh),)
+      args += (multihost.put_replicated(group_weights, self.mesh),
+               multihost.put_replicated(epsilon, self.mesh))
       split = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
       place = lambda t: multihost.put_global(t, split)  # noqa: E731
       fetch = multihost.to_host
@@ -890,17 +911,17 @@ class PromotionAttackRunner:
       idx = np.flatnonzero(buckets == b)
       shape = hoods.shapes[int(b)]
       t0 = time.perf_counter()
-      cap = n_a if attack in self.uncapped else self.active_cap
+      template = _budget_free(attack)
+      cap = n_a if template in self.uncapped else self.active_cap
       spec = LocalGraphSpec(shape, cap)
-      fresh = spec not in {k[1] for k in self._compiled
-                           if isinstance(k, tuple) and k[0] == attack}
+      fresh = (template, spec) not in self._compiled
       per_device = self._bucket_chunk(shape, n_a, attack.k)
       nbs_of = functools.partial(hoods.batch, shape=shape)
       out = self._run_chunks(self.chunk_function(attack, spec), args, targets[idx],
                              per_device, place, fetch, nbs_of)
       redo = np.flatnonzero(~np.asarray(out["exact"]))
       if 2 * len(redo) > len(idx):
-        self.uncapped.add(attack)
+        self.uncapped.add(template)
       if len(redo):
         fallbacks += len(redo)
         again = self._run_chunks(self.chunk_function(attack, LocalGraphSpec(shape, n_a)),
