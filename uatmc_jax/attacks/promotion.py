@@ -719,7 +719,9 @@ class PromotionAttackRunner:
       attacker whose targets mostly need the re-run (more than half of a bucket's, e.g.
       FGSM's margin 10 makes every anchor active) runs its later buckets with all anchors
       directly (``uncapped``): the same numbers without the wasted capped pass and its
-      compile.
+      compile. "Mostly" counts over all of the attacker's targets so far, from
+      ``uncapped_after`` re-runs on (one re-run in a bucket of one target is no evidence,
+      and switching makes every later bucket and model compile the uncapped variant).
     chunk_elements: local path: a size bucket's chunk holds at most this many elements of
       per-target working arrays (about anchors x (K + 2·changed items) + changed users x
       items), so big neighbourhoods run in small chunks and small ones in big chunks.
@@ -734,7 +736,8 @@ class PromotionAttackRunner:
   def __init__(self, surface: AttackSurface, *, chunk_size: int = 64,
                ks: Sequence[int] = METRIC_KS, with_mismatch: bool = True,
                mesh: jax.sharding.Mesh | None = None, graph_path: str = "local",
-               active_cap: int = 256, chunk_elements: int = 2**25, log=None):
+               active_cap: int = 256, chunk_elements: int = 2**25, log=None,
+               uncapped_after: int = 4):
     self.surface = surface
     self.log = log
     self.chunk_size = int(chunk_size)
@@ -755,6 +758,8 @@ class PromotionAttackRunner:
     self._replicated: dict[str, tuple[Any, Any]] = {}
     self._compiled: dict[PromotionAttack, Any] = {}
     self.uncapped: set[PromotionAttack] = set()  # attackers run with all anchors
+    self._reruns: dict[PromotionAttack, list[int]] = {}  # attacker: [re-runs, targets]
+    self.uncapped_after = int(uncapped_after)
     self.trace_counts: dict[PromotionAttack, int] = {}
 
   @property
@@ -920,7 +925,10 @@ class PromotionAttackRunner:
       out = self._run_chunks(self.chunk_function(attack, spec), args, targets[idx],
                              per_device, place, fetch, nbs_of)
       redo = np.flatnonzero(~np.asarray(out["exact"]))
-      if 2 * len(redo) > len(idx):
+      seen = self._reruns.setdefault(template, [0, 0])
+      seen[0] += len(redo)
+      seen[1] += len(idx)
+      if seen[0] >= self.uncapped_after and 2 * seen[0] > seen[1]:
         self.uncapped.add(template)
       if len(redo):
         fallbacks += len(redo)
