@@ -331,3 +331,26 @@ def test_attack_outputs_say_which_user_grouping_was_used(tmp_path, capsys):
     attack_recsys.write_outputs(str(out), results, cfg, data.name, "VBPRMLP")
     assert expect in (out / "attack_results.md").read_text()
     assert expect in capsys.readouterr().out
+
+
+def test_runner_drops_compiled_programs_near_the_memory_map_limit():
+  """Near vm.max_map_count the runner drops its programs and rebuilds them: same numbers."""
+  surface = make_surface(jax.random.key(4), n_items=25)
+  ctx = promotion.build_context(surface, np.arange(0, 12, 2), k=4)
+  tgts = np.array([1, 3, 4, 8, 13])
+  attack = promotion.pgd_attack(0.2, k=4)
+  plain = promotion.PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False)
+  ref = plain.run(attack, ctx, tgts)
+  lines = []
+  tight = promotion.PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False,
+                                          log=lines.append)
+  tight.map_usage_fn = lambda: 0.9
+  for _ in range(2):
+    out = tight.run(attack, ctx, tgts)
+    for key in ("hit_after", "rank_after", "loss_after"):
+      np.testing.assert_allclose(out[key], ref[key], rtol=1e-6, atol=1e-6)
+  assert tight.releases == 2 and "vm.max_map_count" in lines[-1]
+  assert list(tight.trace_counts.values()) == [1]  # rebuilt once after the last drop
+  assert plain.releases == 0  # this process is far from its limit
+  usage = promotion.memory_map_usage()
+  assert usage is None or 0 < usage < 1

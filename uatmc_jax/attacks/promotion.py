@@ -687,6 +687,24 @@ def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh
   return chunk
 
 
+def memory_map_usage() -> float | None:
+  """This process's memory mappings as a share of Linux's ``vm.max_map_count`` (else None).
+
+  XLA:CPU maps its code in many small regions per compiled program (~500 for an MMGCN
+  attack chunk); a run that compiles ~100 of them (every neighbourhood bucket x attacker,
+  capped and uncapped) reaches the default limit of 65,530 and aborts inside LLVM
+  ("Unable to allocate section memory").
+  """
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      limit = int(f.read())
+    with open("/proc/self/maps", "rb") as f:
+      used = sum(1 for _ in f)
+  except (OSError, ValueError):
+    return None
+  return used / max(limit, 1)
+
+
 def _budget_free(attack: PromotionAttack) -> PromotionAttack:
   """The attacker with its budget cleared: the key of its compiled chunk function."""
   return dataclasses.replace(attack, epsilon=0.0)
@@ -760,6 +778,9 @@ class PromotionAttackRunner:
     self.uncapped: set[PromotionAttack] = set()  # attackers run with all anchors
     self._reruns: dict[PromotionAttack, list[int]] = {}  # attacker: [re-runs, targets]
     self.uncapped_after = int(uncapped_after)
+    # Before each run: compiled programs are dropped above this share of the process's
+    # memory-map limit (``memory_map_usage``; ``releases`` counts the drops).
+    self.map_usage_fn, self.max_map_share, self.releases = memory_map_usage, 0.6, 0
     self.trace_counts: dict[PromotionAttack, int] = {}
 
   @property
@@ -849,6 +870,7 @@ class PromotionAttackRunner:
     so every chunk has the same shape (no recompiles). ``seconds`` (wall time of the
     chunks, compile included on first use) is added.
     """
+    self._release_executables_if_needed()
     if attack.k + 1 != ctx.topk_values.shape[1]:
       raise errors.ConfigError(f"attack k={attack.k} but the context was built for "
                                f"k={ctx.topk_values.shape[1] - 1}")
@@ -887,6 +909,23 @@ class PromotionAttackRunner:
     result["targets"] = targets
     result["seconds"] = time.perf_counter() - t0
     return result
+
+  def _release_executables_if_needed(self) -> None:
+    """Drops every compiled program when the process nears its memory-map limit.
+
+    They are rebuilt on next use: with the persistent compilation cache on (the
+    launchers' default) that reads them back instead of compiling.
+    """
+    usage = self.map_usage_fn()
+    if usage is None or usage < self.max_map_share:
+      return
+    if self.log is not None:
+      self.log(f"memory maps at {usage:.0%} of vm.max_map_count: dropping "
+               f"{len(self._compiled)} compiled attack programs (jax.clear_caches)")
+    jax.clear_caches()
+    self._compiled.clear()
+    self.trace_counts.clear()
+    self.releases += 1
 
   def _run_chunks(self, fn, args, targets, per_device, place, fetch, nbs_of=None):
     """``fn`` over fixed-size chunks of ``targets`` (last one padded with the first)."""
