@@ -38,6 +38,7 @@ from absl import flags, logging
 
 from experiments import launch
 from uatmc_jax import errors
+from uatmc_jax.attacks import mismatch as mismatch_lib
 from uatmc_jax.attacks import promotion, targets as targets_lib, user_groups
 from uatmc_jax.attacks.surface import surface_from_recommender
 from uatmc_jax.evaluation import reporting
@@ -126,8 +127,7 @@ def _mismatch_summary(diags, pairs) -> dict:
   corr = np.concatenate([d.gain_correlation for d in diags])  # (T, P)
   differs = np.concatenate([d.dominant_differs for d in diags])
   shares = np.concatenate([d.shares for d in diags])          # (T, M, G)
-  per_target_cos = np.nanmean(np.where(np.isfinite(cos), cos, np.nan), axis=1) \
-      if cos.shape[1] and np.isfinite(cos).any() else np.full(cos.shape[0], np.nan)
+  per_target_cos = mismatch_lib.per_target_mean(cos)
   finite = per_target_cos[np.isfinite(per_target_cos)]
   qs = (0.1, 0.25, 0.5, 0.75, 0.9)
   return {

@@ -179,6 +179,7 @@ class AttackBench:
 
   def attack(self, model, seed: int, names) -> dict:
     from uatmc_jax.attacks import promotion, targets as targets_lib, user_groups
+    from uatmc_jax.attacks.mismatch import per_target_mean
     from uatmc_jax.attacks.surface import surface_from_recommender
 
     a, data = self.cfg.attack, self.data
@@ -209,8 +210,8 @@ class AttackBench:
     j = list(self.runner.ks).index(hit_k)
     for name in names:
       r = self.runner.run(self.attackers[name], ctx, targets, groups)
-      cos_clean = _row_nanmean(r["mismatch"].cosine)
-      cos_after = _row_nanmean(r["mismatch_at_delta"].cosine)
+      cos_clean = per_target_mean(r["mismatch"].cosine)
+      cos_after = per_target_mean(r["mismatch_at_delta"].cosine)
       out[name] = {
           f"hit@{hit_k}_before": float(np.mean(r["hit_before"][:, j])),
           f"hit@{hit_k}_after": float(np.mean(r["hit_after"][:, j])),
@@ -223,19 +224,11 @@ class AttackBench:
           "per_target_cosine_clean": cos_clean.tolist(),
           "per_target_cosine_after": cos_after.tolist(),
           # Pearson r of the per-user gains of the modalities' steps (A.5), per target.
-          "per_target_gain_correlation_after": _row_nanmean(
+          "per_target_gain_correlation_after": per_target_mean(
               r["mismatch_at_delta"].gain_correlation).tolist(),
           f"per_target_hit@{hit_k}_after": np.asarray(r["hit_after"][:, j], np.float64).tolist(),
           "n_targets": int(len(targets)), "seconds": float(r["seconds"])}
     return out
-
-
-def _row_nanmean(x) -> np.ndarray:
-  """Per-row mean over the finite entries (NaN for a row without any), no warning."""
-  x = np.asarray(x, np.float64)
-  ok = np.isfinite(x)
-  n = ok.sum(axis=1)
-  return np.where(n > 0, np.where(ok, x, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
 
 
 def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names) -> dict:

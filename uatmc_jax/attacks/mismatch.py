@@ -27,6 +27,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PerUserLoss = Callable[[Mapping[str, jax.Array]], jax.Array]
 
@@ -35,6 +36,15 @@ _TINY = 1e-30
 
 def modality_pairs(modalities: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
   return tuple(itertools.combinations(modalities, 2))
+
+
+def per_target_mean(x) -> np.ndarray:
+  """Host-side: per row (target) the mean of a diagnostic over its finite entries
+  (modality pairs); NaN for a row without any (no shared space, no active user)."""
+  x = np.asarray(x, np.float64)
+  ok = np.isfinite(x)
+  n = ok.sum(axis=1)
+  return np.where(n > 0, np.where(ok, x, 0.0).sum(axis=1) / np.maximum(n, 1), np.nan)
 
 
 def safe_cosine(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -950,12 +950,13 @@ class PromotionAttackRunner:
     buckets = hoods.bucket_of_item[targets]
     order, pieces, fallbacks = [], [], 0
     unique = np.unique(buckets)
+    template = _budget_free(attack)  # the compile key; ε is an argument
+    name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
     done, t_start = 0, time.perf_counter()
     for i, b in enumerate(unique):  # a handful of size buckets, each compiled once
       idx = np.flatnonzero(buckets == b)
       shape = hoods.shapes[int(b)]
       t0 = time.perf_counter()
-      template = _budget_free(attack)
       cap = n_a if template in self.uncapped else self.active_cap
       spec = LocalGraphSpec(shape, cap)
       fresh = (template, spec) not in self._compiled
@@ -984,7 +985,6 @@ class PromotionAttackRunner:
       pieces.append(out)
       done += len(idx)
       if self.log is not None:
-        name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
         self.log(f"{name} ε={attack.epsilon:g}: bucket {i + 1}/{len(unique)} ({shape.items} items x "
                  f"{shape.users} users): {len(idx)} targets in {time.perf_counter() - t0:.1f} s"
                  f"{' incl. compile' if fresh else ''}, {len(redo)} re-run with all anchors; "
