@@ -138,6 +138,40 @@ def test_local_objective_and_gradient_equal_full_sort(setup, cap):
                                   surface.projected_table.items()}, 1e3))
 
 
+def test_active_set_bound_is_sound_and_tighter_than_unchanged_kth(setup):
+  """ℓ_u = 0 (full re-encode, full sort) wherever the view's activity is ≤ 0 (anchors
+  whose own vector moves are scored on full rows instead), and the reach bound r_K
+  leaves fewer active anchors than the unchanged items' K-th alone."""
+  _, surface, ctx, _ = setup
+  anchors = np.asarray(ctx.anchors)
+  hoods = surface.graph.neighbourhoods
+  fewer = False
+  for t in (POPULAR, 2, 7, 21, ISOLATED):  # 2, 21: tighter on this graph (found by scan)
+    local, _ = _views(surface, ctx, t, 100)
+    nb = hoods.neighbourhood(t, hoods.shapes[int(hoods.bucket_of_item[t])])
+    changed_items = nb.nodes[nb.item_slots][nb.item_valid] - N_USERS
+    changed_users = nb.nodes[nb.user_slots][nb.user_valid]
+    clean = np.asarray(ctx.scores)
+    unchanged = np.delete(clean, changed_items, axis=1)
+    u_k = -np.sort(-unchanged, axis=1)[:, K - 1]
+    for scale, margin in ((0.0, 1.0), (0.05, 1.0), (0.5, 0.3), (2.0, 1.0), (0.0, 0.0),
+                          (0.01, 0.01), (0.05, 0.0)):
+      delta = _random_delta(surface, jax.random.key(30 + t), scale)
+      fu, fi = _full_vectors(surface, t, delta)
+      s = np.asarray(fu)[anchors] @ np.asarray(fi).T
+      others = np.delete(s, t, axis=1)
+      loss = np.maximum(s[:, t] - np.clip(s[:, t], -np.sort(-others, axis=1)[:, K - 1],
+                                          -np.sort(-others, axis=1)[:, K - 2]) + margin, 0)
+      act = np.asarray(local.activity_fn(delta, margin))
+      mover = np.isin(anchors, changed_users)  # full rows, never in the active set
+      assert np.all(np.isneginf(act[mover]))
+      assert np.all(loss[~mover & (act <= 0)] <= 1e-6), (t, scale)
+      old = np.sum(~mover & (s[:, t] + margin > u_k))
+      fewer |= np.sum(act > 0) < old
+      assert np.sum(act > 0) <= old
+  assert fewer
+
+
 def _compare(a, b, keys, rtol=1e-5, atol=1e-5):
   for key in keys:
     np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=atol, err_msg=key)

@@ -375,6 +375,7 @@ class _TargetView(NamedTuple):
   projected_row: Any   # δ -> {m: (1, p_m)} the target's projected rows at x_t + δ
   per_user_loss: Any = None  # (δ, η, margin) -> ℓ (n_A,); None: from scores_fn
   exact_fn: Any = None       # (δ, margin) -> bool: per_user_loss is exact at δ
+  activity_fn: Any = None    # (δ, margin) -> (n_A,): ℓ_u = 0 exactly where ≤ 0
 
 
 class LocalGraphSpec(NamedTuple):
@@ -478,11 +479,14 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
     top-K of the unchanged items: at most |I_c| entries are removed; computed once per
     target from ``ctx.desc_values``) and (b) the new scores u·v_j, j ∈ I_c∖{t}.
   * Active set: with u_K the K-th score of the unchanged items alone (o_K ≥ u_K: adding
-    items only raises the K-th), an anchor with s(u, t) + margin ≤ u_K has ℓ_u = 0 and
-    zero gradient exactly. Per step only the ``active_cap`` anchors with the largest
-    s + margin − u_K get (b) recomputed; the loss is exact whenever at most that many
-    have s + margin − u_K > 0, which ``exact_fn`` reports (the runner re-runs a target
-    whose attack ever exceeded it with ``active_cap`` = all anchors).
+    items only raises the K-th) and r_K = (K+1)-th clean score − ||u||·max_j ||Δv_j||
+    (o_K ≥ r_K: at least K others are in the clean top-(K+1), none moved by more),
+    an anchor with s(u, t) + margin ≤ max(u_K, r_K) has ℓ_u = 0 and zero gradient
+    exactly. (u_K alone is loose for popular targets, whose changed items fill the
+    anchors' top lists; r_K is loose for large moves.) Per step only the ``active_cap``
+    anchors with the largest s + margin − max(u_K, r_K) get (b) recomputed; the loss is
+    exact whenever at most that many have it > 0, which ``exact_fn`` reports (the runner
+    re-runs a target whose attack ever exceeded it with ``active_cap`` = all anchors).
 
   Ranks count exactly: clean sorted row's count above s(u, t), minus I_c's clean entries
   above it, plus I_c∖{t}'s new entries above it (full rows for u ∈ U_c).
@@ -509,6 +513,19 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
   clean_item_scores = jnp.take(ctx.scores, item_ids, axis=1)  # (n_A, P_i)
   is_t = jnp.arange(n_items) == target
   tail = max(k - 2, 0)
+  # A second lower bound on o_K that does not fall when many top items are changed:
+  # among the clean top-(K+1) at least K are others, and each changed item's score moves
+  # by at most ||u||·max_j ||v_j − v_j^clean|| (Cauchy–Schwarz), so
+  #   o_K ≥ desc[K] − ||u||·Δ_max   (``reach_bound``; slack for float32 rounding).
+  clean_iv = jnp.take(cache.items, item_ids, axis=0)  # (P_i, D') clean changed vectors
+  anchor_norm = jnp.linalg.norm(ctx.anchor_vectors, axis=1)
+  item_norm = jnp.max(jnp.linalg.norm(cache.items, axis=1))
+  kplus1 = ctx.desc_values[:, k]
+
+  def reach_bound(iv):
+    moved_by = jnp.linalg.norm(iv - clean_iv, axis=1)
+    d_max = jnp.max(jnp.where(others_valid, moved_by, 0.0))
+    return kplus1 - anchor_norm * (d_max * (1 + 1e-3) + 1e-5 * (item_norm + d_max))
 
   def vectors(delta, eta=None):
     row = projected_row(delta, eta)
@@ -537,8 +554,10 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
     others = others_of(jnp.arange(n_a), iv).at[rows].set(changed_others(iv, uv), mode="drop")
     return s, others
 
-  def activity(s, margin):
-    return jnp.where(changed, -jnp.inf, s + margin - unchanged_kth)
+  def activity(s, iv, margin):
+    # ℓ_u = 0 exactly where s + margin ≤ either lower bound of o_K.
+    lower = jnp.maximum(unchanged_kth, jax.lax.stop_gradient(reach_bound(iv)))
+    return jnp.where(changed, -jnp.inf, s + margin - lower)
 
   def per_user_loss(delta, eta, margin):
     iv, uv = vectors(delta, eta)
@@ -546,7 +565,7 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
     if local.active_cap >= n_a:
       sel = jnp.arange(n_a)
     else:
-      sel = ops.top_k(jax.lax.stop_gradient(activity(s, margin)), local.active_cap)[1]
+      sel = ops.top_k(jax.lax.stop_gradient(activity(s, iv, margin)), local.active_cap)[1]
     loss = jnp.zeros(n_a, s.dtype).at[sel].set(
         promotion_per_user_loss(jnp.take(s, sel), others_of(sel, iv), margin))
     changed_loss = promotion_per_user_loss(s_changed, changed_others(iv, uv), margin)
@@ -555,8 +574,13 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
   def exact_fn(delta, margin):
     if local.active_cap >= n_a:
       return jnp.asarray(True)
-    s, _ = target_scores(*vectors(delta))
-    return jnp.sum(activity(s, margin) > 0) <= local.active_cap
+    iv, uv = vectors(delta)
+    s, _ = target_scores(iv, uv)
+    return jnp.sum(activity(s, iv, margin) > 0) <= local.active_cap
+
+  def activity_fn(delta, margin):
+    iv, uv = vectors(delta)
+    return activity(target_scores(iv, uv)[0], iv, margin)
 
   def count_above(sorted_rows, clean_cols, new_cols, s, changed_full, s_changed):
     unchanged = (count_greater(sorted_rows, s)
@@ -591,7 +615,8 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
           jnp.where(jnp.take(seen, rows_clip), -jnp.inf, s_changed))
     return ranks, masked
 
-  return _TargetView(x_t, scores_fn, ranks_fn, projected_row, per_user_loss, exact_fn)
+  return _TargetView(x_t, scores_fn, ranks_fn, projected_row, per_user_loss, exact_fn,
+                     activity_fn)
 
 
 # ----------------------------------------------------------------------------------
