@@ -172,6 +172,26 @@ def test_active_set_bound_is_sound_and_tighter_than_unchanged_kth(setup):
   assert fewer
 
 
+def test_clean_active_counts_predict_the_views_activity(setup):
+  """The runner's host-side count at δ = 0 (which routes a target straight to all
+  anchors) against the view's own count of active anchors there."""
+  _, surface, ctx, _ = setup
+  runner = promotion.PromotionAttackRunner(surface, with_mismatch=False)
+  targets = np.arange(N_ITEMS)
+  for margin in (0.0, 0.05, 1.0):
+    attack = promotion.pgd_attack(0.1, k=K, margin=margin)
+    counts = runner.clean_active_counts(ctx, targets, attack)
+    zero = {m: jnp.zeros(p.shape[1:]) for m, p in surface.projected_table.items()}
+    view = [int(np.sum(np.asarray(_views(surface, ctx, int(t), 100)[0].activity_fn(
+        zero, margin)) > 0)) for t in targets]
+    # Never above the view's (so a routed target would have failed ``exact``); equal
+    # away from ties (margin 0 puts s(u, t) on the (K+1)-th score when t is it).
+    assert np.all(counts <= view)
+    if margin > 0:
+      np.testing.assert_array_equal(counts, view)
+    assert counts.max() > counts.min()
+
+
 def _compare(a, b, keys, rtol=1e-5, atol=1e-5):
   for key in keys:
     np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=atol, err_msg=key)
@@ -195,14 +215,14 @@ def full_reference(setup):
   return runner.run(ALIGNED, ctx, TARGETS)
 
 
-@pytest.mark.parametrize("cap", [2, 256])
-def test_runner_local_path_equals_full_reencode(setup, full_reference, cap):
+@pytest.mark.parametrize("cap,route", [(2, False), (2, True), (256, True)])
+def test_runner_local_path_equals_full_reencode(setup, full_reference, cap, route):
   _, surface, ctx, _ = setup
   full = full_reference
   lines = []
   runner = promotion.PromotionAttackRunner(surface, chunk_size=2, with_mismatch=True,
                                            active_cap=cap, log=lines.append,
-                                           uncapped_after=2)
+                                           uncapped_after=2, route_clean_active=route)
   assert runner.uses_local_graph_path
   local = runner.run(ALIGNED, ctx, TARGETS)
   # Progress: one line per size bucket, the last one counting every target.
@@ -210,6 +230,10 @@ def test_runner_local_path_equals_full_reencode(setup, full_reference, cap):
   assert len(lines) == n_buckets and f"{len(TARGETS)}/{len(TARGETS)} targets" in lines[-1]
   assert sum(int(l.split(" re-run")[0].split(", ")[-1]) for l in lines) == \
       local["graph_fallbacks"]
+  direct = sum(int(l.split(" started")[0].split(", ")[-1]) for l in lines)
+  assert direct == local["graph_direct"]
+  over = runner.clean_active_counts(ctx, TARGETS, ALIGNED) > cap
+  assert direct == (int(over.sum()) if route else 0)
   _compare(local, full, METRIC_KEYS)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), local["delta"],
                full["delta"])
@@ -219,7 +243,8 @@ def test_runner_local_path_equals_full_reencode(setup, full_reference, cap):
                                  rtol=1e-4, atol=1e-5, err_msg=f"{tag}.{field}")
   assert np.all(local["exact"])
   if cap == 2:
-    assert local["graph_fallbacks"] >= 2
+    # Without routing the capped runs fail and re-run; with it they start uncapped.
+    assert (direct >= 2) if route else (local["graph_fallbacks"] >= 2)
     # Most targets needed the re-run: from then on (later buckets, the next model) the
     # attacker runs with all anchors directly, no re-runs, the same numbers.
     assert runner.uncapped

@@ -623,6 +623,20 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
 # Many targets at once.
 
 
+@functools.partial(jax.jit, static_argnames="k")
+def _clean_active_count(desc_values, desc_indices, scores, target, moved, changed, margin,
+                        k):
+  """``PromotionAttackRunner.clean_active_counts`` for one target (fixed shapes)."""
+  keep = ~jnp.take(moved, desc_indices)
+  nth = jnp.cumsum(keep, axis=1)
+  at = jnp.argmax(nth >= k, axis=1)[:, None]
+  u_k = jnp.where(nth[:, -1] >= k, jnp.take_along_axis(desc_values, at, axis=1)[:, 0],
+                  -jnp.inf)
+  lower = jnp.maximum(u_k, desc_values[:, k])
+  s = jax.lax.dynamic_index_in_dim(scores, target, axis=1, keepdims=False)
+  return jnp.sum(~changed & (s + margin > lower))
+
+
 def _rank_metrics(ranks: jax.Array, ks: Sequence[int]) -> tuple[jax.Array, jax.Array]:
   hits = jnp.stack([jnp.mean((ranks < k).astype(jnp.float32)) for k in ks])
   return hits, jnp.mean(ranks.astype(jnp.float32))
@@ -765,6 +779,10 @@ class PromotionAttackRunner:
       compile. "Mostly" counts over all of the attacker's targets so far, from
       ``uncapped_after`` re-runs on (one re-run in a bucket of one target is no evidence,
       and switching makes every later bucket and model compile the uncapped variant).
+    route_clean_active: local path: a target whose clean point already has more active
+      anchors than ``active_cap`` (``clean_active_counts``; it would fail ``exact`` at
+      δ = 0) starts with all anchors instead of running capped and then again; such
+      targets count as re-runs for ``uncapped``.
     chunk_elements: local path: a size bucket's chunk holds at most this many elements of
       per-target working arrays (about anchors x (K + 2·changed items) + changed users x
       items), so big neighbourhoods run in small chunks and small ones in big chunks.
@@ -780,7 +798,7 @@ class PromotionAttackRunner:
                ks: Sequence[int] = METRIC_KS, with_mismatch: bool = True,
                mesh: jax.sharding.Mesh | None = None, graph_path: str = "local",
                active_cap: int = 256, chunk_elements: int = 2**25, log=None,
-               uncapped_after: int = 4):
+               uncapped_after: int = 4, route_clean_active: bool = True):
     self.surface = surface
     self.log = log
     self.chunk_size = int(chunk_size)
@@ -791,6 +809,7 @@ class PromotionAttackRunner:
     if active_cap < 1 or chunk_elements < 1:
       raise errors.ConfigError("active_cap and chunk_elements must be >= 1")
     self.graph_path, self.active_cap = graph_path, int(active_cap)
+    self.route_clean_active = bool(route_clean_active)
     self.chunk_elements = int(chunk_elements)
     self.ks = tuple(int(k) for k in ks)
     self.with_mismatch = with_mismatch
@@ -929,8 +948,8 @@ class PromotionAttackRunner:
       if ctx.graph_cache is None:
         raise errors.ConfigError("the local graph path needs a context built by "
                                  "build_context on this graph surface (graph_cache is None)")
-      result, fallbacks = self._run_local(attack, ctx, args, targets, place, fetch)
-      result["graph_fallbacks"] = fallbacks
+      result, fallbacks, direct = self._run_local(attack, ctx, args, targets, place, fetch)
+      result["graph_fallbacks"], result["graph_direct"] = fallbacks, direct
     result["targets"] = targets
     result["seconds"] = time.perf_counter() - t0
     return result
@@ -968,52 +987,90 @@ class PromotionAttackRunner:
       pieces.append(fetch(fn(*args, nbs, chunk_targets)))
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *pieces)
 
+  def clean_active_counts(self, ctx: PromotionContext, targets: Sequence[int],
+                          attack: PromotionAttack) -> np.ndarray:
+    """Per target, the active anchors of the local graph path at δ = 0 (n_targets,).
+
+    Those with s(u, t) + margin > max(u_K, clean (K+1)-th score) among the anchors whose
+    own vector does not move: the local view's activity at the clean point (without its
+    float32 slack, so never more). A target above ``active_cap`` here fails ``exact``.
+    """
+    hoods = self.surface.graph.neighbourhoods
+    n_a, n_items = int(ctx.anchors.shape[0]), int(ctx.scores.shape[1])
+    anchor_row = np.asarray(ctx.anchor_row)
+    counts = []
+    for t in np.asarray(targets):  # host set-up per target, like the neighbourhoods
+      nb = hoods.neighbourhood(int(t), hoods.shapes[int(hoods.bucket_of_item[t])])
+      moved = np.zeros(n_items, bool)
+      moved[nb.nodes[nb.item_slots][nb.item_valid] - hoods.n_users] = True
+      changed = np.zeros(n_a + 1, bool)
+      changed[anchor_row[nb.nodes[nb.user_slots][nb.user_valid]]] = True
+      counts.append(_clean_active_count(ctx.desc_values, ctx.desc_indices, ctx.scores,
+                                        jnp.asarray(t), jnp.asarray(moved),
+                                        jnp.asarray(changed[:n_a]), attack.margin, attack.k))
+    return np.asarray(jax.device_get(counts), np.int64)
+
   def _run_local(self, attack, ctx, args, targets, place, fetch):
-    """The local graph path: per size bucket, then exact re-runs; (result, re-runs)."""
+    """The local graph path: per size bucket, then exact re-runs.
+
+    Returns (result, re-runs, targets started with all anchors)."""
     hoods = self.surface.graph.neighbourhoods
     n_a = int(ctx.anchors.shape[0])
     buckets = hoods.bucket_of_item[targets]
-    order, pieces, fallbacks = [], [], 0
+    order, pieces, fallbacks, n_direct = [], [], 0, 0
     unique = np.unique(buckets)
     template = _budget_free(attack)  # the compile key; ε is an argument
     name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
     done, t_start = 0, time.perf_counter()
     for i, b in enumerate(unique):  # a handful of size buckets, each compiled once
-      idx = np.flatnonzero(buckets == b)
       shape = hoods.shapes[int(b)]
       t0 = time.perf_counter()
       cap = n_a if template in self.uncapped else self.active_cap
-      spec = LocalGraphSpec(shape, cap)
-      fresh = (template, spec) not in self._compiled
       per_device = self._bucket_chunk(shape, n_a, attack.k)
       nbs_of = functools.partial(hoods.batch, shape=shape)
-      out = self._run_chunks(self.chunk_function(attack, spec), args, targets[idx],
-                             per_device, place, fetch, nbs_of)
-      redo = np.flatnonzero(~np.asarray(out["exact"]))
+      uncapped = LocalGraphSpec(shape, n_a)
+      fresh, n_redo = False, 0
+      in_bucket = np.flatnonzero(buckets == b)
+      # Targets whose clean point already has more active anchors than the cap would
+      # fail ``exact`` at δ = 0 and be re-run: they start with all anchors instead.
+      direct = np.zeros(len(in_bucket), bool)
+      if cap < n_a and self.route_clean_active:
+        direct = self.clean_active_counts(ctx, targets[in_bucket], attack) > cap
+      for idx, spec in ((in_bucket[~direct], LocalGraphSpec(shape, cap)),
+                        (in_bucket[direct], uncapped)):
+        if not len(idx):
+          continue
+        fresh |= (template, spec) not in self._compiled
+        out = self._run_chunks(self.chunk_function(attack, spec), args, targets[idx],
+                               per_device, place, fetch, nbs_of)
+        redo = np.flatnonzero(~np.asarray(out["exact"]))
+        if len(redo):
+          n_redo += len(redo)
+          again = self._run_chunks(self.chunk_function(attack, uncapped), args,
+                                   targets[idx][redo], per_device, place, fetch, nbs_of)
+
+          def put(a, b, redo=redo):
+            a = np.array(a)
+            a[redo] = b
+            return a
+
+          out = jax.tree.map(put, out, again)
+        order.append(idx)
+        pieces.append(out)
+      fallbacks += n_redo
+      n_direct += int(direct.sum())
       seen = self._reruns.setdefault(template, [0, 0])
-      seen[0] += len(redo)
-      seen[1] += len(idx)
+      seen[0] += n_redo + int(direct.sum())  # targets that needed all anchors
+      seen[1] += len(in_bucket)
       if seen[0] >= self.uncapped_after and 2 * seen[0] > seen[1]:
         self.uncapped.add(template)
-      if len(redo):
-        fallbacks += len(redo)
-        again = self._run_chunks(self.chunk_function(attack, LocalGraphSpec(shape, n_a)),
-                                 args, targets[idx][redo], per_device, place, fetch, nbs_of)
-
-        def put(a, b):
-          a = np.array(a)
-          a[redo] = b
-          return a
-
-        out = jax.tree.map(put, out, again)
-      order.append(idx)
-      pieces.append(out)
-      done += len(idx)
+      done += len(in_bucket)
       if self.log is not None:
         self.log(f"{name} ε={attack.epsilon:g}: bucket {i + 1}/{len(unique)} ({shape.items} items x "
-                 f"{shape.users} users): {len(idx)} targets in {time.perf_counter() - t0:.1f} s"
-                 f"{' incl. compile' if fresh else ''}, {len(redo)} re-run with all anchors; "
-                 f"{done}/{len(targets)} targets, {time.perf_counter() - t_start:.0f} s")
+                 f"{shape.users} users): {len(in_bucket)} targets in "
+                 f"{time.perf_counter() - t0:.1f} s{' incl. compile' if fresh else ''}, "
+                 f"{int(direct.sum())} started with all anchors, {n_redo} re-run with all "
+                 f"anchors; {done}/{len(targets)} targets, {time.perf_counter() - t_start:.0f} s")
     inverse = np.argsort(np.concatenate(order))
     result = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[inverse], *pieces)
-    return result, fallbacks
+    return result, fallbacks, n_direct
