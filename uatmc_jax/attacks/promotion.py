@@ -383,9 +383,11 @@ class LocalGraphSpec(NamedTuple):
 
   shape: the neighbourhood bucket's padded sizes.
   active_cap: anchors per step whose K-th score is recomputed (C_A; >= n_A: all).
+  chunk: targets per chunk and device the runner compiled it for (0: unspecified).
   """
   shape: Any
   active_cap: int
+  chunk: int = 0
 
 
 def _target_view(surface: AttackSurface, params, attack_table, projected_table,
@@ -623,11 +625,12 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
 # Many targets at once.
 
 
-@functools.partial(jax.jit, static_argnames="k")
+@functools.partial(jax.jit, static_argnames=("k", "width"))
 def _clean_active_count(desc_values, desc_indices, scores, target, moved, changed, margin,
-                        k):
+                        k, width):
   """``PromotionAttackRunner.clean_active_counts`` for one target (fixed shapes)."""
-  keep = ~jnp.take(moved, desc_indices)
+  desc_values = desc_values[:, :width]
+  keep = ~jnp.take(moved, desc_indices[:, :width])
   nth = jnp.cumsum(keep, axis=1)
   at = jnp.argmax(nth >= k, axis=1)[:, None]
   u_k = jnp.where(nth[:, -1] >= k, jnp.take_along_axis(desc_values, at, axis=1)[:, 0],
@@ -1005,9 +1008,13 @@ class PromotionAttackRunner:
       moved[nb.nodes[nb.item_slots][nb.item_valid] - hoods.n_users] = True
       changed = np.zeros(n_a + 1, bool)
       changed[anchor_row[nb.nodes[nb.user_slots][nb.user_valid]]] = True
+      # u_K lies in the first K + |I_c| of the clean list (at most |I_c| are removed).
+      width = min(int(ctx.desc_values.shape[1]),
+                  attack.k + hoods.shapes[int(hoods.bucket_of_item[t])].items)
       counts.append(_clean_active_count(ctx.desc_values, ctx.desc_indices, ctx.scores,
                                         jnp.asarray(t), jnp.asarray(moved),
-                                        jnp.asarray(changed[:n_a]), attack.margin, attack.k))
+                                        jnp.asarray(changed[:n_a]), attack.margin, attack.k,
+                                        width))
     return np.asarray(jax.device_get(counts), np.int64)
 
   def _run_local(self, attack, ctx, args, targets, place, fetch):
@@ -1026,9 +1033,15 @@ class PromotionAttackRunner:
       shape = hoods.shapes[int(b)]
       t0 = time.perf_counter()
       cap = n_a if template in self.uncapped else self.active_cap
-      per_device = self._bucket_chunk(shape, n_a, attack.k)
+      budget = self._bucket_chunk(shape, n_a, attack.k)
+      devices = 1 if self.mesh is None else self.mesh.size
+
+      def per_device(n_targets):
+        # A chunk no wider than needed (a power of two: few shapes to compile); a
+        # 1-target bucket padded to 64 targets did 64 targets' work.
+        return min(budget, 1 << max(0, math.ceil(math.log2(math.ceil(n_targets / devices)))))
+
       nbs_of = functools.partial(hoods.batch, shape=shape)
-      uncapped = LocalGraphSpec(shape, n_a)
       fresh, n_redo = False, 0
       in_bucket = np.flatnonzero(buckets == b)
       # Targets whose clean point already has more active anchors than the cap would
@@ -1036,18 +1049,20 @@ class PromotionAttackRunner:
       direct = np.zeros(len(in_bucket), bool)
       if cap < n_a and self.route_clean_active:
         direct = self.clean_active_counts(ctx, targets[in_bucket], attack) > cap
-      for idx, spec in ((in_bucket[~direct], LocalGraphSpec(shape, cap)),
-                        (in_bucket[direct], uncapped)):
+      for idx, c in ((in_bucket[~direct], cap), (in_bucket[direct], n_a)):
         if not len(idx):
           continue
+        spec = LocalGraphSpec(shape, c, per_device(len(idx)))
         fresh |= (template, spec) not in self._compiled
         out = self._run_chunks(self.chunk_function(attack, spec), args, targets[idx],
-                               per_device, place, fetch, nbs_of)
+                               spec.chunk, place, fetch, nbs_of)
         redo = np.flatnonzero(~np.asarray(out["exact"]))
         if len(redo):
           n_redo += len(redo)
-          again = self._run_chunks(self.chunk_function(attack, uncapped), args,
-                                   targets[idx][redo], per_device, place, fetch, nbs_of)
+          again_spec = LocalGraphSpec(shape, n_a, per_device(len(redo)))
+          fresh |= (template, again_spec) not in self._compiled
+          again = self._run_chunks(self.chunk_function(attack, again_spec), args,
+                                   targets[idx][redo], again_spec.chunk, place, fetch, nbs_of)
 
           def put(a, b, redo=redo):
             a = np.array(a)
