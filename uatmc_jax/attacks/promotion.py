@@ -465,6 +465,20 @@ def _target_view(surface: AttackSurface, params, attack_table, projected_table,
   return _TargetView(x_t, scores_fn, ranks_fn, perturbed_projected_row)
 
 
+def _unchanged_top(desc_values, desc_indices, moved, k, width):
+  """The clean top-``width`` lists with the moved items removed, and their K-th.
+
+  Returns (kept (n_A, width): the clean scores of the unchanged items, −∞ at the moved
+  ones; u_K (n_A,): the K-th score of the unchanged items, −∞ if fewer than K remain).
+  """
+  keep = ~jnp.take(moved, desc_indices[:, :width])
+  desc = desc_values[:, :width]
+  nth = jnp.cumsum(keep, axis=1)
+  at = jnp.argmax(nth >= k, axis=1)[:, None]
+  u_k = jnp.where(nth[:, -1] >= k, jnp.take_along_axis(desc, at, axis=1)[:, 0], -jnp.inf)
+  return jnp.where(keep, desc, -jnp.inf), u_k
+
+
 def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
                       local: LocalGraphSpec, x_t, projected_row) -> _TargetView:
   """One target of a graph model, exact, from its L-hop neighbourhood only.
@@ -505,13 +519,7 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
   changed = jnp.zeros(n_a, bool).at[rows].set(True, mode="drop")
   width = min(k + local.shape.items, ctx.desc_values.shape[1])
   moved = jnp.zeros(n_items, bool).at[item_drop].set(True, mode="drop")
-  keep = ~jnp.take(moved, ctx.desc_indices[:, :width])
-  desc = ctx.desc_values[:, :width]
-  kept = jnp.where(keep, desc, -jnp.inf)  # clean top of the unchanged items (holes −∞)
-  nth = jnp.cumsum(keep, axis=1)
-  unchanged_kth = jnp.where(
-      nth[:, -1] >= k,
-      jnp.take_along_axis(desc, jnp.argmax(nth >= k, axis=1)[:, None], axis=1)[:, 0], -jnp.inf)
+  kept, unchanged_kth = _unchanged_top(ctx.desc_values, ctx.desc_indices, moved, k, width)
   clean_item_scores = jnp.take(ctx.scores, item_ids, axis=1)  # (n_A, P_i)
   is_t = jnp.arange(n_items) == target
   tail = max(k - 2, 0)
@@ -573,16 +581,14 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
     changed_loss = promotion_per_user_loss(s_changed, changed_others(iv, uv), margin)
     return loss.at[rows].set(changed_loss, mode="drop")
 
-  def exact_fn(delta, margin):
-    if local.active_cap >= n_a:
-      return jnp.asarray(True)
-    iv, uv = vectors(delta)
-    s, _ = target_scores(iv, uv)
-    return jnp.sum(activity(s, iv, margin) > 0) <= local.active_cap
-
   def activity_fn(delta, margin):
     iv, uv = vectors(delta)
     return activity(target_scores(iv, uv)[0], iv, margin)
+
+  def exact_fn(delta, margin):
+    if local.active_cap >= n_a:
+      return jnp.asarray(True)
+    return jnp.sum(activity_fn(delta, margin) > 0) <= local.active_cap
 
   def count_above(sorted_rows, clean_cols, new_cols, s, changed_full, s_changed):
     unchanged = (count_greater(sorted_rows, s)
@@ -629,13 +635,8 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
 def _clean_active_count(desc_values, desc_indices, scores, target, moved, changed, margin,
                         k, width):
   """``PromotionAttackRunner.clean_active_counts`` for one target (fixed shapes)."""
-  desc_values = desc_values[:, :width]
-  keep = ~jnp.take(moved, desc_indices[:, :width])
-  nth = jnp.cumsum(keep, axis=1)
-  at = jnp.argmax(nth >= k, axis=1)[:, None]
-  u_k = jnp.where(nth[:, -1] >= k, jnp.take_along_axis(desc_values, at, axis=1)[:, 0],
-                  -jnp.inf)
-  lower = jnp.maximum(u_k, desc_values[:, k])
+  _, u_k = _unchanged_top(desc_values, desc_indices, moved, k, width)
+  lower = jnp.maximum(u_k, desc_values[:, k])  # the view's activity at δ = 0, no slack
   s = jax.lax.dynamic_index_in_dim(scores, target, axis=1, keepdims=False)
   return jnp.sum(~changed & (s + margin > lower))
 
