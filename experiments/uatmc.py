@@ -7,25 +7,28 @@
 Per seed: trains the backbone (vanilla BPR), trains every defence (APR and AMR from
 scratch, UAT-MC with and without alignment fine-tuned from the backbone's best
 checkpoint with its projection MLPs frozen), attacks each trained model with FGSM, PGD
-and aligned PGD (A.4/A.6, the promotion-attack library, many targets at once), and
-optionally sweeps UAT-MC's λ_adv (or ε) for the defence–accuracy trade-off. Writes:
+and aligned PGD (A.4/A.6, the promotion-attack library, many targets at once; with
+``attackers=all`` also the group variants PGD-PCGrad and PGD-shared groups) at every
+budget of ``attack_epsilon`` (e.g. 0.05+0.2+0.5), and optionally sweeps UAT-MC's λ_adv
+(or ε) for the defence–accuracy trade-off. Writes:
 
 * ``results.json``: ``{"defences": {name: {"recall@20", "ndcg@10", "ndcg@20",
   "attacks": {"fgsm" | "pgd" | "pgd_aligned": {"hit@K_before", "hit@K_after",
   "avg_rank_change"}}}}}`` with K the attack objective's ``attack_k`` (50, A.4; also
   under ``hit_k``) and every number ``{"mean", "std"}`` over seeds (sample std, ddof 1;
-  a seed's value is the mean over its targets), plus ``attackers``, ``protocol``,
-  ``relative_ndcg@10_drop``, ``sweep`` and ``seconds``;
-* ``results.md``: the table in the paper's layout (A.8);
+  a seed's value is the mean over its targets) at the first budget ``epsilon``, every
+  budget under ``by_epsilon`` ({"0.2": {defence: {attacker: ...}}}), plus
+  ``attackers``, ``protocol``, ``relative_ndcg@10_drop``, ``sweep`` and ``seconds``;
+* ``results.md``: the table in the paper's layout (A.8), and one per further budget;
 * ``tradeoff.png``: clean NDCG@10 against Hit@K after PGD, every defence and the sweep;
 * ``mismatch.png``: per-target cross-modal gradient cosines (A.5) of the promotion
   objective before/after alignment (on each defence's model at δ = 0, and at the naive
   vs the aligned attacker's final δ on the vanilla model).
 
-Every stage writes its own result file under ``<workdir>/seed_<s>/<stage>/``
-(``train_results.json``, ``attack_results.json``, next to the trainer's checkpoints), so
-a restarted run skips finished stages and resumes an unfinished training from its
-newest checkpoint.
+Every stage writes its own result files under ``<workdir>/seed_<s>/<stage>/``
+(``train_results.json``, ``attack_results_eps<ε>.json`` per budget, next to the
+trainer's checkpoints), so a restarted run skips finished stages, resumes an unfinished
+training from its newest checkpoint, and runs only the attackers a result file lacks.
 """
 from __future__ import annotations
 
@@ -48,10 +51,14 @@ _CONFIG = launch.define_config_flag("experiments/configs/uatmc.py:...")
 
 TRAIN_FILE = "train_results.json"
 ATTACK_FILE = "attack_results.json"
-ATTACKERS = ("fgsm", "pgd", "pgd_aligned")
+ATTACKERS = ("fgsm", "pgd", "pgd_aligned")  # the default set
+GROUP_ATTACKERS = ("pgd_pcgrad_groups", "pgd_shared_groups")  # A.6 group variants
+ALL_ATTACKERS = ATTACKERS + GROUP_ATTACKERS
 SWEEP_ATTACKERS = ("pgd", "pgd_aligned")
 N_GROUPS = 4  # k-means groups when the data has no planted ones
-ATTACKER_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "pgd_aligned": "PGD-aligned"}
+ATTACKER_LABELS = {"fgsm": "FGSM", "pgd": "PGD", "pgd_aligned": "PGD-aligned",
+                   "pgd_pcgrad_groups": "PGD-PCGrad groups",
+                   "pgd_shared_groups": "PGD-shared groups"}
 ROW_NAMES = {"vanilla": "Vanilla", "apr": "APR", "amr": "AMR",
              "uat_mc_no_align": "UAT-MC w/o align", "uat_mc": "UAT-MC"}
 
@@ -130,31 +137,53 @@ def has_shared_space(model_name: str) -> bool:
   return bool(cls is None or cls.shared_projected_space)
 
 
+def requested_attackers(cfg) -> tuple[str, ...]:
+  """``cfg.attack["attackers"]`` checked (``all``: the five of ALL_ATTACKERS)."""
+  names = list(cfg.attack.get("attackers") or ATTACKERS)
+  if names == ["all"]:
+    names = list(ALL_ATTACKERS)
+  unknown = [n for n in names if n not in ALL_ATTACKERS]
+  if unknown:
+    raise ConfigError(f"attackers {unknown} unknown; expected a subset of "
+                      f"{'+'.join(ALL_ATTACKERS)} or 'all'")
+  if "pgd" not in names:
+    raise ConfigError(f"attackers={'+'.join(names)} must include 'pgd' (the table's clean "
+                      "Hit@K column and the trade-off plot read it)")
+  return tuple(dict.fromkeys(names))
+
+
 def attackers_for(cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(attackers, sweep attackers) for ``cfg.model``; checks the defences apply to it.
 
   A model without a shared projected space (VBPR) has no aligned attacker (the cosine
   reward compares modality gradients in such a space) and refuses UAT-MC's alignment.
   """
+  requested = requested_attackers(cfg)
   if has_shared_space(cfg.model):
-    return ATTACKERS, SWEEP_ATTACKERS
+    return requested, SWEEP_ATTACKERS
   if "uat_mc" in cfg.defences:
     raise ConfigError(f"defences include 'uat_mc', whose alignment needs a shared projected "
                       f"space, which model={cfg.model!r} does not have "
                       "(shared_projected_space=False); drop it from defences (e.g. "
                       "defences=vanilla+apr+amr+uat_mc_no_align) or use vbpr_mlp / mmgcn")
   drop = ("pgd_aligned",)
-  return (tuple(a for a in ATTACKERS if a not in drop),
+  return (tuple(a for a in requested if a not in drop),
           tuple(a for a in SWEEP_ATTACKERS if a not in drop))
 
 
-def make_attackers(cfg) -> dict:
-  from uatmc_jax.attacks import promotion
+def make_attackers(cfg, modalities) -> dict:
+  """{name: attacker} for every name of ALL_ATTACKERS, at the main budget ε.
+
+  The runner compiles an attacker once whatever its budget (ε is an argument of the
+  compiled function), so the other budgets are ``dataclasses.replace``d copies.
+  """
+  import types
+  from experiments.attack_recsys import make_attacker
   a = cfg.attack
-  return {"fgsm": promotion.fgsm_attack(a["epsilon"], k=a["k"]),
-          "pgd": promotion.pgd_attack(a["epsilon"], k=a["k"]),
-          "pgd_aligned": promotion.pgd_attack(a["epsilon"], k=a["k"], alignment="cosine",
-                                              align_weight=a["align_weight"])}
+  settings = types.SimpleNamespace(k=int(a["k"]), align_weight=float(a["align_weight"]),
+                                   group_temperature=float(a.get("group_temperature", 0.1)))
+  return {n: make_attacker(n, float(a["epsilon"]), settings, modalities)
+          for n in ALL_ATTACKERS}
 
 
 class AttackBench:
@@ -170,14 +199,19 @@ class AttackBench:
     # mesh: each chunk of targets is split over its devices (all processes); the model
     # is replicated for the attack (see PromotionAttackRunner).
     self.cfg, self.data, self.mesh = cfg, data, mesh
-    self.attackers = make_attackers(cfg)
+    self.attackers = make_attackers(cfg, data.modalities)
     self.runner = None
     from uatmc_jax.attacks import user_groups
     # The A.5 diagnostics' user groups: the folder's planted ones, else k-means.
     self.grouping = user_groups.grouping_description(data, data.user_groups is not None,
                                                      N_GROUPS)
 
-  def attack(self, model, seed: int, names) -> dict:
+  def attack(self, model, seed: int, jobs: dict) -> dict:
+    """{ε: {attacker: results}} for ``jobs`` = {ε: [attacker names]} on one model.
+
+    The anchors' context (clean scores, top lists, graph cache) is built once for all.
+    """
+    import dataclasses
     from uatmc_jax.attacks import promotion, targets as targets_lib, user_groups
     from uatmc_jax.attacks.mismatch import per_target_mean
     from uatmc_jax.attacks.surface import surface_from_recommender
@@ -208,11 +242,12 @@ class AttackBench:
     out = {}
     hit_k = int(a["k"])
     j = list(self.runner.ks).index(hit_k)
-    for name in names:
-      r = self.runner.run(self.attackers[name], ctx, targets, groups)
+    for epsilon, name in [(e, n) for e, names in jobs.items() for n in names]:
+      attacker = dataclasses.replace(self.attackers[name], epsilon=float(epsilon))
+      r = self.runner.run(attacker, ctx, targets, groups)
       cos_clean = per_target_mean(r["mismatch"].cosine)
       cos_after = per_target_mean(r["mismatch_at_delta"].cosine)
-      out[name] = {
+      out.setdefault(epsilon, {})[name] = {
           f"hit@{hit_k}_before": float(np.mean(r["hit_before"][:, j])),
           f"hit@{hit_k}_after": float(np.mean(r["hit_after"][:, j])),
           "avg_rank_before": float(np.mean(r["rank_before"])),
@@ -231,28 +266,62 @@ class AttackBench:
     return out
 
 
-def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names) -> dict:
+def attack_file(epsilon: float) -> str:
+  """The stage's result file of budget ε (one per budget, so a sweep of ε resumes)."""
+  return f"attack_results_eps{float(epsilon):g}.json"
+
+
+def attack_settings(cfg, epsilon: float) -> dict:
+  """The protocol an attack result file was made under (compared on resume).
+
+  chunk_size and graph_path (local / full re-encode: equal, tested) change memory and
+  speed, not results; the budget list and the attacker list are per file (ε) and per
+  entry (attacker), so none of them is part of it.
+  """
+  return _json_plain(dict({k: v for k, v in _plain(cfg.attack).items()
+                           if k not in ("chunk_size", "graph_path", "epsilons", "attackers")},
+                          epsilon=float(epsilon)))
+
+
+def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names,
+                 epsilons=None) -> dict:
+  """{ε: {attacker: results, ...}} for every budget, reusing what the stage saved.
+
+  Saved results are reused only under the same protocol (budget, targets, anchors, K,
+  ...): a restart with another budget recomputes instead of reporting stale numbers. A
+  file that lacks some attackers (a rerun with more ``attackers``) gets only those run.
+  Reads the single-budget ``attack_results.json`` of older runs too.
+  """
   from uatmc_jax.evaluation.reporting import read_json, write_json
-  path = os.path.join(stage_dir, ATTACK_FILE)
-  # chunk_size and graph_path (local / full re-encode: equal, tested) change memory and
-  # speed, not results, so they may change on resume.
-  settings = _json_plain({k: v for k, v in _plain(bench.cfg.attack).items()
-                          if k not in ("chunk_size", "graph_path")})
-  if os.path.isfile(path):
-    done = read_json(path)
-    # Reuse only results of the same attack protocol (budget, targets, anchors, K, ...):
-    # a restart with another attack_epsilon recomputes instead of reporting stale numbers.
-    if done.get("settings") == settings and all(n in done for n in names):
-      return done
-  out = bench.attack(model, seed, names)
-  out["settings"] = settings
-  out["groups"] = bench.grouping
+  epsilons = [float(e) for e in (epsilons or bench.cfg.attack["epsilons"])]
+  saved, jobs = {}, {}
+  for eps in epsilons:
+    settings = attack_settings(bench.cfg, eps)
+    done = {}
+    for candidate in (attack_file(eps), ATTACK_FILE):
+      path = os.path.join(stage_dir, candidate)
+      if os.path.isfile(path):
+        got = read_json(path)
+        if got.get("settings") == settings:
+          done = got
+          break
+    saved[eps] = done
+    missing = [n for n in names if n not in done]
+    if missing:
+      jobs[eps] = missing
+  fresh = bench.attack(model, seed, jobs) if jobs else {}
   a = bench.cfg.attack
-  out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} anchors, "
-                     f"K={a['k']} (objective and Hit@K), ranks over all items (train items "
-                     "not masked, the reference's)")
-  write_json(path, out)
-  return out
+  for eps, results in fresh.items():
+    out = dict(saved[eps])
+    out.update(results)
+    out["settings"] = attack_settings(bench.cfg, eps)
+    out["groups"] = bench.grouping
+    out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} "
+                       f"anchors, K={a['k']} (objective and Hit@K), ε={eps:g}, ranks over "
+                       "all items (train items not masked, the reference's)")
+    write_json(os.path.join(stage_dir, attack_file(eps)), out)
+    saved[eps] = out
+  return saved
 
 
 # ----------------------------------------------------------------------------------
@@ -277,6 +346,7 @@ def run_experiment(cfg, workdir: str) -> dict:
     raise ConfigError(f"sweep must be 'adv_weight', 'epsilon' or empty, got {cfg.sweep!r}")
   attackers, sweep_attackers = attackers_for(cfg)
   k = int(cfg.attack["k"])
+  main_eps = float(cfg.attack["epsilon"])
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   write_json(os.path.join(workdir, "config.json"), _plain(cfg))
@@ -315,8 +385,10 @@ def run_experiment(cfg, workdir: str) -> dict:
             else fresh_model(seed)
         model, metrics = train_stage(stage_dir, start, data,
                                      defence_train_config(cfg, name, seed), mesh)
-      attacks = attack_stage(stage_dir, bench, model, seed, attackers)
-      per_seed[seed][name] = {"train": metrics, "attacks": attacks}
+      by_eps = attack_stage(stage_dir, bench, model, seed, attackers)
+      attacks = by_eps[main_eps]
+      per_seed[seed][name] = {"train": metrics, "attacks": attacks,
+                              "attacks_by_epsilon": by_eps}
       _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@{k} "
            + ", ".join(f"{a} {attacks[a][f'hit@{k}_before']:.3f}->"
                        f"{attacks[a][f'hit@{k}_after']:.3f}" for a in attackers)
@@ -329,7 +401,8 @@ def run_experiment(cfg, workdir: str) -> dict:
         model, metrics = train_stage(
             stage_dir, from_backbone(), data,
             defence_train_config(cfg, "uat_mc", seed, {cfg.sweep: float(value)}), mesh)
-        attacks = attack_stage(stage_dir, bench, model, seed, sweep_attackers)
+        attacks = attack_stage(stage_dir, bench, model, seed, sweep_attackers,
+                               [main_eps])[main_eps]
         sweep_runs[seed][float(value)] = {"train": metrics, "attacks": attacks}
 
   results = aggregate(cfg, per_seed, sweep_runs, attackers, sweep_attackers)
@@ -355,7 +428,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   table = markdown(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
-            f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = {cfg.attack['epsilon']} "
+            f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = {cfg.attack['epsilon']:g} "
             f"(A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} anchor users, "
             f"{std_header(len(cfg.seeds))}; A.5 user groups: {bench.grouping}\n\n{table}\n")
   tradeoff_plot(os.path.join(workdir, "tradeoff.png"), results)
@@ -396,7 +469,19 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
                                      per_seed[s][name]["attacks"][a][f"hit@{k}_after"]
                                      for a in attackers}} for s in seeds}
     defences[name] = block
-  out = {"defences": defences, "attackers": list(attackers), "hit_k": k}
+  out = {"defences": defences, "attackers": list(attackers), "hit_k": k,
+         "epsilon": float(cfg.attack["epsilon"])}
+  # Every budget (the first is the main one above): {ε: {defence: {attacker: stats}}}.
+  budgets = [float(e) for e in cfg.attack.get("epsilons", [cfg.attack["epsilon"]])]
+  if all("attacks_by_epsilon" in per_seed[s][n] for s in seeds for n in per_seed[s]):
+    out["by_epsilon"] = {
+        f"{eps:g}": {name: {a: {key: _ms([per_seed[s][name]["attacks_by_epsilon"][eps][a][key]
+                                          for s in seeds])
+                                for key in (f"hit@{k}_before", f"hit@{k}_after",
+                                            "avg_rank_change")}
+                            for a in attackers}
+                     for name in defences}
+        for eps in budgets}
   if "vanilla" in defences:
     base = defences["vanilla"]["ndcg@10"]["mean"]
     out["relative_ndcg@10_drop"] = {n: (base - b["ndcg@10"]["mean"]) / base if base else None
@@ -433,6 +518,17 @@ def markdown(results: dict) -> str:
     table += "\n\nRelative clean NDCG@10 drop vs Vanilla (negative = gain): " + ", ".join(
         f"{ROW_NAMES.get(n, n)} {100 * d:.1f}%" for n, d in drops.items()
         if d is not None and n != "vanilla")
+  main = f"{results.get('epsilon', 0.0):g}"
+  for eps, block in (results.get("by_epsilon") or {}).items():
+    if eps == main:
+      continue
+    header = ([f"ε = {eps}", f"Hit@{k} clean"]
+              + [f"Hit@{k} {ATTACKER_LABELS[a]}" for a in attackers]
+              + [f"Δrank {ATTACKER_LABELS[a]}" for a in attackers])
+    rows = [[ROW_NAMES.get(name, name), at["pgd"][f"hit@{k}_before"],
+             *[at[a][f"hit@{k}_after"] for a in attackers],
+             *[at[a]["avg_rank_change"] for a in attackers]] for name, at in block.items()]
+    table += f"\n\nAttack budget ε = {eps}:\n\n" + markdown_table(header, rows)
   return table
 
 

@@ -14,6 +14,7 @@ DEFENCE_KEYS = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   from experiments import uatmc
   from experiments.configs import uatmc as uatmc_config
+  from uatmc_jax.errors import ConfigError
 
   folder = write_synthetic(tmp_path / "data", SyntheticConfig(
       n_users=120, n_items=60, mean_interactions=10, name="tiny"))
@@ -47,7 +48,8 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
       assert 0 <= at[a]["hit@10_before"]["mean"] <= 1
       assert 0 <= at[a]["hit@10_after"]["mean"] <= 1
   # The seed's stored numbers are the ones aggregated (one seed: mean = value).
-  stage = json.load(open(os.path.join(workdir, "seed_1", "vanilla", "attack_results.json")))
+  stage = json.load(open(os.path.join(workdir, "seed_1", "vanilla",
+                                      "attack_results_eps0.05.json")))
   np.testing.assert_allclose(results["defences"]["vanilla"]["attacks"]["pgd"]["hit@10_after"]
                              ["mean"], stage["pgd"]["hit@10_after"])
   # Per-target values behind the means (paired comparisons of attackers across targets).
@@ -67,13 +69,13 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   # The planted groups of the folder are used, and every output says so.
   planted = f"planted from {folder / 'user_groups.npy'}"
   assert results["protocol"]["groups"] == planted and planted in table
-  assert json.load(open(os.path.join(workdir, "seed_1", "apr", "attack_results.json")))[
+  assert json.load(open(os.path.join(workdir, "seed_1", "apr", "attack_results_eps0.05.json")))[
       "groups"] == planted
   # Every stage wrote its own result file; a rerun skips them all and reproduces the table.
   for name in DEFENCE_KEYS:
     stage = os.path.join(workdir, "seed_1", name)
     assert os.path.isfile(os.path.join(stage, "train_results.json"))
-    assert os.path.isfile(os.path.join(stage, "attack_results.json"))
+    assert os.path.isfile(os.path.join(stage, "attack_results_eps0.05.json"))
   again = uatmc.run_experiment(cfg, workdir)
   assert again["defences"] == results["defences"]
   # A restart with another attack budget recomputes the attacks instead of reusing the
@@ -84,7 +86,7 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   stage = os.path.join(workdir, "seed_1", "vanilla")
   trained_at = os.path.getmtime(os.path.join(stage, "train_results.json"))
   wide = uatmc.run_experiment(wider, workdir)
-  saved = json.load(open(os.path.join(stage, "attack_results.json")))
+  saved = json.load(open(os.path.join(stage, "attack_results_eps0.5.json")))
   assert saved["settings"]["epsilon"] == 0.5
   assert os.path.getmtime(os.path.join(stage, "train_results.json")) == trained_at
   assert wide["defences"]["vanilla"]["recall@20"] == results["defences"]["vanilla"]["recall@20"]
@@ -101,8 +103,37 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   # With ε > 0 some attacker promotes some target on the undefended model.
   van = wide["defences"]["vanilla"]["attacks"]
   assert any(van[a]["avg_rank_change"]["mean"] < 0 for a in van)
+  # Several budgets and the group-variant attackers in one run: the saved ε 0.05 / 0.5
+  # results of fgsm / pgd / pgd_aligned are reused unchanged, only the group variants run.
+  eps05 = os.path.join(stage, "attack_results_eps0.05.json")
+  before_pgd = json.load(open(eps05))["pgd"]
+  multi = uatmc.run_experiment(uatmc_config.get_config(
+      f"dataset={folder},seeds=1,runlocal=True,epochs=2,finetune_epochs=1,batch_size=512,"
+      "targets=4,attack_k=10,sweep=,mesh_data=1,attack_epsilon=0.05+0.5,attackers=all"),
+      workdir)
+  assert multi["attackers"] == list(uatmc.ALL_ATTACKERS)
+  assert set(multi["by_epsilon"]) == {"0.05", "0.5"}
+  assert json.load(open(eps05))["pgd"] == before_pgd
+  for name in DEFENCE_KEYS:
+    main, half = multi["defences"][name]["attacks"], multi["by_epsilon"]["0.5"][name]
+    for a in ("fgsm", "pgd", "pgd_aligned"):
+      assert main[a] == results["defences"][name]["attacks"][a], (name, a)
+      assert half[a] == wide["defences"][name]["attacks"][a], (name, a)
+    assert multi["by_epsilon"]["0.05"][name] == main
+    for a in uatmc.GROUP_ATTACKERS:  # run on the same model, anchors and targets
+      for block in (main, half):
+        assert block[a]["hit@10_before"] == block["pgd"]["hit@10_before"], (name, a)
+        assert 0 <= block[a]["hit@10_after"]["mean"] <= 1
+  # At ε 0.5 some group variant promotes some target on the undefended model.
+  assert any(multi["by_epsilon"]["0.5"]["vanilla"][a]["avg_rank_change"]["mean"] < 0
+             for a in uatmc.GROUP_ATTACKERS)
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "Attack budget ε = 0.5" in table and "Hit@10 PGD-PCGrad groups" in table
+  with pytest.raises(ConfigError, match="attackers.*unknown"):
+    uatmc.attackers_for(uatmc_config.get_config("attackers=pgd+pgd_typo"))
+  with pytest.raises(ConfigError, match="distinct budgets"):
+    uatmc_config.get_config("attack_epsilon=0.1+0.1")
   # A changed training config in the same workdir is refused with the field named.
-  from uatmc_jax.errors import ConfigError
   other_lr = uatmc_config.get_config(
       f"dataset={folder},seeds=1,runlocal=True,epochs=2,finetune_epochs=1,batch_size=512,"
       "targets=4,attack_k=10,sweep=,mesh_data=1,lr=0.5")

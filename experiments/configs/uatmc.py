@@ -30,8 +30,13 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
   adv_from_backbone: APR/AMR start from the backbone's best checkpoint, as in their
     papers (APR is initialised from BPR-MF, AMR from VBPR), for finetune_epochs (True);
     False trains them from scratch for epochs.
-  targets (100), attack_epsilon (0.05), anchor_share (0.4), attack_k (50),
-    attack_align_weight (1.0, the aligned attacker's λ_align): the A.4 protocol.
+  targets (100), attack_epsilon (0.05; a list such as 0.05+0.2+0.5 attacks every
+    model at each budget, the first being the main one: results.json's ``attacks``, the
+    sweep and the plots), anchor_share (0.4), attack_k (50), attack_align_weight (1.0,
+    the aligned attacker's λ_align): the A.4 protocol.
+  attackers: fgsm+pgd+pgd_aligned (default), any of those and the group variants
+    pgd_pcgrad_groups / pgd_shared_groups (A.6), or ``all`` (the five);
+    group_temperature (0.1): τ of pgd_shared_groups.
   sweep: "adv_weight" or "epsilon" of UAT-MC for the trade-off plot (adv_weight);
     sweep_values: list (1+10); sweep_seeds: how many of the seeds run the sweep (all).
   runlocal: the few-minutes variant (backbone <= 15 epochs, fine-tune <= 4, 25
@@ -43,6 +48,7 @@ import ml_collections
 
 from experiments.configs import common
 from experiments.configs import recsys
+from uatmc_jax.errors import ConfigError
 
 DEFENCE_NAMES = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 
@@ -54,7 +60,7 @@ DEFAULTS = dict(
     apr_epsilon=0.5, apr_weight=1.0, amr_epsilon=0.1, amr_weight=1.0, amr_modality=None,
     adv_from_backbone=True, graph_items="with_gradient",
     targets=100, attack_epsilon=0.05, anchor_share=0.4, attack_k=50,
-    attack_align_weight=1.0, chunk_size=64, graph_path="local",
+    attack_align_weight=1.0, attackers="fgsm+pgd+pgd_aligned", group_temperature=0.1, chunk_size=64, graph_path="local",
     sweep="adv_weight", sweep_values="1+10", sweep_seeds=None,
     mesh_data=-1, eval_batch_size=2048, runlocal=False)
 
@@ -87,7 +93,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  amr_modality=a["amr_modality"], amr_relative_budget=True,
                  graph_items=str(a["graph_items"]))
   cfg.adv_from_backbone = common.as_bool(a["adv_from_backbone"], "adv_from_backbone")
-  cfg.attack = dict(targets=int(a["targets"]), epsilon=float(a["attack_epsilon"]),
+  epsilons = common.as_list(a["attack_epsilon"], float)
+  if not epsilons or len(set(epsilons)) != len(epsilons):
+    raise ConfigError(f"attack_epsilon={a['attack_epsilon']!r}: expected one budget or a "
+                      "list of distinct budgets such as 0.05+0.2+0.5")
+  attackers = common.as_list(a["attackers"], str)
+  cfg.attack = dict(targets=int(a["targets"]), epsilon=epsilons[0], epsilons=epsilons,
+                    attackers=attackers, group_temperature=float(a["group_temperature"]),
                     anchor_share=float(a["anchor_share"]), k=int(a["attack_k"]),
                     align_weight=float(a["attack_align_weight"]),
                     chunk_size=int(a["chunk_size"]), graph_path=str(a["graph_path"]))
