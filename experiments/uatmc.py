@@ -17,9 +17,12 @@ budget of ``attack_epsilon`` (e.g. 0.05+0.2+0.5), and optionally sweeps UAT-MC's
   "avg_rank_change"}}}}}`` with K the attack objective's ``attack_k`` (50, A.4; also
   under ``hit_k``) and every number ``{"mean", "std"}`` over seeds (sample std, ddof 1;
   a seed's value is the mean over its targets) at the first budget ``epsilon``, every
-  budget under ``by_epsilon`` ({"0.2": {defence: {attacker: ...}}}), plus
-  ``attackers``, ``protocol``, ``relative_ndcg@10_drop``, ``sweep`` and ``seconds``;
-* ``results.md``: the table in the paper's layout (A.8), and one per further budget;
+  budget under ``by_epsilon`` ({"0.2": {defence: {attacker: ...}}}), the A.5
+  diagnostics under ``mismatch`` ({defence: {attacker: cosine quantiles, shares, gain
+  correlation}}, see :func:`mismatch_summary`), plus ``attackers``, ``protocol``,
+  ``relative_ndcg@10_drop``, ``sweep`` and ``seconds``;
+* ``results.md``: the table in the paper's layout (A.8), one per further budget, and
+  the mismatch diagnostics;
 * ``tradeoff.png``: clean NDCG@10 against Hit@K after PGD, every defence and the sweep;
 * ``mismatch.png``: per-target cross-modal gradient cosines (A.5) of the promotion
   objective before/after alignment (on each defence's model at δ = 0, and at the naive
@@ -482,6 +485,7 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
                             for a in attackers}
                      for name in defences}
         for eps in budgets}
+  out["mismatch"] = mismatch_summary(per_seed, attackers)
   if "vanilla" in defences:
     base = defences["vanilla"]["ndcg@10"]["mean"]
     out["relative_ndcg@10_drop"] = {n: (base - b["ndcg@10"]["mean"]) / base if base else None
@@ -496,6 +500,64 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
             for a in sweep_attackers}}
         for v in values]}
   return out
+
+
+def _finite(values) -> np.ndarray:
+  v = np.asarray([np.nan if x is None else x for x in values], np.float64)
+  return v[np.isfinite(v)]
+
+
+def mismatch_summary(per_seed: dict, attackers) -> dict:
+  """The A.5 diagnostics at the main budget, per defence and attacker.
+
+  Per-target values are pooled over seeds and targets: how many targets have a
+  gradient at δ = 0 (the hinge is inactive for the rest: no cosine), the 10/50/90 %
+  quantiles of the clean cross-modal cosine, the median cosine and median gain
+  correlation at the attacker's final δ; the dominant-group-differs shares are means
+  over targets, then mean ± sample std over seeds. Stages without the per-target
+  values (older files) are left out.
+  """
+  seeds = list(per_seed)
+  out = {}
+  for name in per_seed[seeds[0]]:
+    for a in attackers:
+      runs = [per_seed[s][name]["attacks"][a] for s in seeds]
+      if not all("per_target_cosine_clean" in r for r in runs):
+        continue
+      clean = _finite([x for r in runs for x in r["per_target_cosine_clean"]])
+      after = _finite([x for r in runs for x in r["per_target_cosine_after"]])
+      corr = _finite([x for r in runs for x in r["per_target_gain_correlation_after"]])
+      q = np.quantile(clean, [0.1, 0.5, 0.9]).tolist() if clean.size else [None] * 3
+      out.setdefault(name, {})[a] = {
+          "targets": int(sum(len(r["per_target_cosine_clean"]) for r in runs)),
+          "targets_with_gradient": int(clean.size),
+          "cosine_clean_quantiles_10_50_90": q,
+          "cosine_after_median": float(np.median(after)) if after.size else None,
+          "gain_correlation_after_median": float(np.median(corr)) if corr.size else None,
+          "dominant_group_differs_share": _ms([r["dominant_group_differs_share"]
+                                               for r in runs]),
+          "dominant_group_differs_share_after": _ms(
+              [r["dominant_group_differs_share_after"] for r in runs]),
+      }
+  return out
+
+
+def mismatch_markdown(summary: dict) -> str:
+  from uatmc_jax.evaluation.reporting import markdown_table
+
+  def f(x):
+    return "–" if x is None else f"{x:+.2f}"
+
+  header = ["Defence", "Attacker", "targets with a gradient", "clean cosine 10/50/90 %",
+            "cosine at δ (median)", "dominant group differs (clean)",
+            "dominant group differs (at δ)", "gain correlation at δ (median)"]
+  rows = [[ROW_NAMES.get(name, name), ATTACKER_LABELS.get(a, a),
+           f"{m['targets_with_gradient']} / {m['targets']}",
+           " / ".join(f(x) for x in m["cosine_clean_quantiles_10_50_90"]),
+           f(m["cosine_after_median"]), m["dominant_group_differs_share"],
+           m["dominant_group_differs_share_after"], f(m["gain_correlation_after_median"])]
+          for name, by_attacker in summary.items() for a, m in by_attacker.items()]
+  return markdown_table(header, rows)
 
 
 def markdown(results: dict) -> str:
@@ -529,6 +591,10 @@ def markdown(results: dict) -> str:
              *[at[a][f"hit@{k}_after"] for a in attackers],
              *[at[a]["avg_rank_change"] for a in attackers]] for name, at in block.items()]
     table += f"\n\nAttack budget ε = {eps}:\n\n" + markdown_table(header, rows)
+  if results.get("mismatch"):
+    table += (f"\n\nCross-modal gradient mismatch (A.5) at ε = {main}, per-target values "
+              "pooled over seeds and targets (shares: mean ± std over seeds):\n\n"
+              + mismatch_markdown(results["mismatch"]))
   return table
 
 

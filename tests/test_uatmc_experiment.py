@@ -59,6 +59,17 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
                                stage[a]["hit@10_after"], rtol=1e-6)
     corr = np.asarray(stage[a]["per_target_gain_correlation_after"], float)
     assert corr.shape == (4,) and np.all(np.isnan(corr) | (np.abs(corr) <= 1 + 1e-6))
+  # The A.5 summary pools exactly those per-target values (one seed: no pooling across).
+  for a in ("fgsm", "pgd", "pgd_aligned"):
+    summary = results["mismatch"]["vanilla"][a]
+    clean = np.asarray([np.nan if x is None else x for x in stage[a]["per_target_cosine_clean"]])
+    clean = clean[np.isfinite(clean)]
+    assert summary["targets"] == 4 and summary["targets_with_gradient"] == clean.size
+    if clean.size:
+      np.testing.assert_allclose(summary["cosine_clean_quantiles_10_50_90"],
+                                 np.quantile(clean, [0.1, 0.5, 0.9]))
+    assert summary["dominant_group_differs_share"]["mean"] == \
+        stage[a]["dominant_group_differs_share"]
   for name in ("results.md", "tradeoff.png", "mismatch.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   table = open(os.path.join(workdir, "results.md")).read()
@@ -66,6 +77,7 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
     assert f"| {row} |" in table
   assert "Hit@10 PGD" in table and "Hit@50" not in table
   assert "mean ± sample std (ddof 1) over 1 seeds" in table
+  assert "Cross-modal gradient mismatch (A.5)" in table and "| Vanilla | PGD-aligned |" in table
   # The planted groups of the folder are used, and every output says so.
   planted = f"planted from {folder / 'user_groups.npy'}"
   assert results["protocol"]["groups"] == planted and planted in table
