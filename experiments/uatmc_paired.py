@@ -28,10 +28,15 @@ from absl import app, flags
 
 from uatmc_jax.errors import ConfigError
 
-flags.DEFINE_string("workdir", None, "An experiments.uatmc workdir (holds seed_<s>/...).")
-flags.DEFINE_float("epsilon", 0.2, "The attack budget whose stage files are compared.")
-flags.DEFINE_string("out", None, "JSON output path (default: only print).")
-flags.DEFINE_integer("bootstrap", 4000, "Bootstrap resamples.")
+
+def define_flags() -> None:
+  """Only when run as a program: other experiment modules define ``workdir`` / ``out``
+  too, and tests import several of them into one process."""
+  flags.DEFINE_string("workdir", None, "An experiments.uatmc workdir (holds seed_<s>/...).")
+  flags.DEFINE_float("epsilon", 0.2, "The attack budget whose stage files are compared.")
+  flags.DEFINE_string("out", None, "JSON output path (default: only print).")
+  flags.DEFINE_integer("bootstrap", 4000, "Bootstrap resamples.")
+
 
 DEFENCE_PAIRS = (("uat_mc", "uat_mc_no_align"), ("uat_mc", "vanilla"), ("uat_mc", "apr"),
                  ("uat_mc", "amr"), ("uat_mc_no_align", "vanilla"),
@@ -147,4 +152,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
