@@ -18,6 +18,7 @@ exposure, not the gain.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -73,11 +74,9 @@ def paired(first: np.ndarray, second: np.ndarray, seeds: np.ndarray, n_boot: int
   """Mean of first − second, within-seed bootstrap 95 % interval, counts of each side."""
   diff = np.asarray(first, np.float64) - np.asarray(second, np.float64)
   groups = [np.flatnonzero(seeds == s) for s in np.unique(seeds)]
-  boots = np.empty(n_boot)
-  for b in range(n_boot):  # resamples only; a few thousand small means
-    idx = np.concatenate([rng.choice(g, g.size) for g in groups])
-    boots[b] = diff[idx].mean()
-  lo, hi = np.quantile(boots, [0.025, 0.975])
+  # (n_boot, targets) indices, each seed's targets resampled within that seed.
+  idx = np.concatenate([rng.choice(g, (n_boot, g.size)) for g in groups], axis=1)
+  lo, hi = np.quantile(diff[idx].mean(axis=1), [0.025, 0.975])
   return {"mean_diff": float(diff.mean()), "ci95": [float(lo), float(hi)],
           "first_lower": int(np.sum(diff < 0)), "first_higher": int(np.sum(diff > 0)),
           "targets": int(diff.size)}
@@ -89,7 +88,9 @@ def compare(stages: dict, n_boot: int = 4000, seed: int = 0) -> dict:
   seeds = sorted(stages)
   defences = [d for d in stages[seeds[0]] if all(d in stages[s] for s in seeds)]
 
+  @functools.cache
   def vec(defence, attacker):
+    """(per-target Hit@K after, seed of each target) over all seeds, or None."""
     runs = [stages[s][defence].get(attacker) for s in seeds]
     if any(r is None for r in runs):
       return None
@@ -98,18 +99,18 @@ def compare(stages: dict, n_boot: int = 4000, seed: int = 0) -> dict:
         [np.full(len(r[key]), s) for s, r in zip(seeds, runs)])
 
   out = {"seeds": seeds, "defence_pairs": [], "attacker_pairs": []}
+
+  def add(bucket, lead, first, second):
+    if first is not None and second is not None:
+      out[bucket].append({**lead, **paired(first[0], second[0], first[1], n_boot, rng)})
+
   for a in DEFENCE_ATTACKERS:
     for x, y in DEFENCE_PAIRS:
-      if x in defences and y in defences and vec(x, a) is not None and vec(y, a) is not None:
-        (vx, sx), (vy, _) = vec(x, a), vec(y, a)
-        out["defence_pairs"].append({"attacker": a, "first": x, "second": y,
-                                     **paired(vx, vy, sx, n_boot, rng)})
+      if x in defences and y in defences:
+        add("defence_pairs", {"attacker": a, "first": x, "second": y}, vec(x, a), vec(y, a))
   for d in defences:
     for x, y in ATTACKER_PAIRS:
-      if vec(d, x) is not None and vec(d, y) is not None:
-        (vx, sx), (vy, _) = vec(d, x), vec(d, y)
-        out["attacker_pairs"].append({"defence": d, "first": x, "second": y,
-                                      **paired(vx, vy, sx, n_boot, rng)})
+      add("attacker_pairs", {"defence": d, "first": x, "second": y}, vec(d, x), vec(d, y))
   return out
 
 
