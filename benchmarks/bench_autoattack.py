@@ -26,9 +26,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.parallel import throughput
-from uatmc_jax.attacks import apgd, attack_losses, autoattack, fab, square  # noqa: E402
-from uatmc_jax.models import image_classifiers as ic  # noqa: E402
+from uatmc_jax.core.parallel import throughput
+from uatmc_jax.longtail.attacks import apgd, attack_losses, autoattack, fab, square  # noqa: E402
+from uatmc_jax.longtail.models import image_classifiers as ic  # noqa: E402
 
 
 def _time(fn, *args, repeats=1):

@@ -11,7 +11,7 @@ included) on ../shared/data/tiktok (9,308 users x 6,710 items, 59,541 train pair
 
 Also printed: achieved GFLOP/s and MFU per defence (FLOPs of a 1-step epoch from XLA's
 cost analysis x steps, since a scan body is counted once; peak from
-``uatmc_jax.parallel.throughput`` on GPU/TPU, ``--peak_gflops`` on CPU, default 256 =
+``uatmc_jax.core.parallel.throughput`` on GPU/TPU, ``--peak_gflops`` on CPU, default 256 =
 2 cores x 2.0 GHz x 2 AVX-512 FMA x 16 fp32 lanes x 2).
 """
 from __future__ import annotations
@@ -25,13 +25,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.data.mmrec import load_mmrec  # noqa: E402
-from uatmc_jax.defences import DEFENCES  # noqa: E402
-from uatmc_jax.models.registry import build_recommender  # noqa: E402
-from uatmc_jax.parallel import throughput  # noqa: E402
-from uatmc_jax.parallel.mesh import make_mesh  # noqa: E402
-from uatmc_jax.training import recsys_trainer  # noqa: E402
-from uatmc_jax.training.recsys_trainer import RecsysTrainer  # noqa: E402
+from uatmc_jax.recsys.data.mmrec import load_mmrec  # noqa: E402
+from uatmc_jax.recsys.defences import DEFENCES  # noqa: E402
+from uatmc_jax.recsys.models.registry import build_recommender  # noqa: E402
+from uatmc_jax.core.parallel import throughput  # noqa: E402
+from uatmc_jax.core.parallel.mesh import make_mesh  # noqa: E402
+from uatmc_jax.recsys import trainer as recsys_trainer  # noqa: E402
+from uatmc_jax.recsys.trainer import RecsysTrainer  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 

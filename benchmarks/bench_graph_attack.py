@@ -35,12 +35,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.attacks import promotion, targets as targets_lib  # noqa: E402
-from uatmc_jax.attacks.surface import surface_from_recommender  # noqa: E402
-from uatmc_jax.data import load_dataset  # noqa: E402
-from uatmc_jax.data.interactions import InteractionData  # noqa: E402
-from uatmc_jax.data.mmrec import read_inter_file  # noqa: E402
-from uatmc_jax.models.mmgcn import MMGCN  # noqa: E402
+from uatmc_jax.recsys.attacks import runner as promotion  # noqa: E402
+from uatmc_jax.recsys.attacks import targets as targets_lib  # noqa: E402
+from uatmc_jax.recsys.attacks.surface import surface_from_recommender  # noqa: E402
+from uatmc_jax.recsys.data import load_dataset  # noqa: E402
+from uatmc_jax.recsys.data.interactions import InteractionData  # noqa: E402
+from uatmc_jax.recsys.data.mmrec import read_inter_file  # noqa: E402
+from uatmc_jax.recsys.models.mmgcn import MMGCN  # noqa: E402
 
 REFERENCE_SECONDS_PER_TARGET = 11.6
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
@@ -54,7 +55,7 @@ def _model(data, epochs: int):
   model = MMGCN(data.n_users, data.n_items, {m: f.shape[1] for m, f in data.features.items()},
                 data.train, rngs=nnx.Rngs(999))
   if epochs:
-    from uatmc_jax.training.recsys_trainer import RecsysTrainer
+    from uatmc_jax.recsys.trainer import RecsysTrainer
     trainer = RecsysTrainer(model, data, {"epochs": epochs, "log": False})
     for e in range(epochs):
       trainer.train_epoch(e)

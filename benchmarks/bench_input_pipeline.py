@@ -31,9 +31,9 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from uatmc_jax.data import image_pipeline  # noqa: E402
-from uatmc_jax.data.image_folder import load_image_folder  # noqa: E402
-from uatmc_jax.models import image_classifiers  # noqa: E402
+from uatmc_jax.longtail.data import image_pipeline  # noqa: E402
+from uatmc_jax.longtail.data.image_folder import load_image_folder  # noqa: E402
+from uatmc_jax.longtail.models import image_classifiers  # noqa: E402
 
 DEFAULT_FOLDER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "train"
 

@@ -9,7 +9,7 @@ device holds a fraction.
 
 Nothing is allocated: the model is built with ``nnx.eval_shape``, inputs are
 ``jax.ShapeDtypeStruct`` with shardings, and the jitted BPR train step (the vanilla
-objective of ``uatmc_jax.objectives.recsys_losses`` + Adam, parameters and optimiser
+objective of ``uatmc_jax.recsys.losses`` + Adam, parameters and optimiser
 state donated) is lowered and compiled for 8 faked CPU devices. The compiler's
 ``memory_analysis()`` then gives per-device argument / output / temp bytes. The
 single-device figure is compiled the same way for contrast.
@@ -36,10 +36,10 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from uatmc_jax.models.vbpr_mlp import VBPRMLP  # noqa: E402
-from uatmc_jax.objectives.recsys_losses import bpr_objective  # noqa: E402
-from uatmc_jax.parallel import mesh as mesh_lib  # noqa: E402
-from uatmc_jax.parallel import sharding_rules  # noqa: E402
+from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP  # noqa: E402
+from uatmc_jax.recsys.losses import bpr_objective  # noqa: E402
+from uatmc_jax.core.parallel import mesh as mesh_lib  # noqa: E402
+from uatmc_jax.core.parallel import sharding_rules  # noqa: E402
 
 GIB = 1024 ** 3
 # Tables and per-item feature matrices over `model`; everything else replicated.

@@ -31,12 +31,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.attacks import promotion, targets as targets_lib  # noqa: E402
-from uatmc_jax.parallel import throughput
-from uatmc_jax.attacks.surface import surface_from_recommender  # noqa: E402
-from uatmc_jax.data import load_dataset  # noqa: E402
-from uatmc_jax.data.mmrec import read_inter_file  # noqa: E402
-from uatmc_jax.models.vbpr_mlp import VBPRMLP  # noqa: E402
+from uatmc_jax.recsys.attacks import runner as promotion  # noqa: E402
+from uatmc_jax.recsys.attacks import targets as targets_lib  # noqa: E402
+from uatmc_jax.core.parallel import throughput
+from uatmc_jax.recsys.attacks.surface import surface_from_recommender  # noqa: E402
+from uatmc_jax.recsys.data import load_dataset  # noqa: E402
+from uatmc_jax.recsys.data.mmrec import read_inter_file  # noqa: E402
+from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP  # noqa: E402
 
 REFERENCE_SECONDS_PER_TARGET = 11.6  # TikTok, one target at a time, full sort per step
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")

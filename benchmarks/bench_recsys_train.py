@@ -26,7 +26,7 @@ CPU s / P.
   python benchmarks/bench_recsys_train.py --models vbpr_mlp --settings tiktok --epochs 3
 
 MFU: FLOPs of one training step and of one evaluation batch from XLA's cost analysis
-(``uatmc_jax.parallel.throughput``; a scan body is counted once, so the epoch's FLOPs
+(``uatmc_jax.core.parallel.throughput``; a scan body is counted once, so the epoch's FLOPs
 are one step's times the number of steps), over the chip's peak: the table in
 ``throughput.PEAK_FLOPS`` on GPU/TPU, ``--peak_gflops`` (or ``UATMC_CPU_PEAK_FLOPS``) on
 CPU, default 256 GFLOP/s = 2 cores x 2.0 GHz x 2 AVX-512 FMA units x 16 fp32 lanes x 2.
@@ -43,15 +43,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.data.mmrec import load_mmrec  # noqa: E402
-from uatmc_jax.evaluation import ranking_metrics  # noqa: E402
-from uatmc_jax.models import recsys_base as base  # noqa: E402
-from uatmc_jax.models.mmgcn import MMGCN  # noqa: E402
-from uatmc_jax.models.registry import build_recommender  # noqa: E402
-from uatmc_jax.parallel import throughput  # noqa: E402
-from uatmc_jax.parallel.mesh import make_mesh  # noqa: E402
-from uatmc_jax.training import recsys_trainer  # noqa: E402
-from uatmc_jax.training.recsys_trainer import RecsysTrainer  # noqa: E402
+from uatmc_jax.recsys.data.mmrec import load_mmrec  # noqa: E402
+from uatmc_jax.recsys import metrics as ranking_metrics  # noqa: E402
+from uatmc_jax.recsys.models import base as base  # noqa: E402
+from uatmc_jax.recsys.models.mmgcn import MMGCN  # noqa: E402
+from uatmc_jax.recsys.models.registry import build_recommender  # noqa: E402
+from uatmc_jax.core.parallel import throughput  # noqa: E402
+from uatmc_jax.core.parallel.mesh import make_mesh  # noqa: E402
+from uatmc_jax.recsys import trainer as recsys_trainer  # noqa: E402
+from uatmc_jax.recsys.trainer import RecsysTrainer  # noqa: E402
 
 REFERENCE_TIKTOK_EPOCH_SECONDS = 4.7
 MMREC_MMGCN_TIKTOK_EPOCH_SECONDS = 13.6  # METHODS.md A.3, MMRec on this 2-core CPU

@@ -43,11 +43,11 @@ def main():
   import jax
   import numpy as np
   import uatmc_jax
-  from uatmc_jax.evaluation import robust_accuracy
+  from uatmc_jax.longtail.evaluation import robust_accuracy
 
   if args.fresh:
     from flax import nnx
-    from uatmc_jax.models import image_classifiers as ic
+    from uatmc_jax.longtail.models import image_classifiers as ic
     model = ic.build_classifier("small_cnn", 10, nnx.Rngs(0))
     g, params, stats = ic.split_classifier(model)
     logits_fn = jax.jit(lambda x: ic.apply_logits(g, params, stats, x, train=False)[0])
@@ -56,10 +56,10 @@ def main():
     labels = np.asarray(jax.numpy.argmax(logits_fn(images), -1), np.int32)
     what = "fresh small_cnn, random images labelled by the model"
   else:
-    from uatmc_jax.data import image_folder, longtail
-    from uatmc_jax.data.image_pipeline import to_float
-    from uatmc_jax.evaluation import reporting
-    from uatmc_jax.training import longtail_trainer
+    from uatmc_jax.longtail.data import image_folder, longtail
+    from uatmc_jax.longtail.data.image_pipeline import to_float
+    from uatmc_jax.core import reporting
+    from uatmc_jax.longtail import trainer as longtail_trainer
     run = reporting.read_json(os.path.join(args.workdir, "results.json"))
     trained = longtail_trainer.load_trained_classifier(args.workdir)
     logits_fn = trained.logits_fn

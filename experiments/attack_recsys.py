@@ -37,11 +37,12 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import launch
-from uatmc_jax import errors
-from uatmc_jax.attacks import mismatch as mismatch_lib
-from uatmc_jax.attacks import promotion, targets as targets_lib, user_groups
-from uatmc_jax.attacks.surface import surface_from_recommender
-from uatmc_jax.evaluation import reporting
+from uatmc_jax.core import errors
+from uatmc_jax.recsys.attacks import mismatch as mismatch_lib
+from uatmc_jax.recsys.attacks import runner as promotion
+from uatmc_jax.recsys.attacks import targets as targets_lib, user_groups
+from uatmc_jax.recsys.attacks.surface import surface_from_recommender
+from uatmc_jax.core import reporting
 
 FLAGS = flags.FLAGS
 _CONFIG = launch.define_config_flag("Attack config file.")
@@ -56,7 +57,7 @@ RANKING_NOTE = ("ranks over all items; users' train items NOT masked (the refere
 
 def load_trained(workdir: str):
   """(model, data) of the best checkpoint of an ``experiments.train_recsys`` workdir."""
-  from uatmc_jax.training.recsys_trainer import load_trained_recommender
+  from uatmc_jax.recsys.trainer import load_trained_recommender
 
   model, data, _ = load_trained_recommender(workdir, best=True)
   return model, data
@@ -226,7 +227,7 @@ def markdown(results: dict) -> str:
 
 def attack_mesh(mesh_data: int):
   """The attack's mesh: ``mesh_data`` devices over all processes (-1 = all), model 1."""
-  from uatmc_jax.parallel import mesh as mesh_lib
+  from uatmc_jax.core.parallel import mesh as mesh_lib
   return mesh_lib.make_mesh(data=int(mesh_data), model=1)
 
 
@@ -290,7 +291,7 @@ def run_attacks(cfg, model, data, mesh=None):
                      else "full re-encode" if surface.is_graph else "n/a (row-wise model)"),
       "devices": 1 if runner.mesh is None else runner.mesh.size,
       "processes": jax.process_count(), "total_seconds": time.perf_counter() - t_start}}
-  from uatmc_jax.attacks.mismatch import modality_pairs
+  from uatmc_jax.recsys.attacks.mismatch import modality_pairs
   for n in names:
     blocks = {}
     for eps in cfg.epsilons:
@@ -332,7 +333,7 @@ def main(argv):
     # The checkpoint was restored onto the training mesh (global arrays); the attack
     # code computes the context per process, so every process takes a full local copy.
     from flax import nnx
-    from uatmc_jax.parallel import multihost
+    from uatmc_jax.core.parallel import multihost
     nnx.update(model, multihost.to_local(nnx.state(model)))
   results, _, _ = run_attacks(cfg, model, data, attack_mesh(cfg.mesh_data))
   write_outputs(workdir, results, cfg, data.name, type(model).__name__)

@@ -46,10 +46,10 @@ import numpy as np
 from absl import flags
 
 from experiments import launch
-from uatmc_jax.errors import ConfigError
-from uatmc_jax.evaluation import geometry
-from uatmc_jax.evaluation import reporting
-from uatmc_jax.evaluation import robust_accuracy
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.longtail.evaluation import geometry
+from uatmc_jax.core import reporting
+from uatmc_jax.longtail.evaluation import robust_accuracy
 
 flags.DEFINE_list("attacks", ["pgd20", "cw", "autoattack"],
                   f"Attacks among {robust_accuracy.ATTACK_NAMES[1:]} (clean is always run).")
@@ -83,7 +83,7 @@ TABLE_KEYS = ("overall", "balanced", "many", "medium", "few", "tail", "n_test", 
 def batched_features(features_fn, images: np.ndarray, batch_size: int,
                      mesh=None) -> np.ndarray:
   """φ(x) for (N, ...) images in fixed-size jitted batches (split over ``mesh``)."""
-  from uatmc_jax.attacks import batching
+  from uatmc_jax.longtail.attacks import batching
   fn = batching.on_mesh(jax.jit(lambda x, _: (features_fn(x),)), mesh, 1)
   (out,) = batching.map_in_fixed_batches(fn, [images], batch_size)
   return out
@@ -230,9 +230,9 @@ def _carry_over_existing(path: str, blocks: dict, results: dict) -> None:
 
 def load_test_set(run: dict, test_per_class: Optional[int]):
   """(images float32 [0,1], labels) of the training run's test set."""
-  from uatmc_jax.data import image_folder
-  from uatmc_jax.data import longtail
-  from uatmc_jax.data.image_pipeline import to_float
+  from uatmc_jax.longtail.data import image_folder
+  from uatmc_jax.longtail.data import longtail
+  from uatmc_jax.longtail.data.image_pipeline import to_float
   dataset, data_dir = run.get("dataset"), run.get("data_dir")
   class_names = run.get("class_names")
   if test_per_class is None and run.get("n_test") and class_names:
@@ -243,7 +243,7 @@ def load_test_set(run: dict, test_per_class: Optional[int]):
                                           max_per_class=test_per_class,
                                           seed=longtail.EVAL_SUBSET_SEED)
   elif dataset in ("cifar10", "cifar100"):
-    from uatmc_jax.data import tfds_images
+    from uatmc_jax.longtail.data import tfds_images
     test = longtail.balanced_subset(tfds_images.load_tfds_images(dataset, "test", data_dir),
                                     test_per_class)
   else:
@@ -263,10 +263,10 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
   The classifier is restored replicated on a mesh of ``mesh_data`` devices (all
   processes; -1 = all) and every evaluation batch is split over it.
   """
-  from uatmc_jax.models import image_classifiers as ic
-  from uatmc_jax.parallel import mesh as mesh_lib
-  from uatmc_jax.parallel import multihost
-  from uatmc_jax.training import longtail_trainer
+  from uatmc_jax.longtail.models import image_classifiers as ic
+  from uatmc_jax.core.parallel import mesh as mesh_lib
+  from uatmc_jax.core.parallel import multihost
+  from uatmc_jax.longtail import trainer as longtail_trainer
   results_path = os.path.join(workdir, "results.json")
   if not os.path.exists(results_path):
     raise ConfigError(f"{results_path}: not found; eval_robust needs a finished "

@@ -20,8 +20,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from uatmc_jax import errors
-from uatmc_jax.parallel import mesh as mesh_lib
+from uatmc_jax.core import errors
+from uatmc_jax.core.parallel import mesh as mesh_lib
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
 flags.DEFINE_string("coordinator_address", None,

@@ -36,8 +36,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from absl import app, flags
 
-from uatmc_jax.errors import ConfigError
-from uatmc_jax.evaluation import reporting
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.core import reporting
 
 flags.DEFINE_list("workdirs", None, "Run directories or glob patterns (comma separated).")
 flags.DEFINE_string("out", None, "Markdown output path (default: only print).")
@@ -74,7 +74,7 @@ def method_label(run: dict) -> str:
 
   ``method=mcat,manifold_weight=0`` -> ``"mcat (manifold_weight=0)"``; a run whose
   ``method_spec`` matches its name's defaults (or that has none) keeps the bare name."""
-  from uatmc_jax.training import longtail_methods
+  from uatmc_jax.longtail import methods as longtail_methods
   name, spec = run["method"], run.get("method_spec")
   if not isinstance(spec, dict):
     return name

@@ -24,12 +24,13 @@ from absl import flags
 
 from experiments import launch
 from experiments.configs import common
-from uatmc_jax.data import image_folder, longtail
-from uatmc_jax.data.image_pipeline import TrainPipeline, eval_batches
-from uatmc_jax.errors import ConfigError
-from uatmc_jax.evaluation import reporting
-from uatmc_jax.parallel import mesh as mesh_lib
-from uatmc_jax.training import longtail_methods, longtail_trainer
+from uatmc_jax.longtail.data import image_folder, longtail
+from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.core import reporting
+from uatmc_jax.core.parallel import mesh as mesh_lib
+from uatmc_jax.longtail import methods as longtail_methods
+from uatmc_jax.longtail import trainer as longtail_trainer
 
 _CONFIG = launch.define_config_flag("experiments/configs/longtail.py:<args>")
 FLAGS = flags.FLAGS
@@ -56,7 +57,7 @@ def load_datasets(cfg):
                                           cache_dir=cache_dir)
     return train, test
   if cfg.dataset in TFDS_NAMES:
-    from uatmc_jax.data import tfds_images  # imported lazily: TFDS is slow to import
+    from uatmc_jax.longtail.data import tfds_images  # imported lazily: TFDS is slow to import
     train = tfds_images.load_tfds_images(cfg.dataset, "train", cfg.data_dir)
     test = tfds_images.load_tfds_images(cfg.dataset, "test", cfg.data_dir)
     return train, longtail.balanced_subset(test, cfg.test_per_class)

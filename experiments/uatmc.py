@@ -47,7 +47,7 @@ from absl import flags
 from flax import nnx
 
 from experiments import launch
-from uatmc_jax.errors import ConfigError
+from uatmc_jax.core.errors import ConfigError
 
 FLAGS = flags.FLAGS
 _CONFIG = launch.define_config_flag("experiments/configs/uatmc.py:...")
@@ -100,8 +100,8 @@ def defence_train_config(cfg, name: str, seed: int, overrides: dict | None = Non
 
 def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
   """Trains (or resumes, or just restores) one model; returns (best model, metrics)."""
-  from uatmc_jax.evaluation.reporting import read_json, write_json
-  from uatmc_jax.training.recsys_trainer import RecsysTrainer
+  from uatmc_jax.core.reporting import read_json, write_json
+  from uatmc_jax.recsys.trainer import RecsysTrainer
 
   path = os.path.join(stage_dir, TRAIN_FILE)
   trainer = RecsysTrainer(model, data, train_cfg, workdir=stage_dir, mesh=mesh)
@@ -135,7 +135,7 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
 
 
 def has_shared_space(model_name: str) -> bool:
-  from uatmc_jax.models.registry import MODEL_CLASSES
+  from uatmc_jax.recsys.models.registry import MODEL_CLASSES
   cls = MODEL_CLASSES.get(model_name)
   return bool(cls is None or cls.shared_projected_space)
 
@@ -204,7 +204,7 @@ class AttackBench:
     self.cfg, self.data, self.mesh = cfg, data, mesh
     self.attackers = make_attackers(cfg, data.modalities)
     self.runner = None
-    from uatmc_jax.attacks import user_groups
+    from uatmc_jax.recsys.attacks import user_groups
     # The A.5 diagnostics' user groups: the folder's planted ones, else k-means.
     self.grouping = user_groups.grouping_description(data, data.user_groups is not None,
                                                      N_GROUPS)
@@ -215,14 +215,15 @@ class AttackBench:
     The anchors' context (clean scores, top lists, graph cache) is built once for all.
     """
     import dataclasses
-    from uatmc_jax.attacks import promotion, targets as targets_lib, user_groups
-    from uatmc_jax.attacks.mismatch import per_target_mean
-    from uatmc_jax.attacks.surface import surface_from_recommender
+    from uatmc_jax.recsys.attacks import runner as promotion
+    from uatmc_jax.recsys.attacks import targets as targets_lib, user_groups
+    from uatmc_jax.recsys.attacks.mismatch import per_target_mean
+    from uatmc_jax.recsys.attacks.surface import surface_from_recommender
 
     a, data = self.cfg.attack, self.data
     if jax.process_count() > 1:
       # Trained on the global mesh; the attack's set-up is per process: a local copy.
-      from uatmc_jax.parallel import multihost
+      from uatmc_jax.core.parallel import multihost
       model = nnx.merge(*nnx.split(model))
       nnx.update(model, multihost.to_local(nnx.state(model)))
     surface = surface_from_recommender(model, data.features, space="projected")
@@ -295,7 +296,7 @@ def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names,
   file that lacks some attackers (a rerun with more ``attackers``) gets only those run.
   Reads the single-budget ``attack_results.json`` of older runs too.
   """
-  from uatmc_jax.evaluation.reporting import read_json, write_json
+  from uatmc_jax.core.reporting import read_json, write_json
   epsilons = [float(e) for e in (epsilons or bench.cfg.attack["epsilons"])]
   saved, jobs = {}, {}
   for eps in epsilons:
@@ -333,11 +334,11 @@ def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names,
 
 def run_experiment(cfg, workdir: str) -> dict:
   """Runs (or resumes) every stage and writes results.json / results.md / plots."""
-  from uatmc_jax.defences import DEFENCES, FINE_TUNES_BACKBONE
-  from uatmc_jax.evaluation.reporting import write_json
-  from uatmc_jax.models.registry import build_recommender
-  from uatmc_jax.parallel import mesh as mesh_lib
-  from uatmc_jax.training.recsys_trainer import load_experiment_data
+  from uatmc_jax.recsys.defences import DEFENCES, FINE_TUNES_BACKBONE
+  from uatmc_jax.core.reporting import write_json
+  from uatmc_jax.recsys.models.registry import build_recommender
+  from uatmc_jax.core.parallel import mesh as mesh_lib
+  from uatmc_jax.recsys.trainer import load_experiment_data
 
   unknown = sorted(set(cfg.defences) - set(DEFENCES))
   if unknown:
@@ -427,7 +428,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   write_json(os.path.join(workdir, "results.json"), results)
   if jax.process_index() != 0:  # the Markdown table and the plots: process 0 only
     return results
-  from uatmc_jax.evaluation.reporting import std_header
+  from uatmc_jax.core.reporting import std_header
   table = markdown(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
@@ -440,7 +441,7 @@ def run_experiment(cfg, workdir: str) -> dict:
 
 
 def _resolved(cfg, name):
-  from uatmc_jax.defences import defence_hyperparameters
+  from uatmc_jax.recsys.defences import defence_hyperparameters
   return defence_hyperparameters(name, defence_train_config(cfg, name, cfg.seeds[0]))
 
 
@@ -449,7 +450,7 @@ def _resolved(cfg, name):
 
 
 def _ms(values) -> dict:
-  from uatmc_jax.evaluation.reporting import mean_std
+  from uatmc_jax.core.reporting import mean_std
   return mean_std([float(v) for v in values])
 
 
@@ -543,7 +544,7 @@ def mismatch_summary(per_seed: dict, attackers) -> dict:
 
 
 def mismatch_markdown(summary: dict) -> str:
-  from uatmc_jax.evaluation.reporting import markdown_table
+  from uatmc_jax.core.reporting import markdown_table
 
   def f(x):
     return "–" if x is None else f"{x:+.2f}"
@@ -561,7 +562,7 @@ def mismatch_markdown(summary: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-  from uatmc_jax.evaluation.reporting import markdown_table
+  from uatmc_jax.core.reporting import markdown_table
   attackers = results.get("attackers", ATTACKERS)
   k = results["hit_k"]
   header = (["Defence", "Recall@20", "NDCG@10", "NDCG@20", f"Hit@{k} clean"]

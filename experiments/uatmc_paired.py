@@ -27,7 +27,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from uatmc_jax.errors import ConfigError
+from uatmc_jax.core.errors import ConfigError
 
 
 def define_flags() -> None:
@@ -115,7 +115,7 @@ def compare(stages: dict, n_boot: int = 4000, seed: int = 0) -> dict:
 
 
 def markdown(result: dict) -> str:
-  from uatmc_jax.evaluation.reporting import markdown_table
+  from uatmc_jax.core.reporting import markdown_table
 
   def row(lead, p):
     lo, hi = p["ci95"]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uatmc_jax.attacks.surface import AttackSurface, identity_lift
+from uatmc_jax.recsys.attacks.surface import AttackSurface, identity_lift
 
 
 def make_surface(key, *, n_users=12, n_items=30, dims=(("a", 5), ("b", 5)), width=4,

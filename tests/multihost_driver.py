@@ -41,7 +41,7 @@ def setup(args):
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax
   jax.config.update("jax_num_cpu_devices", args.local_devices)
-  from uatmc_jax.parallel import mesh as mesh_lib
+  from uatmc_jax.core.parallel import mesh as mesh_lib
   if args.num_processes > 1:
     mesh_lib.maybe_initialize_distributed(args.coordinator, args.num_processes,
                                           args.process_id)
@@ -61,10 +61,10 @@ def recsys_job(args, workdir, mesh_model: int):
   """Two epochs of a recommender (tables over the model axis when mesh_model > 1)."""
   import numpy as np
   from flax import nnx
-  from uatmc_jax.data.interactions import InteractionData
-  from uatmc_jax.models.registry import build_recommender
-  from uatmc_jax.parallel import mesh as mesh_lib
-  from uatmc_jax.training.recsys_trainer import RecsysTrainer
+  from uatmc_jax.recsys.data.interactions import InteractionData
+  from uatmc_jax.recsys.models.registry import build_recommender
+  from uatmc_jax.core.parallel import mesh as mesh_lib
+  from uatmc_jax.recsys.trainer import RecsysTrainer
 
   rng = np.random.default_rng(0)
   n_users, n_items = 32, 24
@@ -95,10 +95,10 @@ def recsys_job(args, workdir, mesh_model: int):
 def longtail_job(args, workdir):
   """One epoch of PGD-AT (2 steps with PGD-2) on random 16x16 images, then clean eval."""
   import numpy as np
-  from uatmc_jax.data.image_pipeline import TrainPipeline, eval_batches
-  from uatmc_jax.parallel import mesh as mesh_lib
-  from uatmc_jax.training import longtail_methods as lm
-  from uatmc_jax.training import longtail_trainer as lt
+  from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
+  from uatmc_jax.core.parallel import mesh as mesh_lib
+  from uatmc_jax.longtail import methods as lm
+  from uatmc_jax.longtail import trainer as lt
 
   rng = np.random.default_rng(1)
   counts = np.array([16, 10, 6])
@@ -151,8 +151,8 @@ def attack_job(args, workdir):
   from flax import nnx
   from experiments import attack_recsys
   from experiments.configs import attack as attack_config
-  from uatmc_jax.data.interactions import InteractionData
-  from uatmc_jax.models.registry import build_recommender
+  from uatmc_jax.recsys.data.interactions import InteractionData
+  from uatmc_jax.recsys.models.registry import build_recommender
 
   rng = np.random.default_rng(2)
   n_users, n_items = 20, 40
@@ -194,10 +194,10 @@ def eval_job(args, workdir):
   import numpy as np
   from flax import nnx
   from experiments import eval_robust
-  from uatmc_jax.evaluation import robust_accuracy
-  from uatmc_jax.parallel import mesh as mesh_lib
-  from uatmc_jax.parallel import multihost
-  from uatmc_jax.training import longtail_trainer
+  from uatmc_jax.longtail.evaluation import robust_accuracy
+  from uatmc_jax.core.parallel import mesh as mesh_lib
+  from uatmc_jax.core.parallel import multihost
+  from uatmc_jax.longtail import trainer as longtail_trainer
 
   del workdir
   mesh = mesh_lib.make_mesh()

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uatmc_jax.attacks import autoattack
-from uatmc_jax.attacks import square
-from uatmc_jax.evaluation import robust_accuracy
+from uatmc_jax.longtail.attacks import autoattack
+from uatmc_jax.longtail.attacks import square
+from uatmc_jax.longtail.evaluation import robust_accuracy
 
 SHAPE = (4, 4, 3)
 N_CLASSES = 10

@@ -9,8 +9,8 @@ from absl.testing import parameterized
 from flax import nnx
 from jax import lax
 
-from uatmc_jax.models import conv_ops
-from uatmc_jax.models import image_classifiers as ic
+from uatmc_jax.longtail.models import conv_ops
+from uatmc_jax.longtail.models import image_classifiers as ic
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uatmc_jax.attacks import graph_local, promotion
-from uatmc_jax.attacks.surface import surface_from_recommender
-from uatmc_jax.models.mmgcn import MMGCN
+from uatmc_jax.recsys.attacks import graph_local
+from uatmc_jax.recsys.attacks import runner as promotion
+from uatmc_jax.recsys.attacks.surface import surface_from_recommender
+from uatmc_jax.recsys.models.mmgcn import MMGCN
 
 N_USERS, N_ITEMS = 16, 40
 POPULAR, ISOLATED = 0, N_ITEMS - 1

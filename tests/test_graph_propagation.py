@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uatmc_jax.models import recsys_base as base
-from uatmc_jax.models.graph_propagation import (is_symmetric, segment_propagate,
+from uatmc_jax.recsys.models import base as base
+from uatmc_jax.recsys.models.graph_propagation import (is_symmetric, segment_propagate,
                                                 symmetric_propagate)
-from uatmc_jax.models.mmgcn import MMGCN, bipartite_edges
-from uatmc_jax.objectives import recsys_losses as losses
+from uatmc_jax.recsys.models.mmgcn import MMGCN, bipartite_edges
+from uatmc_jax.recsys import losses as losses
 
 N_USERS, N_ITEMS = 6, 9
 DIMS = {"audio": 5, "image": 7}

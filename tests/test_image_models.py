@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uatmc_jax.errors import ConfigError
-from uatmc_jax.models import image_classifiers as ic
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.longtail.models import image_classifiers as ic
 
 
 def _n_params(model_or_state):

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uatmc_jax.attacks import apgd
-from uatmc_jax.attacks import attack_losses
-from uatmc_jax.attacks import fab
-from uatmc_jax.attacks import linf
-from uatmc_jax.attacks import pgd_attacks
-from uatmc_jax.attacks import square
+from uatmc_jax.longtail.attacks import apgd
+from uatmc_jax.longtail.attacks import attack_losses
+from uatmc_jax.longtail.attacks import fab
+from uatmc_jax.longtail.attacks import linf
+from uatmc_jax.longtail.attacks import pgd_attacks
+from uatmc_jax.longtail.attacks import square
 
 EPS = 0.03
 

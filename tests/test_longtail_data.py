@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uatmc_jax.data import image_pipeline as pipeline_lib
-from uatmc_jax.data.image_dataset import ImageDataset
-from uatmc_jax.data.image_folder import list_image_folder, load_image_folder
-from uatmc_jax.data.longtail import (class_groups, longtail_class_counts,
+from uatmc_jax.longtail.data import image_pipeline as pipeline_lib
+from uatmc_jax.longtail.data.image_dataset import ImageDataset
+from uatmc_jax.longtail.data.image_folder import list_image_folder, load_image_folder
+from uatmc_jax.longtail.data.longtail import (class_groups, longtail_class_counts,
                                      longtail_indices, make_longtail)
-from uatmc_jax.errors import ConfigError, DataFormatError
+from uatmc_jax.core.errors import ConfigError, DataFormatError
 
 
 # ---------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_real_cifar10_folder(shared_data):
 # ---------------------------------------------------------------------------------
 def test_tfds_mock_random_matches_data_source():
   tfds = pytest.importorskip("tensorflow_datasets")
-  from uatmc_jax.data.tfds_images import load_tfds_images
+  from uatmc_jax.longtail.data.tfds_images import load_tfds_images
   with tfds.testing.mock_data(num_examples=40):
     ds = load_tfds_images("cifar10", "train", "/nonexistent/tfds", num_threads=2)
     src = tfds.data_source("cifar10", split="train", download=False)
@@ -184,7 +184,7 @@ def test_tfds_mock_random_matches_data_source():
 
 def test_tfds_conversion_exact_with_known_records():
   tfds = pytest.importorskip("tensorflow_datasets")
-  from uatmc_jax.data.tfds_images import load_tfds_images
+  from uatmc_jax.longtail.data.tfds_images import load_tfds_images
   records = [{"image": np.full((32, 32, 3), 10 * i, np.uint8), "label": (3 * i) % 10}
              for i in range(12)]
   records[5] = {"image": np.full((32, 32, 1), 77, np.uint8), "label": 9}  # greyscale
@@ -198,7 +198,7 @@ def test_tfds_conversion_exact_with_known_records():
 
 def test_tfds_not_prepared_error(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  from uatmc_jax.data.tfds_images import load_tfds_images
+  from uatmc_jax.longtail.data.tfds_images import load_tfds_images
   with pytest.raises(DataFormatError, match=r"not prepared in .*download_and_prepare"):
     load_tfds_images("cifar10", "train", tmp_path / "tfds")
 

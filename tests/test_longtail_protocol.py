@@ -10,9 +10,9 @@ from PIL import Image
 
 from experiments import train_longtail
 from experiments.configs import longtail as longtail_config
-from uatmc_jax.errors import ConfigError
-from uatmc_jax.training import longtail_trainer as lt
-from uatmc_jax.training import tensorboard_writer
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.longtail import trainer as lt
+from uatmc_jax.core import metric_writer as tensorboard_writer
 
 GROUP_KEYS = ("overall", "balanced", "many", "medium", "few", "tail")
 

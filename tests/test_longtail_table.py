@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import longtail_table as lt
-from uatmc_jax.errors import ConfigError
+from uatmc_jax.core.errors import ConfigError
 
 COUNTS = [50, 20, 5]  # many / medium / few; tail = rarest 30% of 3 classes = class 2
 
@@ -91,7 +91,7 @@ def test_ablations_are_their_own_rows_and_test_sizes_are_shown(tmp_path):
   """MCAT with manifold_weight=0 / etf_weight=0 (recorded in method_spec, same name) must
   not be averaged with MCAT (nor rejected as a repeated seed); they follow their base."""
   import dataclasses
-  from uatmc_jax.training import longtail_methods
+  from uatmc_jax.longtail import methods as longtail_methods
   root = str(tmp_path)
   spec = lambda **kw: dataclasses.asdict(longtail_methods.resolve_method("mcat", **kw))
   assert spec()["manifold_weight"] > 0 and spec()["etf_weight"] > 0

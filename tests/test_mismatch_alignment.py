@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from attack_fixtures import make_raw_surface, make_surface
-from uatmc_jax import errors
-from uatmc_jax.attacks import alignment, mismatch, promotion, user_groups
+from uatmc_jax.core import errors
+from uatmc_jax.recsys.attacks import alignment, mismatch, user_groups
+from uatmc_jax.recsys.attacks import runner as promotion
 
 
 def _loss_fn(surface, anchors, target, k, margin):
@@ -189,7 +190,7 @@ def test_shared_group_weights_focus_on_the_jointly_served_group():
 
 
 def test_unknown_alignment_is_a_config_error():
-  from uatmc_jax import errors
+  from uatmc_jax.core import errors
   with pytest.raises(errors.ConfigError, match="alignment"):
     promotion.pgd_attack(0.1, alignment="bogus")
 

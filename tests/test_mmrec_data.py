@@ -1,13 +1,13 @@
-"""MMRec-layout reader (uatmc_jax.data.mmrec) and synthetic generator (…data.synthetic)."""
+"""MMRec-layout reader (uatmc_jax.recsys.data.mmrec) and synthetic generator (…data.synthetic)."""
 import pathlib
 import re
 
 import numpy as np
 import pytest
 
-from uatmc_jax.data import mmrec
-from uatmc_jax.data import synthetic
-from uatmc_jax.errors import ConfigError, DataFormatError
+from uatmc_jax.recsys.data import mmrec
+from uatmc_jax.recsys.data import synthetic
+from uatmc_jax.core.errors import ConfigError, DataFormatError
 
 HEADER = "userID\titemID\trating\ttimestamp\tx_label"
 # 3 users x 4 items; every split non-empty.
@@ -198,7 +198,7 @@ def test_only_user_groups_npy_is_read_and_other_npy_warn(tmp_path):
   with pytest.warns(UserWarning, match=r"groups\.npy.*user_groups\.npy"):
     data = mmrec.load_mmrec(folder)
   assert data.user_groups is None and data.user_groups_source is None
-  from uatmc_jax.attacks import user_groups
+  from uatmc_jax.recsys.attacks import user_groups
   assert user_groups.grouping_description(data, False, 4) == "k-means k=4 on anchor user vectors"
   good = write_folder(tmp_path / "u", user_groups=np.array([0, 1, 0]))
   import warnings

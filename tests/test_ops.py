@@ -1,4 +1,4 @@
-"""uatmc_jax.ops.top_k: lax.top_k's values, indices and gradients, and XLA's TopK kernel."""
+"""uatmc_jax.core.ops.top_k: lax.top_k's values, indices and gradients, and XLA's TopK kernel."""
 
 import chex
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uatmc_jax import ops
+from uatmc_jax.core import ops
 
 
 def _tail_of_top_k(top_k):

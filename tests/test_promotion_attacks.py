@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from attack_fixtures import brute_force_scores, make_surface
-from uatmc_jax.attacks import promotion, targets as targets_lib
+from uatmc_jax.recsys.attacks import runner as promotion
+from uatmc_jax.recsys.attacks import targets as targets_lib
 
 
 def test_kth_score_with_target_equals_full_sort():
@@ -254,7 +255,7 @@ def test_cosine_alignment_and_cosine_need_a_shared_projected_space():
   """A model without a shared projected space (VBPR) refuses the cosine reward and
   reports NaN cross-modal cosines, although its two widths are equal (5/5 here)."""
   import dataclasses
-  from uatmc_jax import errors
+  from uatmc_jax.core import errors
   surface = make_surface(jax.random.key(3))
   flat = dataclasses.replace(surface, shared_space=False)
   ctx = promotion.build_context(flat, np.arange(12), k=5)
@@ -271,9 +272,9 @@ def test_cosine_alignment_and_cosine_need_a_shared_projected_space():
 
 def test_surface_takes_shared_space_from_the_model():
   from flax import nnx
-  from uatmc_jax.attacks.surface import surface_from_recommender
-  from uatmc_jax.data.interactions import InteractionData
-  from uatmc_jax.models.registry import build_recommender
+  from uatmc_jax.recsys.attacks.surface import surface_from_recommender
+  from uatmc_jax.recsys.data.interactions import InteractionData
+  from uatmc_jax.recsys.models.registry import build_recommender
   rng = np.random.default_rng(0)
   pairs = np.unique(np.stack([rng.integers(0, 6, 30), rng.integers(0, 9, 30)], 1), axis=0)
   feats = {m: rng.standard_normal((9, 8)).astype(np.float32) for m in ("a", "b")}  # 8 / 8
@@ -288,7 +289,7 @@ def test_surface_takes_shared_space_from_the_model():
 def test_attack_config_and_attacker_names():
   from experiments import attack_recsys
   from experiments.configs import attack as attack_config
-  from uatmc_jax import errors
+  from uatmc_jax.core import errors
   cfg = attack_config.get_config("targets=7,seeds=2,epsilon=0.05;0.1,attack=pgd_aligned")
   assert cfg.seeds == [1, 2] and cfg.epsilons == [0.05, 0.1] and cfg.attacks == ["pgd_aligned"]
   assert attack_config.get_config("runlocal=True,seeds=5").seeds == [1]
@@ -308,9 +309,9 @@ def test_attack_outputs_say_which_user_grouping_was_used(tmp_path, capsys):
   from flax import nnx
   from experiments import attack_recsys
   from experiments.configs import attack as attack_config
-  from uatmc_jax.data import mmrec
-  from uatmc_jax.data.synthetic import SyntheticConfig, write_synthetic
-  from uatmc_jax.models.registry import build_recommender
+  from uatmc_jax.recsys.data import mmrec
+  from uatmc_jax.recsys.data.synthetic import SyntheticConfig, write_synthetic
+  from uatmc_jax.recsys.models.registry import build_recommender
   folder = write_synthetic(tmp_path / "syn", SyntheticConfig(
       n_users=40, n_items=30, mean_interactions=8, name="tiny"))
   cfg = attack_config.get_config("targets=2,seeds=1,attack=pgd,k=3,anchor_share=0.5")

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uatmc_jax.data.interactions import InteractionData
-from uatmc_jax.models import recsys_base as base
-from uatmc_jax.models.mmgcn import MMGCN, bipartite_edges
-from uatmc_jax.models.registry import build_recommender
-from uatmc_jax.models.vbpr_mlp import projection_hidden
-from uatmc_jax.objectives import recsys_losses as losses
+from uatmc_jax.recsys.data.interactions import InteractionData
+from uatmc_jax.recsys.models import base as base
+from uatmc_jax.recsys.models.mmgcn import MMGCN, bipartite_edges
+from uatmc_jax.recsys.models.registry import build_recommender
+from uatmc_jax.recsys.models.vbpr_mlp import projection_hidden
+from uatmc_jax.recsys import losses as losses
 
 
 def tiny_data(n_users=7, n_items=11, dims=(("image", 12), ("audio", 5)), seed=0):
@@ -84,7 +84,7 @@ def test_vbpr_item_bias_adds_beta_to_the_dot_product():
 def test_vbpr_item_bias_learns_planted_popularity():
   """Users pick items by popularity alone (features are noise): beta_i must rank the items
   by that popularity."""
-  from uatmc_jax.training.recsys_trainer import RecsysTrainer
+  from uatmc_jax.recsys.trainer import RecsysTrainer
   rng = np.random.default_rng(0)
   n_users, n_items = 300, 40
   pop = 1.0 / np.arange(1, n_items + 1) ** 1.2
@@ -169,7 +169,7 @@ def test_info_nce_ignores_padding_rows(nce):
 def test_padded_batch_loss_equals_unpadded(defence):
   """The whole training loss of a batch padded with copies of row 0 (mask 0) equals the
   loss of the real rows alone, InfoNCE included (VBPR-MLP, InfoNCE weight 1)."""
-  from uatmc_jax.defences import make_defence_loss
+  from uatmc_jax.recsys.defences import make_defence_loss
   data = tiny_data()
   model = build_recommender("vbpr_mlp", data, {"align_weight": 1.0}, nnx.Rngs(0))
   users, pos, neg = jnp.array([0, 1, 2, 3]), jnp.array([1, 2, 3, 4]), jnp.array([5, 6, 7, 8])

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uatmc_jax.data.interactions import InteractionData
-from uatmc_jax.data.sampling import NegativeSampler, epoch_batches
-from uatmc_jax.errors import ConfigError
-from uatmc_jax.models.registry import build_recommender
-from uatmc_jax.objectives import recsys_losses
-from uatmc_jax.parallel.mesh import make_mesh
-from uatmc_jax.training.recsys_trainer import RecsysTrainer, resolve_loss_fn
+from uatmc_jax.recsys.data.interactions import InteractionData
+from uatmc_jax.recsys.data.sampling import NegativeSampler, epoch_batches
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys.models.registry import build_recommender
+from uatmc_jax.recsys import losses as recsys_losses
+from uatmc_jax.core.parallel.mesh import make_mesh
+from uatmc_jax.recsys.trainer import RecsysTrainer, resolve_loss_fn
 
 CONFIG = dict(batch_size=64, epochs=3, patience=50, seed=3, eval_batch_size=16, log=False,
               ks=(5, 20))
@@ -131,8 +131,8 @@ def test_loss_seam_uses_the_given_function_and_names_resolve():
 
 
 def test_train_and_evaluate_writes_results_and_reloads(tmp_path):
-  from uatmc_jax.evaluation.ranking_metrics import RankingEvaluator
-  from uatmc_jax.training.recsys_trainer import load_trained_recommender, train_and_evaluate
+  from uatmc_jax.recsys.metrics import RankingEvaluator
+  from uatmc_jax.recsys.trainer import load_trained_recommender, train_and_evaluate
 
   config = {"model": "vbpr", "dataset": "synthetic",
             "dataset_kwargs": {"n_users": 60, "n_items": 40, "mean_interactions": 8.0},

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uatmc_jax.attacks import autoattack
-from uatmc_jax.attacks import batching
-from uatmc_jax.attacks import fab
-from uatmc_jax.evaluation import robust_accuracy
+from uatmc_jax.longtail.attacks import autoattack
+from uatmc_jax.longtail.attacks import batching
+from uatmc_jax.longtail.attacks import fab
+from uatmc_jax.longtail.evaluation import robust_accuracy
 
 
 def test_run_until_fooled_matches_a_brute_force_schedule():
@@ -151,7 +151,7 @@ def test_skipping_broken_points_gives_the_robust_set_of_every_stage_on_all_point
   lines = []
   res = aa.run(x, y, log=lines.append)
   # Every stage on all 20 points, all 9 targets, no skipping.
-  from uatmc_jax.attacks import apgd, square
+  from uatmc_jax.longtail.attacks import apgd, square
   key = jax.random.PRNGKey(7)
   clean = np.asarray(jnp.argmax(logits_fn(x), -1)) == y
   apgd_t = jax.jit(lambda r: apgd.apgd_targeted_attack(logits_fn, x, y, epsilon=eps,

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from uatmc_jax.attacks import batching
-from uatmc_jax.evaluation import geometry
-from uatmc_jax.evaluation import robust_accuracy
-from uatmc_jax.objectives import etf
+from uatmc_jax.longtail.attacks import batching
+from uatmc_jax.longtail.evaluation import geometry
+from uatmc_jax.longtail.evaluation import robust_accuracy
+from uatmc_jax.longtail import etf
 
 
 def test_accuracy_block_groups_from_train_counts():
@@ -129,7 +129,7 @@ def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
   res = eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images,
                                         labels, counts, ["pgd20", "cw"], config,
                                         out_dir=str(tmp_path), log=lambda s: None)
-  from uatmc_jax.evaluation import reporting
+  from uatmc_jax.core import reporting
   saved = reporting.read_json(str(tmp_path / "eval_results.json"))
   for name in ("clean", "pgd20", "cw"):
     assert set(saved[name]) >= {"per_class", "overall", "balanced", "many", "medium",
@@ -149,7 +149,7 @@ def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
 
 def test_mean_std_is_the_sample_std():
   """Tables report mean ± sample std (ddof 1), numpy's std(ddof=1); 0 for one value."""
-  from uatmc_jax.evaluation import reporting
+  from uatmc_jax.core import reporting
   values = [0.31, 0.27, 0.40]
   ms = reporting.mean_std(values)
   np.testing.assert_allclose(ms["std"], np.std(values, ddof=1), rtol=1e-12)
@@ -165,8 +165,8 @@ def test_evaluate_classifier_runs_an_attack_on_its_own_subset(tmp_path):
   images only, equal to evaluating those images alone; the rest stay on the full set."""
   import jax.numpy as jnp
   from experiments import eval_robust
-  from uatmc_jax.errors import ConfigError
-  from uatmc_jax.evaluation import reporting
+  from uatmc_jax.core.errors import ConfigError
+  from uatmc_jax.core import reporting
 
   n_classes = 4
   features_fn, logits_fn, head, images, labels = _tiny_classifier(1, 12, n_classes)

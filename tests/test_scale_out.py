@@ -12,12 +12,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uatmc_jax.errors import ConfigError
-from uatmc_jax.models.mmgcn import MMGCN
-from uatmc_jax.models.vbpr_mlp import VBPRMLP
-from uatmc_jax.objectives.recsys_losses import bpr_objective
-from uatmc_jax.parallel import mesh as mesh_lib
-from uatmc_jax.parallel import multihost, precision, sharding_rules, throughput
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys.models.mmgcn import MMGCN
+from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP
+from uatmc_jax.recsys.losses import bpr_objective
+from uatmc_jax.core.parallel import mesh as mesh_lib
+from uatmc_jax.core.parallel import multihost, precision, sharding_rules, throughput
 
 RULES = sharding_rules.RECSYS_TABLE_RULES
 DIMS = {"image": 12, "text": 6}
@@ -285,7 +285,7 @@ def test_promotion_runner_on_a_mesh_equals_one_device(is_graph):
   import sys
   sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
   from attack_fixtures import make_surface
-  from uatmc_jax.attacks import promotion
+  from uatmc_jax.recsys.attacks import runner as promotion
 
   surface = make_surface(jax.random.key(4), n_items=25, is_graph=is_graph)
   ctx = promotion.build_context(surface, np.arange(0, 12, 2), k=4,
@@ -308,7 +308,7 @@ def test_promotion_runner_on_a_mesh_equals_one_device(is_graph):
 
 
 def test_robust_evaluator_on_a_mesh_equals_one_device():
-  from uatmc_jax.evaluation import robust_accuracy
+  from uatmc_jax.longtail.evaluation import robust_accuracy
 
   rng = np.random.default_rng(5)
   proj = jnp.asarray(rng.standard_normal((48, 6)) / 7, jnp.float32)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uatmc_jax.data import image_folder, longtail
-from uatmc_jax.data.image_dataset import ImageDataset
+from uatmc_jax.longtail.data import image_folder, longtail
+from uatmc_jax.longtail.data.image_dataset import ImageDataset
 
 
 @pytest.fixture

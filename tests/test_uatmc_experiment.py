@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from uatmc_jax.data.synthetic import SyntheticConfig, write_synthetic
+from uatmc_jax.recsys.data.synthetic import SyntheticConfig, write_synthetic
 
 DEFENCE_KEYS = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 
@@ -14,7 +14,7 @@ DEFENCE_KEYS = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   from experiments import uatmc
   from experiments.configs import uatmc as uatmc_config
-  from uatmc_jax.errors import ConfigError
+  from uatmc_jax.core.errors import ConfigError
 
   folder = write_synthetic(tmp_path / "data", SyntheticConfig(
       n_users=120, n_items=60, mean_interactions=10, name="tiny"))
@@ -156,7 +156,7 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
 def test_vbpr_runs_only_what_needs_no_shared_space():
   from experiments import uatmc
   from experiments.configs import uatmc as uatmc_config
-  from uatmc_jax.errors import ConfigError
+  from uatmc_jax.core.errors import ConfigError
   with pytest.raises(ConfigError, match="uat_mc.*shared projected space"):
     uatmc.attackers_for(uatmc_config.get_config("model=vbpr"))
   attackers, sweep = uatmc.attackers_for(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import uatmc_paired
-from uatmc_jax.errors import ConfigError
+from uatmc_jax.core.errors import ConfigError
 
 
 def _write(root, seed, defence, hits):

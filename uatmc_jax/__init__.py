@@ -1,16 +1,15 @@
-"""uatmc_jax: adversarial robustness under imbalance, in JAX.
+"""uatmc_jax: adversarial robustness under two kinds of imbalance, in JAX.
 
-Layers (lower never imports upper):
-  data -> models -> objectives / attacks / defences -> training / evaluation -> experiments
+One package per paper on a shared core (docs/design.md):
 
-* ``uatmc_jax.data``        readers (MMRec layout, image folders, TFDS), synthetic data, long-tail subsets.
-* ``uatmc_jax.models``      Flax NNX recommenders (VBPR, VBPR-MLP, MMGCN) and image classifiers.
-* ``uatmc_jax.objectives``  pure losses (BPR, EmbLoss, InfoNCE, TRADES, MART, balanced softmax, ETF, manifold).
-* ``uatmc_jax.attacks``     promotion attacks + cross-modal mismatch/alignment; image attacks (PGD, CW, AutoAttack).
-* ``uatmc_jax.defences``    adversarial-training loss transforms (APR, AMR, UAT-MC).
-* ``uatmc_jax.training``    one trainer per task, checkpointing.
-* ``uatmc_jax.evaluation``  ranking metrics, robust accuracy, geometry diagnostics, reporting.
-* ``uatmc_jax.parallel``    meshes, sharding, multi-host initialisation.
+* ``uatmc_jax.core``      errors, top-k, checkpointing, progress, metric writer, reports,
+                          ``parallel`` (meshes, sharding, multi-host, precision, FLOPs).
+* ``uatmc_jax.recsys``    UAT-MC (METHODS.md part A): multimodal recommenders, promotion
+                          attacks, cross-modal mismatch, adversarial-training defences.
+* ``uatmc_jax.longtail``  MCAT (METHODS.md part B): long-tailed adversarial training,
+                          manifold and ETF terms, robust evaluation up to AutoAttack.
+
+``recsys`` and ``longtail`` import only ``core``, never each other.
 """
 
 __version__ = "0.1.0"

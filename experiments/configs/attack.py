@@ -13,7 +13,7 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``;`` or ``+``):
     single-modal baselines fgsm_<m>, pgd_<m> for every modality m. Also by name (not
     in the default list): pgd_cosine_pushforward / fgsm_cosine_pushforward, the cosine
     reward on the projected-space displacements of the raw steps (space=raw; equals
-    pgd_aligned in the projected space; see uatmc_jax.attacks.alignment).
+    pgd_aligned in the projected space; see uatmc_jax.recsys.attacks.alignment).
   target_set: random | cold | hot (random).
   anchor_share: share of users that are anchors (0.4).
   k: the objective's top-K (50).

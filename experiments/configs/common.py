@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from uatmc_jax.errors import ConfigError
+from uatmc_jax.core.errors import ConfigError
 
 
 def _literal(v: str) -> Any:

@@ -58,7 +58,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import common
-from uatmc_jax.errors import ConfigError
+from uatmc_jax.core.errors import ConfigError
 
 DEFAULTS = dict(
     preset="full", dataset="cifar10", data_dir=None, imbalance_ratio=100.0, n_max=None,

@@ -48,7 +48,7 @@ import ml_collections
 
 from experiments.configs import common
 from experiments.configs import recsys
-from uatmc_jax.errors import ConfigError
+from uatmc_jax.core.errors import ConfigError
 
 DEFENCE_NAMES = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 

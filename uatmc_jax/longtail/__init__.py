@@ -1,0 +1,8 @@
+"""MCAT (METHODS.md part B): adversarial training on long-tailed images with a
+class-conditional manifold constraint and a simplex-ETF geometry term, beside PGD-AT,
+TRADES, MART, AT-BSL and RoBal, and robust evaluation up to AutoAttack.
+
+Sub-packages: ``data``, ``models``, ``attacks``, ``evaluation``; modules ``losses``,
+``etf``, ``manifold``, ``methods``, ``trainer`` and ``experiment``. Imports only
+``uatmc_jax.core``.
+"""

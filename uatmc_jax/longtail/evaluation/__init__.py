@@ -1,0 +1,1 @@
+"""Robust accuracy, per-class accuracy and feature geometry of image classifiers (METHODS.md B.5)."""

@@ -1,0 +1,1 @@
+"""Image classifiers with a feature map and a linear head (METHODS.md B.4)."""

@@ -1,0 +1,493 @@
+"""The one long-tailed adversarial-training loop (METHODS.md B.3, B.4).
+
+Every method of ``longtail_methods`` (PGD-AT, TRADES, MART, AT-BSL, RoBal, MCAT and
+their combinations) runs through ``LongTailTrainer``:
+
+* inner maximisation: ``attacks.linf.pgd_attack`` (PGD-10, ε 8/255, step 2/255, random
+  start) on the method's objective, with BatchNorm in **inference** mode (running
+  statistics, no update); MS-PGD (``attacks.manifold_pgd``) when λ_man > 0;
+* outer minimisation: the method's loss with BatchNorm in **training** mode (batch
+  statistics, running averages updated), SGD momentum 0.9, weight decay 5e-4 (added to
+  the gradient, PyTorch style), lr 0.1 with cosine or step (×0.1 at 50% / 75%) decay;
+* MCAT's manifold models: fitted on the clean penultimate features of each batch
+  (Adam on the autoencoder reconstruction, ``objectives.manifold``) during
+  ``manifold_warmup_epochs`` (the attack is plain PGD meanwhile), then either refreshed
+  every step (paper) or frozen (reference);
+* a pure, jitted step over ``nnx.split`` state with ``donate_argnums``; the batch is
+  sharded over the ``data`` axis of the mesh, the state replicated (BN statistics are
+  then global-batch statistics, so results do not depend on the device count);
+* orbax checkpoints every epoch (``CheckpointStore``) and resume; every random draw
+  comes from ``(seed, epoch, step)``, so a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from uatmc_jax.longtail.attacks import linf
+from uatmc_jax.longtail.attacks import manifold_pgd
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.longtail.evaluation import class_accuracy
+from uatmc_jax.core.reporting import ProgressLogger
+from uatmc_jax.longtail.models import image_classifiers as ic
+from uatmc_jax.longtail import losses as cl
+from uatmc_jax.longtail import manifold as manifold_lib
+from uatmc_jax.core.parallel import mesh as mesh_lib
+from uatmc_jax.core.parallel import multihost
+from uatmc_jax.core.parallel import precision
+from uatmc_jax.longtail import methods as methods
+from uatmc_jax.core.checkpointing import CheckpointStore
+from uatmc_jax.core.progress import StepProgress
+from uatmc_jax.core.metric_writer import ScalarWriter
+
+TRAINER_CONFIG_FILE = "trainer_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LongTailTrainConfig:
+  """Hyper-parameters of one run (defaults: the field's settings of B.3 / B.4)."""
+  model: str = "resnet18"
+  model_kwargs: dict = dataclasses.field(default_factory=dict)
+  num_epochs: int = 100
+  batch_size: int = 128
+  learning_rate: float = 0.1
+  schedule: str = "cosine"            # cosine | step
+  # Linear warm-up from 0 over this many epochs (may be fractional), then the schedule
+  # over the remaining steps; 0 = none (the B.3/B.4 settings).
+  warmup_epochs: float = 0.0
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  epsilon: float = 8 / 255
+  attack_step_size: float = 2 / 255
+  attack_steps: int = 10
+  # MCAT manifold models (used only when the method's manifold_weight > 0)
+  latent_dim: int = 128
+  manifold_hidden_dim: int = 1024
+  latent_steps: int = 5               # T_z
+  latent_step_size: float = 0.01
+  manifold_refresh: str = "every_step"  # every_step | frozen
+  manifold_warmup_epochs: int = 1
+  manifold_fit_steps: int = 1         # Adam steps on each batch's clean features
+  manifold_learning_rate: float = 1e-3
+  seed: int = 0
+  # float32 | bfloat16: the model's compute dtype (params, BN statistics and optimiser
+  # state stay float32); see uatmc_jax.core.parallel.precision.
+  compute_dtype: str = "float32"
+
+  def validate(self) -> None:
+    if self.schedule not in ("cosine", "step"):
+      raise ConfigError(f"schedule: expected cosine|step, got {self.schedule!r}")
+    if self.manifold_refresh not in ("every_step", "frozen"):
+      raise ConfigError(f"manifold_refresh: expected every_step|frozen, got "
+                        f"{self.manifold_refresh!r}")
+    if self.num_epochs < 1 or self.batch_size < 1 or self.attack_steps < 0:
+      raise ConfigError("num_epochs, batch_size must be >= 1 and attack_steps >= 0")
+    if not 0 <= self.warmup_epochs < self.num_epochs:
+      raise ConfigError(f"warmup_epochs: expected 0 <= warmup_epochs < num_epochs "
+                        f"({self.num_epochs}), got {self.warmup_epochs}")
+
+
+def learning_rate_schedule(config: LongTailTrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up over ``warmup_epochs`` (if any), then cosine decay to 0 or step decay
+  (x0.1 at 50% and 75% of the post-warm-up steps)."""
+  total = max(config.num_epochs * steps_per_epoch, 1)
+  warm = int(round(config.warmup_epochs * steps_per_epoch))
+  rest = max(total - warm, 1)
+  if config.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(config.learning_rate, rest)
+  else:
+    decay = optax.piecewise_constant_schedule(
+        config.learning_rate, {int(0.5 * rest): 0.1, int(0.75 * rest): 0.1})
+  if not warm:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, config.learning_rate, warm), decay], [warm])
+
+
+def make_optimizer(config: LongTailTrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD(momentum) with coupled weight decay and ``learning_rate_schedule``."""
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(learning_rate_schedule(config, steps_per_epoch),
+                               momentum=config.momentum))
+
+
+class StepFlags(NamedTuple):
+  fit_manifold: bool
+  attack_with_manifold: bool
+
+
+class LongTailTrainer:
+  """Builds the model, state and jitted steps of one long-tail AT run.
+
+  Args:
+    config: hyper-parameters.
+    method: a resolved ``LongTailMethod``.
+    num_classes: C.
+    class_counts: (C,) training counts (balanced softmax, RoBal, groups).
+    steps_per_epoch: optimiser steps per epoch (for the schedule).
+    mesh: device mesh (default: all devices on the data axis).
+  """
+
+  def __init__(self, config: LongTailTrainConfig, method: methods.LongTailMethod, *,
+               num_classes: int, class_counts: np.ndarray, steps_per_epoch: int,
+               mesh: jax.sharding.Mesh | None = None):
+    config.validate()
+    self.config, self.method = config, method
+    self.num_classes = num_classes
+    self.class_counts = np.asarray(class_counts, np.int64)
+    self.steps_per_epoch = steps_per_epoch
+    self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+    if config.batch_size % mesh_lib.data_axis_size(self.mesh):
+      raise ConfigError(f"batch_size {config.batch_size} is not divisible by the "
+                        f"{mesh_lib.data_axis_size(self.mesh)} devices of the data axis")
+    self.optimizer = make_optimizer(config, steps_per_epoch)
+    model = self.build_model(jax.random.key(config.seed))
+    self.graphdef, _, _ = ic.split_classifier(model)
+    self._counts_f32 = jnp.asarray(self.class_counts, jnp.float32)
+    self._steps: dict[StepFlags, Callable] = {}
+
+  # --- model and state ------------------------------------------------------------------
+  def model_kwargs(self) -> dict:
+    kw = dict(self.config.model_kwargs)
+    if self.config.compute_dtype != "float32":
+      kw.setdefault("dtype", precision.Policy.from_name(self.config.compute_dtype).compute_dtype)
+    if self.method.head == "cosine":
+      kw.update(head="cosine", cosine_scale=self.method.robal_scale)
+    return kw
+
+  def build_model(self, key: jax.Array) -> ic.ImageClassifier:
+    return ic.build_classifier(self.config.model, self.num_classes,
+                               nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1)),
+                               **self.model_kwargs())
+
+  def init_state(self) -> dict:
+    """Fresh replicated state: params, batch_stats, opt_state, manifold fit state."""
+    key = jax.random.key(self.config.seed)
+    model = self.build_model(key)
+    _, params, batch_stats = ic.split_classifier(model)
+    state = {"params": params, "batch_stats": batch_stats,
+             "opt_state": self.optimizer.init(params), "manifold": {}}
+    if self.method.uses_manifold:
+      state["manifold"] = manifold_lib.init_manifold_fit(
+          jax.random.fold_in(key, 7), num_classes=self.num_classes,
+          feature_dim=model.feature_dim, latent_dim=self.config.latent_dim,
+          hidden_dim=self.config.manifold_hidden_dim,
+          learning_rate=self.config.manifold_learning_rate)._asdict()
+    return mesh_lib.replicate(state, self.mesh)
+
+  def step_flags(self, epoch: int) -> StepFlags:
+    if not self.method.uses_manifold:
+      return StepFlags(False, False)
+    warm = epoch < self.config.manifold_warmup_epochs
+    refresh = warm or self.config.manifold_refresh == "every_step"
+    return StepFlags(fit_manifold=refresh, attack_with_manifold=not warm)
+
+  # --- pure pieces ----------------------------------------------------------------------
+  def features_eval(self, params, batch_stats, x):
+    return ic.apply_features(self.graphdef, params, batch_stats, x, train=False)[0]
+
+  def classify(self, params, batch_stats, phi):
+    return ic.apply_classify(self.graphdef, params, batch_stats, phi)
+
+  def adversarial_examples(self, state: dict, x, y, key, *, attack_with_manifold: bool):
+    """The method's inner maximisation (PGD-10 or MS-PGD), BN in inference mode."""
+    cfg, method = self.config, self.method
+    params, stats = state["params"], state["batch_stats"]
+    feats = functools.partial(self.features_eval, params, stats)
+    clean_logits = None
+    if method.inner_loss == "kl":
+      clean_logits = jax.lax.stop_gradient(self.classify(params, stats, feats(x)))
+
+    def head_loss(phi):
+      return methods.attack_head_loss(method, adv_logits=self.classify(params, stats, phi),
+                                      labels=y, clean_logits=clean_logits,
+                                      class_counts=self._counts_f32)
+
+    if attack_with_manifold:
+      loss_fn = manifold_pgd.manifold_constrained_loss(
+          features_fn=feats, head_loss_fn=head_loss, labels=y,
+          manifold_params=manifold_lib.ManifoldParams(*state["manifold"]["params"]),
+          manifold_weight=method.manifold_weight, latent_steps=cfg.latent_steps,
+          latent_step_size=cfg.latent_step_size)
+    else:
+      loss_fn = lambda xa: head_loss(feats(xa))
+    return linf.pgd_attack(loss_fn, x, epsilon=cfg.epsilon, step_size=cfg.attack_step_size,
+                           num_steps=cfg.attack_steps, key=key,
+                           random_start=method.attack_start)
+
+  def _train_step(self, state: dict, batch: dict, key: jax.Array, *, flags: StepFlags):
+    cfg, method = self.config, self.method
+    x, y = batch["image"], batch["label"]
+    metrics = {}
+    state = dict(state)
+    if flags.fit_manifold:
+      phi_clean = jax.lax.stop_gradient(
+          self.features_eval(state["params"], state["batch_stats"], x))
+      fit = manifold_lib.ManifoldFitState(
+          manifold_lib.ManifoldParams(*state["manifold"]["params"]),
+          state["manifold"]["opt_state"])
+      fit, metrics["manifold_recon"] = manifold_lib.manifold_fit_steps(
+          fit, phi_clean, y, num_steps=cfg.manifold_fit_steps,
+          learning_rate=cfg.manifold_learning_rate)
+      state["manifold"] = fit._asdict()
+    x_adv = self.adversarial_examples(state, x, y, key,
+                                      attack_with_manifold=flags.attack_with_manifold)
+
+    def loss_fn(params):
+      stats = state["batch_stats"]
+      clean_logits = None
+      if method.needs_clean_logits:
+        clean_logits, stats = ic.apply_logits(self.graphdef, params, stats, x, train=True)
+      adv_logits, stats = ic.apply_logits(self.graphdef, params, stats, x_adv, train=True)
+      weight = ic.classifier_weight_of(self.graphdef, params, stats)
+      loss, parts = methods.outer_loss(method, adv_logits=adv_logits, labels=y,
+                                       clean_logits=clean_logits,
+                                       class_counts=self._counts_f32,
+                                       classifier_weight=weight)
+      return loss, (stats, parts, adv_logits)
+
+    (loss, (stats, parts, adv_logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
+    state.update(params=optax.apply_updates(state["params"], updates), batch_stats=stats,
+                 opt_state=opt_state)
+    correct = jnp.argmax(adv_logits, -1) == y
+    metrics.update(parts, loss=loss, adv_train_acc=jnp.mean(correct))
+    # Per-class counts of this batch (summed over the epoch, not averaged): the training
+    # robust accuracy per Many/Medium/Few/Tail group at no extra forward pass.
+    onehot = jax.nn.one_hot(y, self.num_classes, dtype=jnp.int32)
+    metrics["per_class"] = {"adv_correct": jnp.sum(onehot * correct[:, None], 0),
+                            "seen": jnp.sum(onehot, 0)}
+    return state, metrics
+
+  def train_step(self, state: dict, batch: dict, key: jax.Array, *, flags: StepFlags):
+    """One jitted, state-donating step (compiled once per ``flags``).
+
+    Returns ``(state, metrics)``: scalar batch means (``loss``, ``adv_train_acc``, the
+    method's loss parts) and ``metrics["per_class"]``, the (C,) int counts
+    ``adv_correct`` / ``seen`` of the batch's labels.
+    """
+    if flags not in self._steps:
+      self._steps[flags] = jax.jit(functools.partial(self._train_step, flags=flags),
+                                   donate_argnums=(0,))
+    return self._steps[flags](state, batch, key)
+
+  # --- evaluation -----------------------------------------------------------------------
+  def inference_logits(self, params, batch_stats, x):
+    logits = ic.apply_logits(self.graphdef, params, batch_stats, x, train=False)[0]
+    return methods.inference_logits(self.method, logits, self._counts_f32)
+
+  @functools.cached_property
+  def _eval_fn(self):
+    cfg = self.config
+
+    @functools.partial(jax.jit, static_argnames=("num_steps",))
+    def predict(params, batch_stats, x, y, key, num_steps):
+      logits_fn = functools.partial(self.inference_logits, params, batch_stats)
+      if num_steps:
+        x = linf.pgd_attack(lambda xa: cl.softmax_cross_entropy(logits=logits_fn(xa), labels=y),
+                            x, epsilon=cfg.epsilon, step_size=cfg.attack_step_size,
+                            num_steps=num_steps, key=key, random_start=True)
+      return jnp.argmax(logits_fn(x), -1)
+
+    return predict
+
+  def evaluate(self, state: dict, batches, *, pgd_steps: int = 20, seed: int = 0) -> dict:
+    """Clean and PGD-``pgd_steps`` long-tail accuracy blocks over eval batches."""
+    c = self.num_classes
+    correct = {"clean": np.zeros(c, np.int64), f"pgd{pgd_steps}": np.zeros(c, np.int64)}
+    total = np.zeros(c, np.int64)
+    for i, batch in enumerate(batches):
+      dev = mesh_lib.shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
+      key = jax.random.fold_in(jax.random.key(seed), i)
+      # Multi-process: predictions, labels and mask of the *global* batch on every process.
+      labels, mask = multihost.gather_process_local((batch["label"], batch["mask"]))
+      for name, steps in (("clean", 0), (f"pgd{pgd_steps}", pgd_steps)):
+        pred = multihost.to_host(self._eval_fn(state["params"], state["batch_stats"],
+                                               dev["image"], dev["label"], key, steps))
+        ok, tot = class_accuracy.per_class_counts(pred, labels, mask, c)
+        correct[name] += ok
+      total += tot
+    return {k: class_accuracy.accuracy_block(v, total, self.class_counts)
+            for k, v in correct.items()}
+
+  # --- the loop -------------------------------------------------------------------------
+  def step_key(self, epoch: int, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed + 1), epoch),
+                              step)
+
+  def save_config(self, workdir: str) -> None:
+    info = {"config": dataclasses.asdict(self.config),
+            "method": dataclasses.asdict(self.method),
+            "num_classes": self.num_classes,
+            "class_counts": self.class_counts.tolist(),
+            "model_kwargs": self.model_kwargs()}
+    os.makedirs(workdir, exist_ok=True)
+    if mesh_lib.is_primary_process():
+      with open(os.path.join(workdir, TRAINER_CONFIG_FILE), "w") as f:
+        json.dump(info, f, indent=2, default=str)
+
+  def write_scalars(self, workdir: str, step: int, scalars: dict) -> None:
+    """Appends ``scalars`` at ``step`` to the TensorBoard event files in ``workdir``
+    (e.g. the final test evaluation; process 0 only)."""
+    with ScalarWriter(workdir, enabled=mesh_lib.is_primary_process()) as writer:
+      writer.write(step, scalars)
+
+  def fit(self, pipeline, workdir: str, *, logger: ProgressLogger | None = None,
+          stop_after_epoch: int | None = None, monitor_batches: Callable[[], Any] | None = None,
+          monitor_every: int = 0, monitor_pgd_steps: int = 10,
+          progress_every_seconds: float = 10.0) -> tuple[dict, dict]:
+    """Trains ``num_epochs`` (resuming from ``workdir/checkpoints``); returns (state, info).
+
+    ``pipeline.epoch(e)`` yields host batches ``{"image", "label"}``. ``stop_after_epoch``
+    ends the run early after that epoch (used to test resume).
+
+    Progress: a line every ``progress_every_seconds`` (step, epoch, loss, images/s, ETA;
+    ``training.progress``), one line per epoch (``logger``). Every epoch's scalars go to
+    TensorBoard event files in ``workdir`` (``training.tensorboard_writer``), at the
+    global step of the epoch's end: ``train/*`` (epoch means of the step metrics, the
+    learning rate, images/s) and ``train_adv/{overall,balanced,many,medium,few,tail}``
+    (accuracy on the adversarial training examples, per class group). With
+    ``monitor_batches`` (a callable returning eval batches, e.g. a small test subset)
+    and ``monitor_every`` = k > 0, every k-th epoch and the last one are also evaluated
+    clean and under PGD-``monitor_pgd_steps``: ``monitor/clean/*``,
+    ``monitor/pgd<k>/*`` (same keys); ``info["monitor"]`` holds the history.
+    """
+    self.save_config(workdir)
+    store = CheckpointStore(os.path.join(workdir, "checkpoints"))
+    state = self.init_state()
+    start_epoch, train_seconds = 0, 0.0
+    restored = store.restore_latest(state)
+    if restored is not None:
+      state, meta = restored
+      start_epoch, train_seconds = meta["epoch"] + 1, meta["train_seconds"]
+    primary = mesh_lib.is_primary_process()
+    logger = logger or ProgressLogger(f"longtail:{self.method.name}", enabled=primary)
+    spe, epochs = self.steps_per_epoch, self.config.num_epochs
+    progress = StepProgress(f"longtail:{self.method.name}", total_steps=epochs * spe,
+                            images_per_step=self.config.batch_size, num_epochs=epochs,
+                            every_seconds=progress_every_seconds,
+                            enabled=primary and progress_every_seconds >= 0)
+    writer = ScalarWriter(workdir, enabled=primary)
+    schedule = learning_rate_schedule(self.config, spe)
+    metrics_hist, monitor_hist = {}, []
+    for epoch in range(start_epoch, epochs):
+      flags = self.step_flags(epoch)
+      t0 = time.perf_counter()
+      sums: dict[str, float] = {}
+      class_sums = {"adv_correct": 0, "seen": 0}
+      n = 0
+      for step, batch in enumerate(pipeline.epoch(epoch)):
+        dev = mesh_lib.shard_batch(batch, self.mesh)
+        state, metrics = self.train_step(state, dev, self.step_key(epoch, step), flags=flags)
+        per_class = multihost.to_host(metrics.pop("per_class"))
+        for k in class_sums:
+          class_sums[k] = class_sums[k] + np.asarray(per_class[k], np.int64)
+        for k, v in metrics.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+        progress.update(epoch * spe + step + 1, epoch, loss=float(metrics["loss"]),
+                        adv_train_acc=float(metrics["adv_train_acc"]))
+      seconds = time.perf_counter() - t0
+      train_seconds += seconds
+      metrics_hist = {k: v / max(n, 1) for k, v in sums.items()}
+      logger.log(epoch, examples=n * self.config.batch_size, seconds=seconds, **metrics_hist)
+      global_step = (epoch + 1) * spe
+      scalars = {f"train/{k}": v for k, v in metrics_hist.items()}
+      scalars.update({"train/learning_rate": float(schedule(global_step - 1)),
+                      "train/images_per_second": n * self.config.batch_size / seconds,
+                      "train/epoch_seconds": seconds})
+      train_block = class_accuracy.accuracy_block(class_sums["adv_correct"],
+                                                  class_sums["seen"], self.class_counts)
+      scalars.update(group_scalars("train_adv", train_block))
+      last = epoch == epochs - 1 or (stop_after_epoch is not None and epoch >= stop_after_epoch)
+      if monitor_batches is not None and monitor_every > 0 and (
+          (epoch + 1) % monitor_every == 0 or last):
+        blocks = self.evaluate(state, monitor_batches(), pgd_steps=monitor_pgd_steps,
+                               seed=self.config.seed)
+        monitor_hist.append({"epoch": epoch, **blocks})
+        for name, block in blocks.items():
+          scalars.update(group_scalars(f"monitor/{name}", block))
+        logger.log(epoch, **{f"monitor_{name}_balanced": b["balanced"]
+                             for name, b in blocks.items()})
+      writer.write(global_step, scalars)
+      writer.flush()
+      store.save(epoch, state, {"epoch": epoch, "train_seconds": train_seconds,
+                                "metrics": metrics_hist})
+      if stop_after_epoch is not None and epoch >= stop_after_epoch:
+        break
+    writer.close()
+    store.close()
+    return state, {"train_seconds": train_seconds, "last_epoch_metrics": metrics_hist,
+                   "monitor": monitor_hist}
+
+
+def group_scalars(prefix: str, block: dict) -> dict[str, float]:
+  """``{prefix}/{overall,balanced,many,medium,few,tail}`` of an accuracy block (empty
+  groups, i.e. None, are left out)."""
+  return {f"{prefix}/{k}": block[k] for k in ("overall", "balanced", "many", "medium",
+                                               "few", "tail") if block.get(k) is not None}
+
+
+class TrainedClassifier(NamedTuple):
+  """A trained long-tail classifier, ready for evaluation attacks.
+
+  ``logits_fn(x)`` maps images (B, H, W, 3) in [0, 1] to the method's inference logits
+  (B, C) (BN in inference mode; RoBal's −τ_p log π included); ``model`` is the NNX
+  module in eval mode (raw logits, ``features``, ``classifier_weight``);
+  ``logit_adjustment`` (C,) is what ``logits_fn`` adds to ``model(x)``.
+  """
+  model: ic.ImageClassifier
+  logits_fn: Callable[[jax.Array], jax.Array]
+  logit_adjustment: np.ndarray
+  class_counts: np.ndarray
+  method: methods.LongTailMethod
+  info: dict
+
+
+def load_trained_classifier(workdir: str, *, best: bool = False,
+                            mesh: jax.sharding.Mesh | None = None) -> TrainedClassifier:
+  """Rebuilds the model of a ``train_longtail`` run and restores its latest checkpoint.
+
+  ``mesh``: restore the state replicated on it (e.g. a global mesh of a multi-process
+  evaluation; the default is this process's first device).
+
+  Raises:
+    ConfigError: no trainer config or no checkpoint under ``workdir``.
+  """
+  path = os.path.join(workdir, TRAINER_CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f"{path}: not found; is {workdir} the workdir of a train_longtail run?")
+  with open(path) as f:
+    info = json.load(f)
+  cfg = dict(info["config"])
+  config = LongTailTrainConfig(**cfg)
+  method = methods.LongTailMethod(**info["method"])
+  counts = np.asarray(info["class_counts"], np.int64)
+  trainer = LongTailTrainer(config, method, num_classes=info["num_classes"],
+                            class_counts=counts, steps_per_epoch=1,
+                            mesh=mesh or mesh_lib.make_mesh(devices=jax.local_devices()[:1]))
+  template = trainer.init_state()
+  store = CheckpointStore(os.path.join(workdir, "checkpoints"))
+  restored = store.restore_best(template) if best else store.restore_latest(template)
+  store.close()
+  if restored is None:
+    raise ConfigError(f"{workdir}/checkpoints: no checkpoint to restore")
+  state, meta = restored
+  model = nnx.merge(trainer.graphdef, state["params"], state["batch_stats"])
+  model.eval()
+  adjustment = np.asarray(methods.logit_adjustment(method, jnp.asarray(counts, jnp.float32)))
+  logits_fn = jax.jit(functools.partial(trainer.inference_logits, state["params"],
+                                        state["batch_stats"]))
+  return TrainedClassifier(model, logits_fn, adjustment, counts, method,
+                           dict(info, checkpoint_meta=meta))

@@ -1,1 +1,0 @@
-"""Flax NNX models: multimodal recommenders (see recsys_base for the protocol)."""

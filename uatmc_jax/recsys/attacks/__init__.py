@@ -1,0 +1,1 @@
+"""Evasion-based promotion attacks on multimodal recommenders (METHODS.md A.4-A.6)."""

@@ -1,0 +1,446 @@
+"""The one training loop for recommenders (METHODS.md A.3), with a pluggable loss.
+
+Protocol: BPR with one uniformly sampled non-train negative per train pair, Adam
+(lr 1e-3), batch 2048, model selection on valid Recall@20, early stop after
+``patience`` (20) epochs without improvement, full-ranking evaluation.
+
+The loss seam
+-------------
+The trainer minimises ``loss_fn(model, batch, features, key) -> (loss, aux)``:
+
+* ``model``: the recommender, merged from the current parameters (an NNX module);
+* ``batch``: ``{"users", "pos", "neg": int32 (B,), "mask": float32 (B,)}`` (mask 0 marks
+  the padding rows of an epoch's last batch);
+* ``features``: raw features of all items ``{m: (n_items, d_m)}``;
+* ``key``: a PRNG key unique to (seed, epoch, step);
+* ``aux``: a dict of scalars, averaged over the epoch into the progress line.
+
+``config.loss`` picks it by name (:func:`resolve_loss_fn`): ``"bpr"`` is
+:func:`uatmc_jax.recsys.losses.bpr_objective`; any other name ``X`` is
+``uatmc_jax.recsys.defences.X.make_loss_fn(config)``, so a defence (APR, AMR, UAT-MC) adds a
+file, not a trainer. A callable may also be passed directly. Which parameters train is
+an NNX filter (``trainable``, default every ``nnx.Param``), e.g. UAT-MC freezes the
+projection MLPs with ``nnx.All(nnx.Param, nnx.Not(nnx.PathContains("projectors")))``.
+
+Speed: one jitted ``lax.scan`` runs a whole epoch (no per-step dispatch), with the
+parameters and optimiser state donated. Data parallelism: the epoch's batch columns
+are sharded over the mesh ``data`` axis, parameters and features are replicated; XLA
+inserts the gradient all-reduce.
+
+Reproducibility and resume: every random draw is a function of (seed, epoch, step)
+(host-side negatives from ``np.random.default_rng((seed, epoch))``, loss keys from
+``fold_in``), a checkpoint (state + epoch + early-stopping record) is written after
+every epoch plus the best one; a restarted run continues from the newest checkpoint
+and ends with the same metrics as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from uatmc_jax.recsys.data.interactions import InteractionData
+from uatmc_jax.recsys.data.sampling import NegativeSampler, epoch_batches
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys.metrics import DEFAULT_KS, RankingEvaluator
+from uatmc_jax.core.reporting import ProgressLogger
+from uatmc_jax.recsys.losses import LossFn, make_bpr_objective
+from uatmc_jax.core.parallel import mesh as mesh_lib
+from uatmc_jax.core.parallel import multihost, precision, sharding_rules
+from uatmc_jax.core.checkpointing import CheckpointStore
+
+TRAIN_DEFAULTS = dict(
+    loss="bpr", reg_weight=1e-4, learning_rate=1e-3, batch_size=2048, epochs=1000,
+    patience=20, seed=999, selection_metric="recall@20", eval_batch_size=2048,
+    ks=DEFAULT_KS, log=True)
+
+
+def resolve_loss_fn(config: Mapping[str, Any]) -> LossFn:
+  """``config["loss"]`` -> loss function (see the module docstring)."""
+  name = config.get("loss", "bpr")
+  if name == "bpr":
+    return make_bpr_objective(config)
+  try:
+    module = importlib.import_module(f"uatmc_jax.recsys.defences.{name}")
+  except ModuleNotFoundError as e:
+    raise ConfigError(f"loss {name!r}: no module uatmc_jax.recsys.defences.{name} ({e})") from None
+  if not hasattr(module, "make_loss_fn"):
+    raise ConfigError(f"loss {name!r}: uatmc_jax.recsys.defences.{name} has no make_loss_fn(config)")
+  return module.make_loss_fn(config)
+
+
+@functools.lru_cache(maxsize=None)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+  """One optimiser object per learning rate, so trainers share compiled epochs."""
+  return optax.adam(learning_rate)
+
+
+# Retrace guard (the role of chex.assert_max_traces, which keys on the definition site and
+# so cannot tell trainers apart): traces of the epoch per (mesh, graphdef, tx, loss_fn,
+# epoch shape) -- one trainer configuration must compile its epoch exactly once.
+_EPOCH_TRACES: dict = {}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4, 5))
+def _run_epoch(mesh, graphdef, tx, loss_fn, params, opt_state, rest, features, batches, key):
+  """Runs every batch of an epoch (leading axis of ``batches``) with ``lax.scan``.
+
+  Returns:
+    (params, opt_state, {"loss", *aux: epoch means over real rows}).
+  """
+  static = (mesh, graphdef, tx, loss_fn, batches["users"].shape)
+  _EPOCH_TRACES[static] = _EPOCH_TRACES.get(static, 0) + 1
+  if _EPOCH_TRACES[static] > 1:
+    raise AssertionError("the jitted training epoch was traced twice: a shape, dtype or "
+                         "sharding of its inputs changed between epochs")
+
+  def step(carry, inputs):
+    params, opt_state = carry
+    batch, step_key = inputs
+
+    def objective(p):
+      return loss_fn(nnx.merge(graphdef, p, rest), batch, features, step_key)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    real = jnp.sum(batch["mask"])
+    return (params, opt_state), (loss * real, jax.tree.map(lambda a: a * real, aux), real)
+
+  n_steps = batches["users"].shape[0]
+  keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(n_steps))
+  (params, opt_state), (losses, auxes, reals) = jax.lax.scan(
+      step, (params, opt_state), (batches, keys))
+  total = jnp.sum(reals)
+  stats = {"loss": jnp.sum(losses) / total}
+  stats.update({k: jnp.sum(v) / total for k, v in auxes.items()})
+  return params, opt_state, stats
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef, params, rest, features):
+  """(user vectors, item vectors) of a split model from raw features."""
+  model = nnx.merge(graphdef, params, rest)
+  return model.encode(model.project(features))
+
+
+def _cfg(config: Mapping[str, Any] | None) -> dict:
+  out = dict(TRAIN_DEFAULTS)
+  out.update({k: v for k, v in dict(config or {}).items() if v is not None})
+  return out
+
+
+class RecsysTrainer:
+  """Trains a recommender on an :class:`InteractionData` with early stopping.
+
+  Args:
+    model: a recommender (``uatmc_jax.recsys.models.base`` protocol); its current
+      weights are the starting point (so a trained backbone can be fine-tuned).
+    data: the dataset.
+    config: mapping overriding ``TRAIN_DEFAULTS`` (plus whatever the loss reads).
+    workdir: checkpoint directory (``<workdir>/checkpoints``); None = no checkpoints.
+    mesh: device mesh (default: all devices on the data axis).
+    loss_fn: overrides ``config["loss"]``.
+    trainable: NNX filter of the parameters to train.
+  """
+
+  def __init__(self, model, data: InteractionData, config: Mapping[str, Any] | None = None,
+               workdir: str | None = None, mesh: jax.sharding.Mesh | None = None,
+               loss_fn: LossFn | None = None, trainable: Any = nnx.Param):
+    self.config = _cfg(config)
+    self.data = data
+    self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+    self.loss_fn = loss_fn if loss_fn is not None else resolve_loss_fn(self.config)
+    # compute_dtype="bfloat16": bf16 forward/backward, float32 params and Adam state.
+    self.loss_fn = precision.mixed_precision_loss(
+        self.loss_fn, precision.Policy.from_name(self.config.get("compute_dtype")))
+    self.batch_size = int(self.config["batch_size"])
+    n_data = mesh_lib.data_axis_size(self.mesh)
+    if self.batch_size % n_data:
+      raise ConfigError(f"batch_size {self.batch_size} must be a multiple of the mesh data "
+                        f"axis ({n_data} devices)")
+    self.seed = int(self.config["seed"])
+    self.sampler = NegativeSampler(data.train, data.n_users, data.n_items)
+
+    self.graphdef, params, rest = nnx.split(model, trainable, ...)
+    self.tx = _adam(float(self.config["learning_rate"]))
+    replicate = lambda t: mesh_lib.replicate(t, self.mesh)
+    # Placement from config: user/item tables (and their Adam moments) split by rows over
+    # the mesh `model` axis, the rest replicated (uatmc_jax.core.parallel.sharding_rules).
+    rules = self.config.get("param_sharding", sharding_rules.RECSYS_TABLE_RULES)
+    place = lambda t: sharding_rules.shard_tree(t, self.mesh, rules)
+    self.params = place(params)
+    self.rest = place(rest)
+    self.opt_state = place(self.tx.init(params))
+    self.features = replicate({m: jnp.asarray(x, jnp.float32) for m, x in data.features.items()})
+    self._epoch_sharding = NamedSharding(self.mesh, P(None, mesh_lib.DATA_AXIS))
+
+    ks = tuple(self.config["ks"])
+    eval_bs = int(self.config["eval_batch_size"])
+    self.evaluators = {s: RankingEvaluator(data, s, ks, eval_bs, mesh=self.mesh)
+                       for s in ("valid", "test")}
+    self._static = (self.mesh, self.graphdef, self.tx, self.loss_fn)
+    self.store = CheckpointStore(f"{workdir}/checkpoints") if workdir else None
+    self.logger = ProgressLogger(f"{data.name}/{type(model).__name__}",
+                                 enabled=bool(self.config["log"]))
+    self.record = {"epoch": -1, "best_epoch": -1, "best_metric": -float("inf"),
+                   "bad_epochs": 0, "stopped_early": False, "train_seconds": 0.0,
+                   "history": []}
+    self._best_params = None
+
+  # -- pure functions -------------------------------------------------------
+  def _encode_fn(self, params, rest, features):
+    return _encode(self.graphdef, params, rest, features)
+
+  @property
+  def epoch_traces(self) -> int:
+    """How often the jitted epoch was traced for this (model, optimiser, loss)."""
+    n_batches = -(-self.data.train.shape[0] // self.batch_size)
+    return _EPOCH_TRACES.get(self._static + ((n_batches, self.batch_size),), 0)
+
+  # -- state ----------------------------------------------------------------
+  @property
+  def model(self):
+    """The recommender with the current parameters (a fresh NNX module)."""
+    return nnx.merge(self.graphdef, self.params, self.rest)
+
+  def _state(self):
+    return {"params": self.params, "opt_state": self.opt_state, "rest": self.rest}
+
+  def _set_state(self, state):
+    self.params, self.opt_state, self.rest = state["params"], state["opt_state"], state["rest"]
+
+  def _checkpoint_tree(self):
+    leaves = jax.tree.leaves(self._state())
+    return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
+
+  def _from_checkpoint_tree(self, tree):
+    treedef = jax.tree.structure(self._state())
+    self._set_state(jax.tree.unflatten(treedef, [tree[k] for k in sorted(tree)]))
+
+  def restore(self, which: str = "latest") -> bool:
+    """Loads the newest (or best) checkpoint into the trainer; False when none exists."""
+    if self.store is None:
+      return False
+    fn = self.store.restore_latest if which == "latest" else self.store.restore_best
+    out = fn(self._checkpoint_tree())
+    if out is None:
+      return False
+    tree, meta = out
+    self._from_checkpoint_tree(tree)
+    if which == "latest":
+      self.record = dict(meta)
+    return True
+
+  # -- evaluation -----------------------------------------------------------
+  def vectors(self) -> tuple[jax.Array, jax.Array]:
+    """(user vectors, item vectors) of the current parameters."""
+    return _encode(self.graphdef, self.params, self.rest, self.features)
+
+  def evaluate(self, split: str) -> dict[str, float]:
+    """Full-ranking metrics of the current parameters on "valid" or "test"."""
+    return self.evaluators[split].evaluate(*self.vectors())
+
+  # -- training -------------------------------------------------------------
+  def _device_epoch(self, epoch: int):
+    batches = epoch_batches(self.sampler, self.data.train, self.batch_size, self.seed, epoch)
+    return multihost.put_global(batches, self._epoch_sharding)  # each process: its columns
+
+  def train_epoch(self, epoch: int) -> dict[str, float]:
+    """One epoch of updates; returns the epoch's mean loss terms."""
+    key = jax.random.fold_in(jax.random.key(self.seed), epoch)
+    self.params, self.opt_state, stats = _run_epoch(
+        *self._static, self.params, self.opt_state, self.rest, self.features,
+        self._device_epoch(epoch), key)
+    return {k: float(v) for k, v in jax.device_get(stats).items()}
+
+  def fit(self, max_new_epochs: int | None = None) -> dict:
+    """Trains until early stopping or ``epochs``; resumes from the newest checkpoint.
+
+    Args:
+      max_new_epochs: stop after this many epochs in this call (as if the process were
+        killed; a later ``fit`` resumes). None = run to the end.
+
+    Returns:
+      the early-stopping record: ``epoch`` (last finished), ``best_epoch``,
+      ``best_metric``, ``stopped_early``, ``train_seconds`` and a per-epoch ``history``.
+    """
+    if self.restore("latest"):
+      self.logger.log(self.record["epoch"], resumed="from checkpoint")
+    metric = self.config["selection_metric"]
+    max_epochs, patience = int(self.config["epochs"]), int(self.config["patience"])
+    n_train = int(self.data.train.shape[0])
+    epoch = self.record["epoch"] + 1
+    done = 0
+    while not self.record["stopped_early"] and epoch < max_epochs:
+      if max_new_epochs is not None and done >= max_new_epochs:
+        break
+      t0 = time.perf_counter()
+      stats = self.train_epoch(epoch)
+      t_train = time.perf_counter() - t0
+      valid = self.evaluate("valid")
+      seconds = time.perf_counter() - t0
+      rec = self.record
+      improved = valid[metric] > rec["best_metric"]
+      if improved:
+        rec.update(best_metric=valid[metric], best_epoch=epoch, bad_epochs=0)
+        if self.store is None:  # keep the best weights in memory instead
+          self._best_params = jax.tree.map(jnp.copy, self.params)
+      else:
+        rec["bad_epochs"] += 1
+      rec["epoch"] = epoch
+      rec["train_seconds"] += seconds
+      rec["history"].append({"epoch": epoch, **stats, f"valid_{metric}": valid[metric],
+                             "seconds": seconds})
+      rec["stopped_early"] = rec["bad_epochs"] >= patience
+      if self.store is not None:
+        self.store.save(epoch, self._checkpoint_tree(), rec, is_best=improved)
+      self.logger.log(epoch, examples=n_train, seconds=t_train, loss=stats["loss"],
+                      **{f"valid_{metric}": valid[metric]}, best_epoch=rec["best_epoch"])
+      epoch += 1
+      done += 1
+    return self.record
+
+  def restore_best(self) -> None:
+    """Loads the best checkpoint (selection on valid) into the trainer, if any."""
+    if self.store is not None and self.store.best_epoch() is not None:
+      self.restore("best")
+    elif self._best_params is not None:
+      self.params = self._best_params
+
+
+# ------------------------------------------------------------------------------------
+# Experiment entry points: train_and_evaluate (the train_recsys launcher) and
+# load_trained_recommender (attacks and defences start from a trained workdir).
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+
+
+def parse_random_features(spec: Any) -> dict[str, int] | None:
+  """``"image:4096+text:384"`` (or a dict) -> ``{"image": 4096, "text": 384}``."""
+  if not spec:
+    return None
+  if isinstance(spec, Mapping):
+    return {str(k): int(v) for k, v in spec.items()}
+  out = {}
+  for part in str(spec).replace(";", "+").split("+"):
+    name, sep, width = part.partition(":")
+    if not sep or not name.strip() or not width.strip().isdigit():
+      raise ConfigError(f"random_features {spec!r}: expected modality:width joined by '+', "
+                        "e.g. image:4096+text:384")
+    out[name.strip()] = int(width)
+  return out
+
+
+def load_experiment_data(config: Mapping[str, Any]) -> InteractionData:
+  """The dataset named by ``config["dataset"]``.
+
+  Optional keys: ``random_features`` (see :func:`parse_random_features`) and
+  ``dataset_kwargs`` (forwarded to ``load_dataset``, e.g. synthetic generator sizes).
+  """
+  from uatmc_jax.recsys.data.mmrec import load_dataset
+  kwargs = dict(config.get("dataset_kwargs") or {})
+  extra = parse_random_features(config.get("random_features"))
+  if extra:
+    if config["dataset"] == "synthetic":
+      raise ConfigError("random_features applies to MMRec folders, not to 'synthetic'")
+    kwargs["random_features"] = extra
+  return load_dataset(config["dataset"], **kwargs)
+
+
+def _plain(config: Any) -> dict:
+  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _build(config: Mapping[str, Any], data: InteractionData, workdir: str | None):
+  from uatmc_jax.recsys.models.registry import RECOMMENDERS, build_recommender
+  if config["model"] not in RECOMMENDERS:
+    raise ConfigError(f"model {config['model']!r} is unknown; expected one of "
+                      f"{list(RECOMMENDERS)}")
+  train_cfg = dict(config.get("train") or {})
+  model = build_recommender(config["model"], data, config.get("model_config"),
+                            nnx.Rngs(int(train_cfg.get("seed", TRAIN_DEFAULTS["seed"]))))
+  mesh = mesh_lib.make_mesh(data=int(config.get("mesh_data", -1)),
+                            model=int(config.get("mesh_model", 1)))
+  return RecsysTrainer(model, data, train_cfg, workdir=workdir, mesh=mesh)
+
+
+def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict:
+  """Trains ``config["model"]`` on ``config["dataset"]`` and writes ``results.json``.
+
+  Args:
+    config: ``experiments/configs/recsys.py`` config (model, dataset, random_features,
+      model_config, train, mesh_data); a plain dict works too.
+    workdir: output folder: ``config.json``, ``checkpoints/``, ``results.json``. A rerun
+      with the same workdir resumes from the newest checkpoint.
+
+  Returns:
+    the results dict: dataset, model, n_users, n_items, n_train, epochs_run, best_epoch,
+    train_seconds, valid / test / popularity_test ({"recall@20": ..} for every metric and
+    K), plus config and history.
+  """
+  import os
+  from uatmc_jax.recsys.metrics import most_popular_metrics
+  from uatmc_jax.core.reporting import write_json
+
+  config = _plain(config)
+  data = load_experiment_data(config)
+  trainer = _build(config, data, workdir)
+  if mesh_lib.is_primary_process():
+    write_json(os.path.join(workdir, CONFIG_FILE), config)
+  record = trainer.fit()
+  trainer.restore_best()
+  ks = tuple(trainer.config["ks"])
+  results = {
+      "dataset": data.name, "dataset_path": str(config["dataset"]), "model": config["model"],
+      "n_users": data.n_users, "n_items": data.n_items, "n_train": int(len(data.train)),
+      "modalities": list(data.modalities),
+      "epochs_run": int(record["epoch"]) + 1, "best_epoch": int(record["best_epoch"]),
+      "stopped_early": bool(record["stopped_early"]),
+      "train_seconds": float(record["train_seconds"]),
+      "valid": trainer.evaluate("valid"), "test": trainer.evaluate("test"),
+      "popularity_test": most_popular_metrics(data, "test", ks, mesh=trainer.mesh),
+      "config": config, "history": record["history"],
+  }
+  if mesh_lib.is_primary_process():
+    write_json(os.path.join(workdir, RESULTS_FILE), results)
+  if trainer.store is not None:
+    trainer.store.close()
+  return results
+
+
+def load_trained_recommender(workdir: str, *, best: bool = True):
+  """(model, data, config) of a workdir written by :func:`train_and_evaluate`.
+
+  Args:
+    workdir: the training workdir (holds ``config.json`` and ``checkpoints/``).
+    best: restore the best (valid-selected) checkpoint, else the newest one.
+
+  Raises:
+    ConfigError: the workdir has no config or no checkpoint.
+  """
+  import os
+  from uatmc_jax.core.reporting import read_json
+
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path} not found: --workdir must hold a model trained by "
+                      "experiments.train_recsys")
+  config = read_json(path)
+  config.setdefault("train", {})["log"] = False
+  data = load_experiment_data(config)
+  trainer = _build(config, data, workdir)
+  if not trainer.restore("best" if best else "latest") and not trainer.restore("latest"):
+    raise ConfigError(f"{workdir}/checkpoints: no checkpoint to restore")
+  model = trainer.model
+  trainer.store.close()
+  return model, data, config
