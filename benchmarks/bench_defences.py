@@ -1,4 +1,4 @@
-"""Training cost of each defence relative to vanilla BPR (issue 4; METHODS.md A.7).
+"""Training cost of each defence relative to vanilla BPR (METHODS.md A.7).
 
 Prints the steady-state seconds of one training epoch (the A.3 protocol: batch 2048,
 Adam, one jitted scan per epoch; the first, compiling epoch is reported separately) for
@@ -25,12 +25,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.recsys.data.mmrec import load_mmrec  # noqa: E402
-from uatmc_jax.recsys.defences import DEFENCES  # noqa: E402
-from uatmc_jax.recsys.models.registry import build_recommender  # noqa: E402
 from uatmc_jax.core.parallel import throughput  # noqa: E402
 from uatmc_jax.core.parallel.mesh import make_mesh  # noqa: E402
 from uatmc_jax.recsys import trainer as recsys_trainer  # noqa: E402
+from uatmc_jax.recsys.data.mmrec import load_mmrec  # noqa: E402
+from uatmc_jax.recsys.defences import DEFENCES  # noqa: E402
+from uatmc_jax.recsys.models.registry import build_recommender  # noqa: E402
 from uatmc_jax.recsys.trainer import RecsysTrainer  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")

@@ -35,8 +35,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.recsys.attacks import runner as promotion  # noqa: E402
 from uatmc_jax.recsys.attacks import targets as targets_lib  # noqa: E402
+from uatmc_jax.recsys.attacks.attackers import pgd_attack  # noqa: E402
+from uatmc_jax.recsys.attacks.context import build_context  # noqa: E402
+from uatmc_jax.recsys.attacks.runner import PromotionAttackRunner  # noqa: E402
 from uatmc_jax.recsys.attacks.surface import surface_from_recommender  # noqa: E402
 from uatmc_jax.recsys.data import load_dataset  # noqa: E402
 from uatmc_jax.recsys.data.interactions import InteractionData  # noqa: E402
@@ -75,7 +77,7 @@ def memory(args) -> None:
                 rngs=nnx.Rngs(0))
   surface = surface_from_recommender(model, feats, space="projected")
   anchors = targets_lib.select_anchors(n_users, 0.4, seed=1)
-  ctx = promotion.build_context(surface, anchors, k=50, train_pairs=train)
+  ctx = build_context(surface, anchors, k=50, train_pairs=train)
   jax.block_until_ready(ctx)
   hoods = surface.graph.neighbourhoods
   print(f"[baby memory] {n_users} users x {n_items} items, {len(train)} train pairs, "
@@ -93,13 +95,13 @@ def speed(args) -> None:
   surface = surface_from_recommender(model, data.features, space="projected")
   anchors = targets_lib.select_anchors(data.n_users, 0.4, seed=1)
   t1 = time.perf_counter()
-  ctx = promotion.build_context(surface, anchors, k=50, train_pairs=data.train)
+  ctx = build_context(surface, anchors, k=50, train_pairs=data.train)
   jax.block_until_ready(ctx)
   setup_s = time.perf_counter() - t1
   hoods = surface.graph.neighbourhoods
   tg = targets_lib.select_targets("random", args.targets, np.ones(data.n_items), seed=1)
-  attack = promotion.pgd_attack(0.05)
-  local = promotion.PromotionAttackRunner(surface, chunk_size=args.chunk, with_mismatch=False,
+  attack = pgd_attack(0.05)
+  local = PromotionAttackRunner(surface, chunk_size=args.chunk, with_mismatch=False,
                                           active_cap=args.active_cap,
                                           route_clean_active=not args.no_route)
   t2 = time.perf_counter()
@@ -109,7 +111,7 @@ def speed(args) -> None:
   t3 = time.perf_counter()
   out = local.run(attack, ctx, tg)
   local_s = time.perf_counter() - t3
-  full = promotion.PromotionAttackRunner(surface, chunk_size=1, with_mismatch=False,
+  full = PromotionAttackRunner(surface, chunk_size=1, with_mismatch=False,
                                          graph_path="full")
   few = tg[:args.full_targets]
   full.run(attack, ctx, few[:1])  # compile

@@ -11,7 +11,7 @@ Prints:
   rounds so that each mode sees the same background load.
 
   python benchmarks/bench_input_pipeline.py                      # CIFAR-10 folder
-  python benchmarks/bench_input_pipeline.py --cache_dir /tmp/c10  # + cached reload
+  python benchmarks/bench_input_pipeline.py --cache_dir runs/c10_cache  # + cached reload
   python benchmarks/bench_input_pipeline.py --synthetic           # no data needed
 """
 from __future__ import annotations

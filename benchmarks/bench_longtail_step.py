@@ -48,13 +48,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from uatmc_jax.longtail.models import image_classifiers as ic  # noqa: E402
-from uatmc_jax.longtail import losses as cl  # noqa: E402
-from uatmc_jax.longtail import manifold as manifold_lib  # noqa: E402
 from uatmc_jax.core.parallel import mesh as mesh_lib  # noqa: E402
 from uatmc_jax.core.parallel import throughput  # noqa: E402
+from uatmc_jax.longtail import losses as cl  # noqa: E402
+from uatmc_jax.longtail import manifold as manifold_lib  # noqa: E402
 from uatmc_jax.longtail import methods as longtail_methods  # noqa: E402
 from uatmc_jax.longtail import trainer as longtail_trainer  # noqa: E402
+from uatmc_jax.longtail.models import image_classifiers as ic  # noqa: E402
 
 
 def cpu_peak_flops_estimate() -> tuple[float | None, str]:

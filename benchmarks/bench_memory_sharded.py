@@ -36,10 +36,10 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP  # noqa: E402
-from uatmc_jax.recsys.losses import bpr_objective  # noqa: E402
 from uatmc_jax.core.parallel import mesh as mesh_lib  # noqa: E402
 from uatmc_jax.core.parallel import sharding_rules  # noqa: E402
+from uatmc_jax.recsys.losses import bpr_objective  # noqa: E402
+from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP  # noqa: E402
 
 GIB = 1024 ** 3
 # Tables and per-item feature matrices over `model`; everything else replicated.

@@ -31,9 +31,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.recsys.attacks import runner as promotion  # noqa: E402
-from uatmc_jax.recsys.attacks import targets as targets_lib  # noqa: E402
 from uatmc_jax.core.parallel import throughput
+from uatmc_jax.recsys.attacks import targets as targets_lib  # noqa: E402
+from uatmc_jax.recsys.attacks.attackers import pgd_attack  # noqa: E402
+from uatmc_jax.recsys.attacks.context import build_context  # noqa: E402
+from uatmc_jax.recsys.attacks.runner import PromotionAttackRunner  # noqa: E402
 from uatmc_jax.recsys.attacks.surface import surface_from_recommender  # noqa: E402
 from uatmc_jax.recsys.data import load_dataset  # noqa: E402
 from uatmc_jax.recsys.data.mmrec import read_inter_file  # noqa: E402
@@ -71,11 +73,11 @@ def bench(name: str, n_targets: int, chunk: int, repeats: int) -> dict:
                   rngs=nnx.Rngs(0))
   surface = surface_from_recommender(model, feats, space="projected")
   anchors = targets_lib.select_anchors(n_users, 0.4, seed=1)
-  ctx = promotion.build_context(surface, anchors, k=50, train_pairs=train)
+  ctx = build_context(surface, anchors, k=50, train_pairs=train)
   jax.block_until_ready(ctx)
   setup_s = time.perf_counter() - t0
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=False)
-  attack = promotion.pgd_attack(0.05)
+  runner = PromotionAttackRunner(surface, chunk_size=chunk, with_mismatch=False)
+  attack = pgd_attack(0.05)
   tg = targets_lib.select_targets("random", n_targets, np.ones(n_items), seed=1)
   t1 = time.perf_counter()
   runner.run(attack, ctx, tg[:chunk])  # compile + first chunk

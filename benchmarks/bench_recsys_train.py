@@ -1,4 +1,4 @@
-"""Training and evaluation speed of the recommenders (issue 2; METHODS.md A.3 protocol).
+"""Training and evaluation speed of the recommenders (METHODS.md A.3 protocol).
 
 Prints, per model and setting, the steady-state seconds of one training epoch (BPR,
 batch 2048, Adam; the first epoch, which compiles, is reported separately) and the
@@ -10,11 +10,11 @@ top-50, every metric). Settings:
 * baby: ../shared/data/baby interactions (19,445 x 7,050, 118,551 train) with random
   4096-d image and 384-d text features (the real MMRec widths).
 
-Model ``mmgcn_segment`` is MMGCN with the forward it had before issue 13 (per-modality
+Model ``mmgcn_segment`` is MMGCN with its earlier segment-sum forward (per-modality
 ``segment_sum`` message passing Â (x W_conv) over all nodes, the loss taking its batch rows
 from the full encode), the in-run baseline for the CSR / batch-rows forward of ``mmgcn``:
 same parameters, same function (tests/test_graph_propagation.py), same run conditions.
-MMRec's MMGCN takes 13.6 s per TikTok epoch on this CPU; the issue-13 goal is <= 1.36 s.
+MMRec's MMGCN takes 13.6 s per TikTok epoch on this CPU (docs/results/performance.md).
 
 Reference: a straightforward PyTorch VBPR-MLP with the same protocol on this 2-core CPU
 takes 4.7 s per TikTok epoch; the goal is at least 2x faster (<= 2.35 s). On a shared
@@ -43,14 +43,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from uatmc_jax.recsys.data.mmrec import load_mmrec  # noqa: E402
+from uatmc_jax.core.parallel import throughput  # noqa: E402
+from uatmc_jax.core.parallel.mesh import make_mesh  # noqa: E402
 from uatmc_jax.recsys import metrics as ranking_metrics  # noqa: E402
+from uatmc_jax.recsys import trainer as recsys_trainer  # noqa: E402
+from uatmc_jax.recsys.data.mmrec import load_mmrec  # noqa: E402
 from uatmc_jax.recsys.models import base as base  # noqa: E402
 from uatmc_jax.recsys.models.mmgcn import MMGCN  # noqa: E402
 from uatmc_jax.recsys.models.registry import build_recommender  # noqa: E402
-from uatmc_jax.core.parallel import throughput  # noqa: E402
-from uatmc_jax.core.parallel.mesh import make_mesh  # noqa: E402
-from uatmc_jax.recsys import trainer as recsys_trainer  # noqa: E402
 from uatmc_jax.recsys.trainer import RecsysTrainer  # noqa: E402
 
 REFERENCE_TIKTOK_EPOCH_SECONDS = 4.7
@@ -59,7 +59,7 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "sha
 
 
 class SegmentSumMMGCN(MMGCN):
-  """MMGCN with its pre-issue-13 forward (the benchmark's baseline; same parameters)."""
+  """MMGCN with its earlier segment-sum forward (the benchmark's baseline; same parameters)."""
 
   def _forward(self, projected_all, rows=None):
     base.check_features(projected_all, self.modalities, self.n_items)

@@ -7,8 +7,8 @@ only, almost no robust points), on a seeded, per-class balanced test subset, thr
 included: one trace per attack). ``--src`` imports ``uatmc_jax`` from another
 checkout, so the same command times an older version in the same conditions:
 
-  git archive 89855ee uatmc_jax | tar -x -C /tmp/base       # the library before
-  python benchmarks/bench_robust_eval.py --workdir W --per_class 20 --src /tmp/base
+  git archive 89855ee uatmc_jax | tar -x -C ../base          # the library before
+  python benchmarks/bench_robust_eval.py --workdir W --per_class 20 --src ../base
   python benchmarks/bench_robust_eval.py --workdir W --per_class 20
 
 AutoAttack's cost is set by the points that stay robust: each runs APGD-CE, 9 APGD-T
@@ -56,10 +56,10 @@ def main():
     labels = np.asarray(jax.numpy.argmax(logits_fn(images), -1), np.int32)
     what = "fresh small_cnn, random images labelled by the model"
   else:
-    from uatmc_jax.longtail.data import image_folder, longtail
-    from uatmc_jax.longtail.data.image_pipeline import to_float
     from uatmc_jax.core import reporting
     from uatmc_jax.longtail import trainer as longtail_trainer
+    from uatmc_jax.longtail.data import image_folder, longtail
+    from uatmc_jax.longtail.data.image_pipeline import to_float
     run = reporting.read_json(os.path.join(args.workdir, "results.json"))
     trained = longtail_trainer.load_trained_classifier(args.workdir)
     logits_fn = trained.logits_fn

@@ -1,8 +1,8 @@
-"""Train and evaluate a multimodal recommender (issue 2; METHODS.md A.2-A.3).
+"""Train and evaluate a multimodal recommender (METHODS.md A.2-A.3).
 
   python -m experiments.train_recsys \\
     --config=experiments/configs/recsys.py:model=vbpr_mlp,dataset=synthetic,runlocal=True \\
-    --workdir=/tmp/recsys
+    --workdir=runs/recsys
 
 Writes ``<workdir>/results.json`` and prints a Markdown table (test metrics of the
 model and of the most-popular baseline). Restarting the same command resumes from the

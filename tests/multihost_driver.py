@@ -61,9 +61,9 @@ def recsys_job(args, workdir, mesh_model: int):
   """Two epochs of a recommender (tables over the model axis when mesh_model > 1)."""
   import numpy as np
   from flax import nnx
+  from uatmc_jax.core.parallel import mesh as mesh_lib
   from uatmc_jax.recsys.data.interactions import InteractionData
   from uatmc_jax.recsys.models.registry import build_recommender
-  from uatmc_jax.core.parallel import mesh as mesh_lib
   from uatmc_jax.recsys.trainer import RecsysTrainer
 
   rng = np.random.default_rng(0)
@@ -95,10 +95,10 @@ def recsys_job(args, workdir, mesh_model: int):
 def longtail_job(args, workdir):
   """One epoch of PGD-AT (2 steps with PGD-2) on random 16x16 images, then clean eval."""
   import numpy as np
-  from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
   from uatmc_jax.core.parallel import mesh as mesh_lib
   from uatmc_jax.longtail import methods as lm
   from uatmc_jax.longtail import trainer as lt
+  from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
 
   rng = np.random.default_rng(1)
   counts = np.array([16, 10, 6])
@@ -149,7 +149,7 @@ def attack_job(args, workdir):
   import jax
   import numpy as np
   from flax import nnx
-  from experiments import attack_recsys
+  from uatmc_jax.recsys import attack_eval
   from experiments.configs import attack as attack_config
   from uatmc_jax.recsys.data.interactions import InteractionData
   from uatmc_jax.recsys.models.registry import build_recommender
@@ -167,12 +167,12 @@ def attack_job(args, workdir):
   model = build_recommender("vbpr_mlp", data, {"embedding_dim": 8}, nnx.Rngs(0))
   cfg = attack_config.get_config("targets=7,seeds=1,epsilon=1.0,attack=pgd_aligned,"
                                  "k=5,anchor_share=0.5")
-  results, runs, runner = attack_recsys.run_attacks(cfg, model, data,
-                                                    attack_recsys.attack_mesh(-1))
+  results, runs, runner = attack_eval.run_attacks(cfg, model, data,
+                                                  attack_eval.attack_mesh(-1))
   # The launcher's outputs from process 0 only: one folder per process to check it.
   out_dir = f"{workdir}_p{jax.process_index()}"
   os.makedirs(out_dir, exist_ok=True)
-  attack_recsys.write_outputs(out_dir, results, cfg, data.name, "VBPRMLP")
+  attack_eval.write_outputs(out_dir, results, cfg, data.name, "VBPRMLP")
   per_target = {f"{name}@{eps}": [{k: v for k, v in r.items() if k not in ("seconds",)}
                                   for r in rs] for (eps, name), rs in runs.items()}
   timing = ("targets_per_second", "seconds_per_seed", "total_seconds")
@@ -193,11 +193,11 @@ def eval_job(args, workdir):
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
-  from experiments import eval_robust
-  from uatmc_jax.longtail.evaluation import robust_accuracy
   from uatmc_jax.core.parallel import mesh as mesh_lib
   from uatmc_jax.core.parallel import multihost
   from uatmc_jax.longtail import trainer as longtail_trainer
+  from uatmc_jax.longtail.evaluation import evaluate
+  from uatmc_jax.longtail.evaluation import robust_accuracy
 
   del workdir
   mesh = mesh_lib.make_mesh()
@@ -207,7 +207,7 @@ def eval_job(args, workdir):
   restored_sum_sq = _sum_of_squares(nnx.state(trained.model, nnx.Param))
   # One epoch leaves that net predicting one class (so does a fresh small CNN); the
   # attacks are checked on a random tanh-feature linear classifier (a pure logits_fn /
-  # features_fn / W, as eval_robust.evaluate_classifier takes) whose arrays are
+  # features_fn / W, as evaluate.evaluate_classifier takes) whose arrays are
   # replicated on the mesh: some points right, some flipped by each attack.
   rng = np.random.default_rng(5)
   proj = rng.standard_normal((768, 8)).astype(np.float32) / np.sqrt(768)
@@ -225,7 +225,7 @@ def eval_job(args, workdir):
   evaluator = robust_accuracy.RobustEvaluator(logits_fn, config, mesh=mesh)
   out_dir = os.path.join(args.out, f"eval_p{jax.process_index()}")
   os.makedirs(out_dir, exist_ok=True)
-  res = eval_robust.evaluate_classifier(
+  res = evaluate.evaluate_classifier(
       logits_fn, features_fn, weight, images, labels, np.array([40, 10, 3]),
       ["pgd20", "autoattack_apgd"], config, out_dir=out_dir, log=lambda s: None,
       mesh=mesh, evaluator=evaluator)

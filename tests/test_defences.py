@@ -8,13 +8,13 @@ import optax
 import pytest
 from flax import nnx
 
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys import losses as recsys_losses
 from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.defences import amr, apr, batch_slots as bs, make_defence_loss, uat_mc
 from uatmc_jax.recsys.defences.registry import DEFENCES, defence_hyperparameters
-from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.recsys.models import base as base
 from uatmc_jax.recsys.models.registry import build_recommender
-from uatmc_jax.recsys import losses as recsys_losses
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

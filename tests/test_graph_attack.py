@@ -11,8 +11,12 @@ import pytest
 from flax import nnx
 
 from uatmc_jax.recsys.attacks import graph_local
-from uatmc_jax.recsys.attacks import runner as promotion
+from uatmc_jax.recsys.attacks.attackers import pgd_attack
+from uatmc_jax.recsys.attacks.context import build_context
+from uatmc_jax.recsys.attacks.objective import promotion_per_user_loss
+from uatmc_jax.recsys.attacks.runner import PromotionAttackRunner
 from uatmc_jax.recsys.attacks.surface import surface_from_recommender
+from uatmc_jax.recsys.attacks.views import LocalGraphSpec, target_view
 from uatmc_jax.recsys.models.mmgcn import MMGCN
 
 N_USERS, N_ITEMS = 16, 40
@@ -37,7 +41,7 @@ def setup():
   feats = {m: rng.standard_normal((N_ITEMS, d)).astype(np.float32) for m, d in dims.items()}
   surface = surface_from_recommender(model, feats, space="projected")
   anchors = [0, 2, 4, 6, 8, 10, 3, 13, 15]
-  ctx = promotion.build_context(surface, np.array(anchors), k=K, train_pairs=train)
+  ctx = build_context(surface, np.array(anchors), k=K, train_pairs=train)
   return model, surface, ctx, train
 
 
@@ -104,8 +108,8 @@ def _views(surface, ctx, t, cap):
   nb = jax.tree.map(jnp.asarray, hoods.neighbourhood(t, shape))
   args = (surface, surface.params, surface.attack_table, surface.projected_table, ctx,
           jnp.asarray(t), K)
-  return (promotion._target_view(*args, nb, promotion.LocalGraphSpec(shape, cap)),
-          promotion._target_view(*args))
+  return (target_view(*args, nb, LocalGraphSpec(shape, cap)),
+          target_view(*args))
 
 
 @pytest.mark.parametrize("cap", [3, 100])
@@ -126,9 +130,9 @@ def test_local_objective_and_gradient_equal_full_sort(setup, cap):
         np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
       ls, lo = local.scores_fn(delta)
       np.testing.assert_allclose(
-          promotion.promotion_per_user_loss(ls, lo, margin), expect, rtol=1e-5, atol=1e-5)
+          promotion_per_user_loss(ls, lo, margin), expect, rtol=1e-5, atol=1e-5)
       g_full = jax.grad(lambda d: jnp.mean(
-          promotion.promotion_per_user_loss(*full.scores_fn(d), margin)))(delta)
+          promotion_per_user_loss(*full.scores_fn(d), margin)))(delta)
       g_local = jax.grad(lambda d: jnp.mean(local.per_user_loss(d, None, margin)))(delta)
       if bool(local.exact_fn(delta, margin)):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
@@ -177,10 +181,10 @@ def test_clean_active_counts_predict_the_views_activity(setup):
   """The runner's host-side count at δ = 0 (which routes a target straight to all
   anchors) against the view's own count of active anchors there."""
   _, surface, ctx, _ = setup
-  runner = promotion.PromotionAttackRunner(surface, with_mismatch=False)
+  runner = PromotionAttackRunner(surface, with_mismatch=False)
   targets = np.arange(N_ITEMS)
   for margin in (0.0, 0.05, 1.0):
-    attack = promotion.pgd_attack(0.1, k=K, margin=margin)
+    attack = pgd_attack(0.1, k=K, margin=margin)
     counts = runner.clean_active_counts(ctx, targets, attack)
     zero = {m: jnp.zeros(p.shape[1:]) for m, p in surface.projected_table.items()}
     view = [int(np.sum(np.asarray(_views(surface, ctx, int(t), 100)[0].activity_fn(
@@ -204,14 +208,14 @@ METRIC_KEYS = ("loss_before", "loss_after", "hit_before", "hit_after", "rank_bef
 
 
 TARGETS = [POPULAR, 3, 12, ISOLATED, 20]
-ALIGNED = promotion.pgd_attack(0.3, k=K, step_scale=2.0, alignment="cosine")
+ALIGNED = pgd_attack(0.3, k=K, step_scale=2.0, alignment="cosine")
 
 
 @pytest.fixture(scope="module")
 def full_reference(setup):
   """The reference: the full re-encode path (second-order cosine attack + diagnostics)."""
   _, surface, ctx, _ = setup
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=5, with_mismatch=True,
+  runner = PromotionAttackRunner(surface, chunk_size=5, with_mismatch=True,
                                            graph_path="full")
   return runner.run(ALIGNED, ctx, TARGETS)
 
@@ -221,7 +225,7 @@ def test_runner_local_path_equals_full_reencode(setup, full_reference, cap, rout
   _, surface, ctx, _ = setup
   full = full_reference
   lines = []
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=2, with_mismatch=True,
+  runner = PromotionAttackRunner(surface, chunk_size=2, with_mismatch=True,
                                            active_cap=cap, log=lines.append,
                                            uncapped_after=2, route_clean_active=route)
   assert runner.uses_local_graph_path
@@ -262,8 +266,8 @@ def test_runner_local_path_equals_full_reencode(setup, full_reference, cap, rout
 def test_targets_together_equal_each_alone(setup):
   _, surface, ctx, _ = setup
   targets = [POPULAR, 9, ISOLATED, 25]
-  attack = promotion.pgd_attack(0.2, k=K)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False)
+  attack = pgd_attack(0.2, k=K)
+  runner = PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False)
   together = runner.run(attack, ctx, targets)
   for i, t in enumerate(targets):
     alone = runner.run(attack, ctx, [t])

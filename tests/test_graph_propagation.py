@@ -1,4 +1,4 @@
-"""The fast MMGCN forward (issue 13 item 2) against independent dense-adjacency references.
+"""The fast MMGCN forward  against independent dense-adjacency references.
 
 * ``symmetric_propagate`` (CSR product with Âᵀ = Â rules) vs Â @ x in numpy: values,
   VJPs, JVPs (in x and in the edge weights), vmaps (of x, of the VJP, of the graph).
@@ -15,8 +15,8 @@ from flax import nnx
 from uatmc_jax.recsys.models import base as base
 from uatmc_jax.recsys.models.graph_propagation import (is_symmetric, segment_propagate,
                                                 symmetric_propagate)
-from uatmc_jax.recsys.models.mmgcn import MMGCN, bipartite_edges
 from uatmc_jax.recsys import losses as losses
+from uatmc_jax.recsys.models.mmgcn import MMGCN, bipartite_edges
 
 N_USERS, N_ITEMS = 6, 9
 DIMS = {"audio": 5, "image": 7}

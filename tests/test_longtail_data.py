@@ -99,19 +99,19 @@ def test_folder_cache_reused_and_invalidated(tiny_folder, tmp_path):
 
 def test_train_longtail_load_datasets_passes_cache_dir(tiny_folder, tmp_path):
   import shutil
-  from experiments import train_longtail
+  from uatmc_jax.longtail import experiment as lt_experiment
   from experiments.configs import longtail as longtail_config
   root, _ = tiny_folder
   shutil.copytree(root, tmp_path / "test")
   arg = f"dataset=folder,data_dir={tmp_path},n_max=2,test_per_class=1"
-  train, test = train_longtail.load_datasets(longtail_config.get_config(arg))
+  train, test = lt_experiment.load_datasets(longtail_config.get_config(arg))
   assert len(train) == 6 and len(test) == 3  # default: no cache anywhere
   assert not list(tmp_path.rglob("*.npz"))
   cache = tmp_path / "cache"
   cfg = longtail_config.get_config(arg + f",cache_dir={cache}")
-  train_longtail.load_datasets(cfg)
+  lt_experiment.load_datasets(cfg)
   assert len(list(cache.glob("*.npz"))) == 2  # train and test, keyed separately
-  train2, test2 = train_longtail.load_datasets(cfg)  # second call: from the cache
+  train2, test2 = lt_experiment.load_datasets(cfg)  # second call: from the cache
   np.testing.assert_array_equal(train2.images, train.images)
   np.testing.assert_array_equal(test2.labels, test.labels)
   assert len(list(cache.glob("*.npz"))) == 2

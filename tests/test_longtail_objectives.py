@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from uatmc_jax.longtail import losses as cl
 from uatmc_jax.longtail import etf
+from uatmc_jax.longtail import losses as cl
 
 
 def _logits(seed, b=6, c=5):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import train_longtail
+from uatmc_jax.longtail import experiment as lt_experiment
 from experiments.configs import longtail as longtail_config
+from uatmc_jax.core import metric_writer as tensorboard_writer
 from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.longtail import trainer as lt
-from uatmc_jax.core import metric_writer as tensorboard_writer
 
 GROUP_KEYS = ("overall", "balanced", "many", "medium", "few", "tail")
 
@@ -78,7 +78,7 @@ def test_runlocal_learns_above_chance_and_writes_tensorboard_scalars(tmp_path):
       # monitor = the whole (16 per class) test set, so both evaluations share one compile
       "monitor_per_class=16,monitor_pgd_steps=5,eval_pgd_steps=5")
   workdir = str(tmp_path / "run")
-  res = train_longtail.train_and_evaluate(cfg, workdir)
+  res = lt_experiment.train_and_evaluate(cfg, workdir)
   chance = 1 / 4
   assert res["clean"]["balanced"] > chance + 0.3, res["clean"]
   assert res["pgd5"]["balanced"] > chance + 0.1, res["pgd5"]
@@ -133,7 +133,7 @@ def test_runlocal_learns_above_chance_on_real_cifar_images(shared_data, tmp_path
   cfg = longtail_config.get_config(
       f"runlocal=True,dataset=folder,data_dir={tmp_path / 'data'},imbalance_ratio=4,"
       "n_max=96,method=pgd_at,batch_size=16,epochs=8,eval_pgd_steps=5,mesh_data=1")
-  res = train_longtail.train_and_evaluate(cfg, str(tmp_path / "run"))
+  res = lt_experiment.train_and_evaluate(cfg, str(tmp_path / "run"))
   assert res["class_counts"] == [96, 60, 38, 24]
   assert res["clean"]["balanced"] > 0.25 + 0.15, res["clean"]
   assert res["pgd5"]["balanced"] > 0.25 + 0.05, res["pgd5"]

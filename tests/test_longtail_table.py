@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import longtail_table as lt
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.longtail import table as lt
 
 COUNTS = [50, 20, 5]  # many / medium / few; tail = rarest 30% of 3 classes = class 2
 

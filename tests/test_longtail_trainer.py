@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
 from uatmc_jax.core.errors import ConfigError
-from uatmc_jax.longtail.evaluation import class_accuracy
 from uatmc_jax.longtail import losses as cl
 from uatmc_jax.longtail import methods as lm
 from uatmc_jax.longtail import trainer as lt
+from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
+from uatmc_jax.longtail.evaluation import class_accuracy
 
 TINY_MODEL = dict(widths=(4, 8))
 

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from uatmc_jax.longtail import manifold as ml
 from uatmc_jax.longtail.attacks import linf
 from uatmc_jax.longtail.attacks import manifold_pgd
-from uatmc_jax.longtail import manifold as ml
 
 
 def _tiny_generator(seed=0, num_classes=2, latent_dim=1, feature_dim=2, hidden=16):

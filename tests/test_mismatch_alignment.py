@@ -7,17 +7,21 @@ import pytest
 from attack_fixtures import make_raw_surface, make_surface
 from uatmc_jax.core import errors
 from uatmc_jax.recsys.attacks import alignment, mismatch, user_groups
-from uatmc_jax.recsys.attacks import runner as promotion
+from uatmc_jax.recsys.attacks.attackers import pgd_attack
+from uatmc_jax.recsys.attacks.context import build_context
+from uatmc_jax.recsys.attacks.objective import promotion_per_user_loss
+from uatmc_jax.recsys.attacks.runner import PromotionAttackRunner
+from uatmc_jax.recsys.attacks.views import target_view
 
 
 def _loss_fn(surface, anchors, target, k, margin):
-  ctx = promotion.build_context(surface, anchors, k=k)
-  view = promotion._target_view(surface, surface.params, surface.attack_table,
+  ctx = build_context(surface, anchors, k=k)
+  view = target_view(surface, surface.params, surface.attack_table,
                                 surface.projected_table, ctx, jnp.asarray(target), k)
 
   def per_user(delta):
     s, others = view.scores_fn(delta)
-    return promotion.promotion_per_user_loss(s, others, margin)
+    return promotion_per_user_loss(s, others, margin)
 
   return per_user
 
@@ -109,10 +113,10 @@ def test_gains_at_delta_use_the_attackers_step():
 def test_runner_gains_after_attack_are_those_of_its_delta():
   surface = make_surface(jax.random.key(5), nonlinear=True)
   anchors, k, tgts = np.arange(12), 5, [2, 7]
-  ctx = promotion.build_context(surface, anchors, k=k)
+  ctx = build_context(surface, anchors, k=k)
   groups = user_groups.one_hot_groups(np.arange(12) % 2)
-  out = promotion.PromotionAttackRunner(surface, chunk_size=2).run(
-      promotion.pgd_attack(0.3, k=k, margin=10.0), ctx, tgts, groups)
+  out = PromotionAttackRunner(surface, chunk_size=2).run(
+      pgd_attack(0.3, k=k, margin=10.0), ctx, tgts, groups)
   for i, t in enumerate(tgts):
     per_user = _loss_fn(surface, anchors, t, k, 10.0)
     delta = {m: jnp.asarray(out["delta"][m][i]) for m in surface.modalities}
@@ -126,10 +130,10 @@ def test_runner_gains_after_attack_are_those_of_its_delta():
 
 def test_runner_reports_planted_mismatch_for_every_target():
   surface = _planted_surface()
-  ctx = promotion.build_context(surface, np.arange(8), k=4)
+  ctx = build_context(surface, np.arange(8), k=4)
   groups = user_groups.one_hot_groups(np.arange(8) // 4)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=4)
-  out = runner.run(promotion.pgd_attack(0.1, k=4, alignment="shared_groups"), ctx, [3, 3],
+  runner = PromotionAttackRunner(surface, chunk_size=4)
+  out = runner.run(pgd_attack(0.1, k=4, alignment="shared_groups"), ctx, [3, 3],
                    groups)
   assert out["mismatch"].dominant_differs.tolist() == [True, True]
   assert out["mismatch"].shares.shape == (2, 2, 2)
@@ -192,7 +196,7 @@ def test_shared_group_weights_focus_on_the_jointly_served_group():
 def test_unknown_alignment_is_a_config_error():
   from uatmc_jax.core import errors
   with pytest.raises(errors.ConfigError, match="alignment"):
-    promotion.pgd_attack(0.1, alignment="bogus")
+    pgd_attack(0.1, alignment="bogus")
 
 
 def test_kmeans_recovers_separated_blobs():
@@ -209,16 +213,16 @@ def test_raw_feature_attack_aligns_in_the_projected_space():
   # Non-linear in x̂ (tanh inside the item vector): with a score linear in x̂ (VBPR-MLP's
   # fusion) ∇_x̂ L is piecewise constant in δ and the reward has zero gradient a.e.
   surface = make_raw_surface(jax.random.key(4), nonlinear=True)
-  ctx = promotion.build_context(surface, np.arange(12), k=3)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=2)
-  out = runner.run(promotion.pgd_attack(0.2, k=3, alignment="cosine", align_weight=5.0,
+  ctx = build_context(surface, np.arange(12), k=3)
+  runner = PromotionAttackRunner(surface, chunk_size=2)
+  out = runner.run(pgd_attack(0.2, k=3, alignment="cosine", align_weight=5.0,
                                         margin=50.0), ctx, [2, 6])
   assert out["delta"]["a"].shape == (2, 7) and out["delta"]["b"].shape == (2, 3)
   assert np.all(np.isfinite(out["mismatch"].cosine))
   # The projected-space gradient the cosine uses is the gradient w.r.t. x̂ (by hand).
-  view = promotion._target_view(surface, surface.params, surface.attack_table,
+  view = target_view(surface, surface.params, surface.attack_table,
                                 surface.projected_table, ctx, jnp.asarray(2), 3)
-  loss = lambda d, e=None: promotion.promotion_per_user_loss(*view.scores_fn(d, e), 50.0)
+  loss = lambda d, e=None: promotion_per_user_loss(*view.scores_fn(d, e), 50.0)
   eta0 = {m: jnp.zeros(5) for m in surface.modalities}
   zero = {"a": jnp.zeros(7), "b": jnp.zeros(3)}
   g = alignment.shared_space_gradient(loss, zero, alignment.Probe(loss, eta0))
@@ -293,9 +297,9 @@ def test_pushforward_cosine_in_the_runner():
   """Raw space, linear score in x̂: pushforward PGD differs from naive PGD, the probe
   cosine does not; in the projected space pushforward is the paper's cosine."""
   surface = make_raw_surface(jax.random.key(4))
-  ctx = promotion.build_context(surface, np.arange(12), k=3)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=2, with_mismatch=False)
-  run = lambda name: runner.run(promotion.pgd_attack(0.3, k=3, alignment=name,
+  ctx = build_context(surface, np.arange(12), k=3)
+  runner = PromotionAttackRunner(surface, chunk_size=2, with_mismatch=False)
+  run = lambda name: runner.run(pgd_attack(0.3, k=3, alignment=name,
                                                      align_weight=5.0, margin=50.0),
                                 ctx, [2, 6])["delta"]
   naive, probe_cos, pushed = run("none"), run("cosine"), run("cosine_pushforward")
@@ -303,9 +307,9 @@ def test_pushforward_cosine_in_the_runner():
     np.testing.assert_array_equal(np.asarray(probe_cos[m]), np.asarray(naive[m]))
   assert any(np.any(np.asarray(pushed[m]) != np.asarray(naive[m])) for m in surface.modalities)
   flat = make_surface(jax.random.key(5), nonlinear=True)
-  ctx = promotion.build_context(flat, np.arange(12), k=3)
-  runner = promotion.PromotionAttackRunner(flat, chunk_size=2, with_mismatch=False)
-  a, b = (runner.run(promotion.pgd_attack(0.2, k=3, alignment=n, align_weight=5.0,
+  ctx = build_context(flat, np.arange(12), k=3)
+  runner = PromotionAttackRunner(flat, chunk_size=2, with_mismatch=False)
+  a, b = (runner.run(pgd_attack(0.2, k=3, alignment=n, align_weight=5.0,
                                           margin=50.0), ctx, [2, 6])["delta"]
           for n in ("cosine", "cosine_pushforward"))
   for m in flat.modalities:

@@ -4,14 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from uatmc_jax.longtail.data.image_pipeline import TrainPipeline
-from uatmc_jax.recsys.data.interactions import InteractionData
-from uatmc_jax.recsys.models.registry import build_recommender
-from uatmc_jax.recsys.losses import make_bpr_objective
 from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import precision
 from uatmc_jax.longtail import methods as lm
 from uatmc_jax.longtail import trainer as lt
+from uatmc_jax.longtail.data.image_pipeline import TrainPipeline
+from uatmc_jax.recsys.data.interactions import InteractionData
+from uatmc_jax.recsys.losses import make_bpr_objective
+from uatmc_jax.recsys.models.registry import build_recommender
 from uatmc_jax.recsys.trainer import RecsysTrainer
 
 

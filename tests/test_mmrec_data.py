@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
+from uatmc_jax.core.errors import ConfigError, DataFormatError
 from uatmc_jax.recsys.data import mmrec
 from uatmc_jax.recsys.data import synthetic
-from uatmc_jax.core.errors import ConfigError, DataFormatError
 
 HEADER = "userID\titemID\trating\ttimestamp\tx_label"
 # 3 users x 4 items; every split non-empty.

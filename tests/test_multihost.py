@@ -9,8 +9,8 @@ must agree to 1e-5. The 2-process recommender runs also split their user/item ta
 over a model axis: of 2 (mesh 2 x 2: data parallel across the processes) and of 4
 (mesh 1 x 4: every table split across both processes); the reference is 4 x 1.
 Then the attack launchers' cores on the same meshes: promotion attacks
-(``attack_recsys.run_attacks``: 7 targets split over the 4 devices) and the robust
-evaluation (``eval_robust.evaluate_classifier``: clean, PGD, CW, APGD batches split over
+(``attack_eval.run_attacks``: 7 targets split over the 4 devices) and the robust
+evaluation (``evaluate.evaluate_classifier``: clean, PGD, CW, APGD batches split over
 the 4 devices, after restoring the long-tail checkpoint replicated on the mesh); each
 process must attack only its half and only process 0 writes the reports.
 """

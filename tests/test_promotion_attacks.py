@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from attack_fixtures import brute_force_scores, make_surface
-from uatmc_jax.recsys.attacks import runner as promotion
+from uatmc_jax.core.memory import memory_map_usage
+from uatmc_jax.recsys.attacks.attackers import fgsm_attack, pgd_attack
+from uatmc_jax.recsys.attacks.context import build_context
+from uatmc_jax.recsys.attacks.objective import (kth_score_with_target, others_threshold_columns,
+                                                others_topk_without_target, promotion_objective,
+                                                promotion_per_user_loss)
 from uatmc_jax.recsys.attacks import targets as targets_lib
+from uatmc_jax.recsys.attacks.runner import PromotionAttackRunner
+from uatmc_jax.recsys.attacks.views import target_view
 
 
 def test_kth_score_with_target_equals_full_sort():
@@ -20,7 +27,7 @@ def test_kth_score_with_target_equals_full_sort():
     others = rng.integers(0, 6, size=(4, n_other)).astype(np.float32)
     s_t = rng.integers(-1, 7, size=(4,)).astype(np.float32) + (trial % 2) * 0.5
     top = -np.sort(-others, axis=1)[:, :k]
-    got = promotion.kth_score_with_target(jnp.asarray(s_t), jnp.asarray(top))
+    got = kth_score_with_target(jnp.asarray(s_t), jnp.asarray(top))
     full = -np.sort(-np.concatenate([others, s_t[:, None]], axis=1), axis=1)
     np.testing.assert_array_equal(np.asarray(got), full[:, k - 1])
 
@@ -31,10 +38,10 @@ def test_others_topk_without_target_matches_recomputation():
   scores = rng.normal(size=(6, n_items)).astype(np.float32)
   vals, idx = jax.lax.top_k(jnp.asarray(scores), k + 1)
   for t in range(n_items):
-    got = promotion.others_topk_without_target(vals, idx, jnp.asarray(t), k)
+    got = others_topk_without_target(vals, idx, jnp.asarray(t), k)
     expect = -np.sort(-np.delete(scores, t, axis=1), axis=1)[:, :k]
     np.testing.assert_array_equal(np.asarray(got), expect)
-    pair = promotion.others_threshold_columns(vals, idx, jnp.asarray(t), k)
+    pair = others_threshold_columns(vals, idx, jnp.asarray(t), k)
     np.testing.assert_array_equal(np.asarray(pair), expect[:, -2:])
 
 
@@ -49,14 +56,14 @@ def test_view_loss_equals_full_sort_loss(is_graph):
   surface = make_surface(jax.random.key(0), is_graph=is_graph)
   anchors = np.array([0, 2, 3, 5, 7, 11])
   k = 5
-  ctx = promotion.build_context(surface, anchors, k=k)
+  ctx = build_context(surface, anchors, k=k)
 
   @jax.jit
   def both(t, delta):
-    view = promotion._target_view(surface, surface.params, surface.attack_table,
+    view = target_view(surface, surface.params, surface.attack_table,
                                   surface.projected_table, ctx, t, k)
     s, others = view.scores_fn(delta)
-    return (promotion.promotion_per_user_loss(s, others, 1.0),
+    return (promotion_per_user_loss(s, others, 1.0),
             _per_user_brute(surface, anchors, t, delta, k, 1.0))
 
   for t in (0, 9, 17):
@@ -75,15 +82,15 @@ def test_objective_gradient_matches_finite_differences():
                            table={m: x.astype(jnp.float64) for m, x in surface.attack_table.items()})
     anchors = np.arange(12)
     k = 4
-    ctx = promotion.build_context(surface, anchors, k=k)
+    ctx = build_context(surface, anchors, k=k)
     t = jnp.asarray(6)
-    view = promotion._target_view(surface, surface.params, surface.attack_table,
+    view = target_view(surface, surface.params, surface.attack_table,
                                   surface.projected_table, ctx, t, k)
 
     @jax.jit
     def loss(delta):
       s, others = view.scores_fn(delta)
-      return promotion.promotion_objective(s, others, 2.0)
+      return promotion_objective(s, others, 2.0)
 
     delta = {m: 0.3 * jax.random.normal(jax.random.key(9), (5,), jnp.float64)
              for m in surface.modalities}
@@ -112,14 +119,14 @@ def test_fgsm_and_pgd_reach_closed_form_optimum(regime):
   surface = _top_target_surface(jax.random.key(5), regime)
   anchors = np.arange(10)
   k = 3
-  ctx = promotion.build_context(surface, anchors, k=k)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=2, with_mismatch=False)
+  ctx = build_context(surface, anchors, k=k)
+  runner = PromotionAttackRunner(surface, chunk_size=2, with_mismatch=False)
   mean_user = surface.params["U"].mean(0)
   # Below the threshold the hinge is active only with a big margin.
   margin = 1.0 if regime == "top" else 1e4
   eps = 0.05
-  for attack in (promotion.fgsm_attack(eps, k=k, margin=margin),
-                 promotion.pgd_attack(eps, k=k, margin=margin)):
+  for attack in (fgsm_attack(eps, k=k, margin=margin),
+                 pgd_attack(eps, k=k, margin=margin)):
     out = runner.run(attack, ctx, [7])
     for m in surface.modalities:
       direction = surface.params["W"][m] @ mean_user  # ∂L/∂δ^m, constant
@@ -131,15 +138,15 @@ def test_fgsm_and_pgd_reach_closed_form_optimum(regime):
 
 def test_projection_keeps_every_perturbation_in_budget():
   surface = make_surface(jax.random.key(11), n_items=40)
-  ctx = promotion.build_context(surface, np.arange(12), k=5)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=8, with_mismatch=False)
+  ctx = build_context(surface, np.arange(12), k=5)
+  runner = PromotionAttackRunner(surface, chunk_size=8, with_mismatch=False)
   tgts = np.arange(0, 40, 3)
   for eps in (0.3, 0.05):  # budgets are arguments: the second reuses the compiled code
-    out = runner.run(promotion.pgd_attack(eps, k=5, step_scale=3.0), ctx, tgts)
+    out = runner.run(pgd_attack(eps, k=5, step_scale=3.0), ctx, tgts)
     for m in surface.modalities:
       assert np.abs(out["delta"][m]).max() <= eps * (1 + 1e-6)
       assert np.abs(out["delta"][m]).max() >= eps * (1 - 1e-6)  # the ball is reached
-    out = runner.run(promotion.fgsm_attack(eps, k=5), ctx, tgts)
+    out = runner.run(fgsm_attack(eps, k=5), ctx, tgts)
     for m in surface.modalities:
       bound = eps * np.linalg.norm(np.asarray(surface.attack_table[m])[tgts], axis=1)
       assert np.all(np.abs(out["delta"][m]).max(axis=1) <= bound * (1 + 1e-6))
@@ -153,11 +160,11 @@ def test_single_modal_attack_leaves_other_modality_alone():
   surface = make_surface(jax.random.key(2))
   clean_a = np.asarray(surface.attack_table["a"]).copy()
   anchors, k, tgts = np.arange(12), 5, [1, 2, 3]
-  ctx = promotion.build_context(surface, anchors, k=k)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=4, with_mismatch=False)
+  ctx = build_context(surface, anchors, k=k)
+  runner = PromotionAttackRunner(surface, chunk_size=4, with_mismatch=False)
   margin = 10.0  # every anchor's hinge is active: the gradients are non-zero
-  out = runner.run(promotion.pgd_attack(0.1, k=k, margin=margin, modalities=("b",)), ctx, tgts)
-  both = runner.run(promotion.pgd_attack(0.1, k=k, margin=margin), ctx, tgts)
+  out = runner.run(pgd_attack(0.1, k=k, margin=margin, modalities=("b",)), ctx, tgts)
+  both = runner.run(pgd_attack(0.1, k=k, margin=margin), ctx, tgts)
   assert set(out["delta"]) == {"b"}
   # The features of "a" are untouched and the attacked model saw δ^a = 0 exactly: the
   # reported loss after the attack is the full-sort loss with only δ^b applied ...
@@ -175,17 +182,17 @@ def test_single_modal_attack_leaves_other_modality_alone():
 
 def test_results_independent_of_chunk_size_and_no_recompiles():
   surface = make_surface(jax.random.key(4), n_items=25)
-  ctx = promotion.build_context(surface, np.arange(0, 12, 2), k=4,
+  ctx = build_context(surface, np.arange(0, 12, 2), k=4,
                                 train_pairs=np.array([[0, 1], [2, 3], [4, 5], [6, 1]]))
   tgts = np.array([1, 3, 4, 8, 13, 21, 24])
-  attack = promotion.pgd_attack(0.2, k=4)
+  attack = pgd_attack(0.2, k=4)
   outs = []
   for chunk in (3, 8):
-    runner = promotion.PromotionAttackRunner(surface, chunk_size=chunk,
+    runner = PromotionAttackRunner(surface, chunk_size=chunk,
                                              with_mismatch=False)
     outs.append(runner.run(attack, ctx, tgts))
     runner.run(attack, ctx, tgts[::-1])  # same compiled function, never retraced
-    ctx2 = promotion.build_context(surface, np.arange(1, 12, 2), k=4,
+    ctx2 = build_context(surface, np.arange(1, 12, 2), k=4,
                                    train_pairs=np.array([[1, 2]]))
     runner.run(attack, ctx2, tgts)  # another anchor set of the same size (a seed)
     assert list(runner.trace_counts.values()) == [1]
@@ -202,12 +209,12 @@ def test_ranks_and_hits_match_brute_force(is_graph):
   surface = make_surface(jax.random.key(8), n_items=25, is_graph=is_graph)
   anchors = np.array([1, 4, 5, 9])
   train = np.array([[1, 3], [4, 3], [5, 10], [9, 0], [9, 3], [2, 3]])
-  ctx = promotion.build_context(surface, anchors, k=4, train_pairs=train)
+  ctx = build_context(surface, anchors, k=4, train_pairs=train)
   ks = (1, 3, 10)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=4, ks=ks,
+  runner = PromotionAttackRunner(surface, chunk_size=4, ks=ks,
                                            with_mismatch=False)
   tgts = np.array([3, 10, 17])
-  out = runner.run(promotion.pgd_attack(0.5, k=4), ctx, tgts)
+  out = runner.run(pgd_attack(0.5, k=4), ctx, tgts)
   mask = np.zeros((12, 25), bool)
   mask[train[:, 0], train[:, 1]] = True
   for i, t in enumerate(tgts):
@@ -231,9 +238,9 @@ def test_graph_and_row_wise_paths_agree():
   tgts = [2, 5, 19]
   res = []
   for s in (flat, graph):
-    ctx = promotion.build_context(s, anchors, k=3)
-    runner = promotion.PromotionAttackRunner(s, chunk_size=2, with_mismatch=False)
-    res.append(runner.run(promotion.pgd_attack(0.3, k=3), ctx, tgts))
+    ctx = build_context(s, anchors, k=3)
+    runner = PromotionAttackRunner(s, chunk_size=2, with_mismatch=False)
+    res.append(runner.run(pgd_attack(0.3, k=3), ctx, tgts))
   np.testing.assert_allclose(res[0]["rank_after"], res[1]["rank_after"], rtol=1e-5)
   np.testing.assert_allclose(res[0]["loss_after"], res[1]["loss_after"], rtol=1e-5)
 
@@ -258,14 +265,14 @@ def test_cosine_alignment_and_cosine_need_a_shared_projected_space():
   from uatmc_jax.core import errors
   surface = make_surface(jax.random.key(3))
   flat = dataclasses.replace(surface, shared_space=False)
-  ctx = promotion.build_context(flat, np.arange(12), k=5)
-  runner = promotion.PromotionAttackRunner(flat, chunk_size=2)
+  ctx = build_context(flat, np.arange(12), k=5)
+  runner = PromotionAttackRunner(flat, chunk_size=2)
   with pytest.raises(errors.ConfigError, match="shared projected space"):
-    runner.run(promotion.pgd_attack(0.1, k=5, alignment="cosine"), ctx, [1, 2])
-  out = runner.run(promotion.pgd_attack(0.1, k=5), ctx, [1, 2])
+    runner.run(pgd_attack(0.1, k=5, alignment="cosine"), ctx, [1, 2])
+  out = runner.run(pgd_attack(0.1, k=5), ctx, [1, 2])
   assert np.all(np.isnan(out["mismatch"].cosine))
-  shared = promotion.PromotionAttackRunner(surface, chunk_size=2).run(
-      promotion.pgd_attack(0.1, k=5), promotion.build_context(surface, np.arange(12), k=5),
+  shared = PromotionAttackRunner(surface, chunk_size=2).run(
+      pgd_attack(0.1, k=5), build_context(surface, np.arange(12), k=5),
       [1, 2])
   assert np.all(np.isfinite(shared["mismatch"].cosine))
 
@@ -282,32 +289,32 @@ def test_surface_takes_shared_space_from_the_model():
   for name, shared in (("vbpr", False), ("vbpr_mlp", True)):
     model = build_recommender(name, data, {"embedding_dim": 4}, nnx.Rngs(0))
     assert surface_from_recommender(model, feats).shared_space is shared, name
-  from experiments import attack_recsys
-  assert "pgd_aligned" not in attack_recsys.attacker_names(("a", "b"), shared_space=False)
+  from uatmc_jax.recsys.attacks import protocol
+  assert "pgd_aligned" not in protocol.attacker_names(("a", "b"), shared_space=False)
 
 
 def test_attack_config_and_attacker_names():
-  from experiments import attack_recsys
+  from uatmc_jax.recsys.attacks import protocol
   from experiments.configs import attack as attack_config
   from uatmc_jax.core import errors
   cfg = attack_config.get_config("targets=7,seeds=2,epsilon=0.05;0.1,attack=pgd_aligned")
   assert cfg.seeds == [1, 2] and cfg.epsilons == [0.05, 0.1] and cfg.attacks == ["pgd_aligned"]
   assert attack_config.get_config("runlocal=True,seeds=5").seeds == [1]
   mods = ("audio", "image")
-  make = lambda n: attack_recsys.make_attacker(n, 0.1, cfg, mods)
+  make = lambda n: protocol.make_attacker(n, 0.1, cfg, mods)
   assert make("pgd_aligned").alignment == "cosine"
   assert make("pgd_shared_groups").alignment == "shared_groups"
   assert make("fgsm").budget == "relative" and make("fgsm").margin == 10.0
   assert make("pgd").budget == "absolute" and make("pgd").margin == 1.0
   assert make("pgd_image").modalities == ("image",)
-  assert set(attack_recsys.attacker_names(mods)) >= {"fgsm", "pgd", "pgd_aligned", "pgd_audio"}
+  assert set(protocol.attacker_names(mods)) >= {"fgsm", "pgd", "pgd_aligned", "pgd_audio"}
   with pytest.raises(errors.ConfigError, match="attack"):
     make("pgd_video")
 
 
 def test_attack_outputs_say_which_user_grouping_was_used(tmp_path, capsys):
   from flax import nnx
-  from experiments import attack_recsys
+  from uatmc_jax.recsys import attack_eval
   from experiments.configs import attack as attack_config
   from uatmc_jax.recsys.data import mmrec
   from uatmc_jax.recsys.data.synthetic import SyntheticConfig, write_synthetic
@@ -323,13 +330,13 @@ def test_attack_outputs_say_which_user_grouping_was_used(tmp_path, capsys):
     else:
       data = mmrec.load_mmrec(folder)
     model = build_recommender("vbpr_mlp", data, {"embedding_dim": 4}, nnx.Rngs(0))
-    results, _, _ = attack_recsys.run_attacks(cfg, model, data)
+    results, _, _ = attack_eval.run_attacks(cfg, model, data)
     expect = (f"planted from {folder / 'user_groups.npy'}" if planted
               else f"k-means k={cfg.n_groups} on anchor user vectors")
     assert results["protocol"]["groups"] == expect
     out = tmp_path / f"out_{planted}"
     out.mkdir()
-    attack_recsys.write_outputs(str(out), results, cfg, data.name, "VBPRMLP")
+    attack_eval.write_outputs(str(out), results, cfg, data.name, "VBPRMLP")
     assert expect in (out / "attack_results.md").read_text()
     assert expect in capsys.readouterr().out
 
@@ -337,13 +344,13 @@ def test_attack_outputs_say_which_user_grouping_was_used(tmp_path, capsys):
 def test_runner_drops_compiled_programs_near_the_memory_map_limit():
   """Near vm.max_map_count the runner drops its programs and rebuilds them: same numbers."""
   surface = make_surface(jax.random.key(4), n_items=25)
-  ctx = promotion.build_context(surface, np.arange(0, 12, 2), k=4)
+  ctx = build_context(surface, np.arange(0, 12, 2), k=4)
   tgts = np.array([1, 3, 4, 8, 13])
-  attack = promotion.pgd_attack(0.2, k=4)
-  plain = promotion.PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False)
+  attack = pgd_attack(0.2, k=4)
+  plain = PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False)
   ref = plain.run(attack, ctx, tgts)
   lines = []
-  tight = promotion.PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False,
+  tight = PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False,
                                           log=lines.append)
   tight.map_usage_fn = lambda: 0.9
   for _ in range(2):
@@ -353,5 +360,5 @@ def test_runner_drops_compiled_programs_near_the_memory_map_limit():
   assert tight.releases == 2 and "vm.max_map_count" in lines[-1]
   assert list(tight.trace_counts.values()) == [1]  # rebuilt once after the last drop
   assert plain.releases == 0  # this process is far from its limit
-  usage = promotion.memory_map_usage()
+  usage = memory_map_usage()
   assert usage is None or 0 < usage < 1

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uatmc_jax.recsys.data.interactions import InteractionData
-from uatmc_jax.recsys import metrics as rm
 from uatmc_jax.core.parallel.mesh import make_mesh
+from uatmc_jax.recsys import metrics as rm
+from uatmc_jax.recsys.data.interactions import InteractionData
 
 L2, L3, L6 = math.log2(2), math.log2(3), math.log2(6)
 

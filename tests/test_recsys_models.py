@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from uatmc_jax.recsys import losses as losses
 from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.models import base as base
 from uatmc_jax.recsys.models.mmgcn import MMGCN, bipartite_edges
 from uatmc_jax.recsys.models.registry import build_recommender
 from uatmc_jax.recsys.models.vbpr_mlp import projection_hidden
-from uatmc_jax.recsys import losses as losses
 
 
 def tiny_data(n_users=7, n_items=11, dims=(("image", 12), ("audio", 5)), seed=0):

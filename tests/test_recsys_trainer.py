@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.core.parallel.mesh import make_mesh
+from uatmc_jax.recsys import losses as recsys_losses
 from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.data.sampling import NegativeSampler, epoch_batches
-from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.recsys.models.registry import build_recommender
-from uatmc_jax.recsys import losses as recsys_losses
-from uatmc_jax.core.parallel.mesh import make_mesh
 from uatmc_jax.recsys.trainer import RecsysTrainer, resolve_loss_fn
 
 CONFIG = dict(batch_size=64, epochs=3, patience=50, seed=3, eval_batch_size=16, log=False,

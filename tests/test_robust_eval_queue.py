@@ -1,5 +1,5 @@
 """Robust evaluation that skips broken points, packs full batches, compiles once per
-attack and reports progress (issue 14 item 3; METHODS.md B.5)."""
+attack and reports progress (METHODS.md B.5)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
+from uatmc_jax.longtail import etf
 from uatmc_jax.longtail.attacks import batching
 from uatmc_jax.longtail.evaluation import geometry
 from uatmc_jax.longtail.evaluation import robust_accuracy
-from uatmc_jax.longtail import etf
 
 
 def test_accuracy_block_groups_from_train_counts():
@@ -120,13 +120,13 @@ def _tiny_classifier(seed, n_images, n_classes):
 def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
   import jax
   import jax.numpy as jnp
-  from experiments import eval_robust
+  from uatmc_jax.longtail.evaluation import evaluate
 
   n_classes = 4
   features_fn, logits_fn, head, images, labels = _tiny_classifier(0, 10, n_classes)
   counts = np.array([300, 60, 15, 5])
   config = robust_accuracy.RobustEvalConfig(epsilon=0.05, step_size=0.0125, batch_size=4)
-  res = eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images,
+  res = evaluate.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images,
                                         labels, counts, ["pgd20", "cw"], config,
                                         out_dir=str(tmp_path), log=lambda s: None)
   from uatmc_jax.core import reporting
@@ -143,7 +143,7 @@ def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
   assert (tmp_path / "eval_results.md").read_text().startswith("| attack |")
   assert (tmp_path / "per_class_robust_accuracy.png").stat().st_size > 1000
   with pytest.raises(Exception, match="unknown attack"):
-    eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
+    evaluate.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
                                     counts, ["fgsm"], config)
 
 
@@ -164,9 +164,9 @@ def test_evaluate_classifier_runs_an_attack_on_its_own_subset(tmp_path):
   """attack_subsets (eval_robust --autoattack_per_class): that attack runs on the other
   images only, equal to evaluating those images alone; the rest stay on the full set."""
   import jax.numpy as jnp
-  from experiments import eval_robust
-  from uatmc_jax.core.errors import ConfigError
   from uatmc_jax.core import reporting
+  from uatmc_jax.core.errors import ConfigError
+  from uatmc_jax.longtail.evaluation import evaluate
 
   n_classes = 4
   features_fn, logits_fn, head, images, labels = _tiny_classifier(1, 12, n_classes)
@@ -174,10 +174,10 @@ def test_evaluate_classifier_runs_an_attack_on_its_own_subset(tmp_path):
   counts = np.array([300, 60, 15, 5])
   config = robust_accuracy.RobustEvalConfig(epsilon=0.08, step_size=0.02, batch_size=4)
   sub = (images[:6], labels[:6])
-  res = eval_robust.evaluate_classifier(
+  res = evaluate.evaluate_classifier(
       logits_fn, features_fn, np.asarray(head), images, labels, counts, ["pgd20", "cw"],
       config, out_dir=str(tmp_path), log=lambda s: None, attack_subsets={"cw": sub})
-  alone = eval_robust.evaluate_classifier(
+  alone = evaluate.evaluate_classifier(
       logits_fn, features_fn, np.asarray(head), *sub, counts, ["cw"], config,
       log=lambda s: None)
   saved = reporting.read_json(str(tmp_path / "eval_results.json"))
@@ -190,21 +190,21 @@ def test_evaluate_classifier_runs_an_attack_on_its_own_subset(tmp_path):
   assert res["clean_cw_subset"]["overall"] == pytest.approx(4 / 6)
   assert saved["margin_bound"]["adversarial_examples"] == "pgd20"  # same images as clean
   # keep_existing: a later call with only pgd20 keeps the earlier cw block.
-  eval_robust.evaluate_classifier(
+  evaluate.evaluate_classifier(
       logits_fn, features_fn, np.asarray(head), images, labels, counts, ["pgd20"], config,
       out_dir=str(tmp_path), log=lambda s: None, keep_existing=True)
   again = reporting.read_json(str(tmp_path / "eval_results.json"))
   assert again["cw"] == saved["cw"] and again["settings"]["kept_from_previous_run"] == [
       "cw", "clean_cw_subset"]
-  eval_robust.evaluate_classifier(
+  evaluate.evaluate_classifier(
       logits_fn, features_fn, np.asarray(head), images, labels, counts, ["pgd20"], config,
       out_dir=str(tmp_path), log=lambda s: None)
   assert "cw" not in reporting.read_json(str(tmp_path / "eval_results.json"))
   with pytest.raises(ConfigError, match="clean accuracy differs"):
-    eval_robust.evaluate_classifier(
+    evaluate.evaluate_classifier(
         logits_fn, features_fn, np.asarray(head), images, (labels + 1) % n_classes, counts,
         ["pgd20"], config, out_dir=str(tmp_path), log=lambda s: None, keep_existing=True)
   with pytest.raises(ConfigError, match="not among the attacks"):
-    eval_robust.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
+    evaluate.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
                                     counts, ["pgd20"], config, log=lambda s: None,
                                     attack_subsets={"cw": sub})

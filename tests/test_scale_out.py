@@ -13,11 +13,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uatmc_jax.core.errors import ConfigError
-from uatmc_jax.recsys.models.mmgcn import MMGCN
-from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP
-from uatmc_jax.recsys.losses import bpr_objective
 from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import multihost, precision, sharding_rules, throughput
+from uatmc_jax.recsys.losses import bpr_objective
+from uatmc_jax.recsys.models.mmgcn import MMGCN
+from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP
 
 RULES = sharding_rules.RECSYS_TABLE_RULES
 DIMS = {"image": 12, "text": 6}
@@ -285,16 +285,18 @@ def test_promotion_runner_on_a_mesh_equals_one_device(is_graph):
   import sys
   sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
   from attack_fixtures import make_surface
-  from uatmc_jax.recsys.attacks import runner as promotion
+  from uatmc_jax.recsys.attacks.attackers import pgd_attack
+  from uatmc_jax.recsys.attacks.context import build_context
+  from uatmc_jax.recsys.attacks.runner import PromotionAttackRunner
 
   surface = make_surface(jax.random.key(4), n_items=25, is_graph=is_graph)
-  ctx = promotion.build_context(surface, np.arange(0, 12, 2), k=4,
+  ctx = build_context(surface, np.arange(0, 12, 2), k=4,
                                 train_pairs=np.array([[0, 1], [2, 3], [4, 5], [6, 1]]))
   tgts = np.array([1, 3, 4, 8, 13, 21, 24])
   groups = np.eye(2, dtype=np.float32)[np.arange(6) % 2]
-  attack = promotion.pgd_attack(0.2, k=4, alignment="cosine")
-  plain = promotion.PromotionAttackRunner(surface, chunk_size=3).run(attack, ctx, tgts, groups)
-  runner = promotion.PromotionAttackRunner(surface, chunk_size=1,
+  attack = pgd_attack(0.2, k=4, alignment="cosine")
+  plain = PromotionAttackRunner(surface, chunk_size=3).run(attack, ctx, tgts, groups)
+  runner = PromotionAttackRunner(surface, chunk_size=1,
                                            mesh=mesh_lib.make_mesh(4, 2))
   assert runner.targets_per_chunk == 8  # one target per device, both mesh axes
   out = runner.run(attack, ctx, tgts, groups)
@@ -303,7 +305,7 @@ def test_promotion_runner_on_a_mesh_equals_one_device(is_graph):
   del plain["seconds"], out["seconds"]
   _leaves_close(out, plain)
   # a one-device mesh in one process takes the plain path
-  assert promotion.PromotionAttackRunner(
+  assert PromotionAttackRunner(
       surface, mesh=mesh_lib.make_mesh(devices=jax.devices()[:1])).mesh is None
 
 

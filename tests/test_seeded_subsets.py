@@ -1,4 +1,4 @@
-"""Seeded per-class subsamples (issue 12 item 12): the folder reader's max_per_class
+"""Seeded per-class subsamples : the folder reader's max_per_class
 with a seed, the shared test subset of train_longtail / eval_robust."""
 import numpy as np
 import pytest
@@ -86,13 +86,13 @@ def test_balanced_subset_is_per_class_balanced_and_seeded():
 
 
 def test_eval_robust_reloads_the_training_runs_seeded_test_subset(numbered_folder):
-  """eval_robust.load_test_set draws the same images as train_longtail's folder test set."""
-  from experiments import eval_robust
+  """evaluate.load_test_set draws the same images as train_longtail's folder test set."""
+  from uatmc_jax.longtail.evaluation import evaluate
   root = numbered_folder.parent
   (root / "test").symlink_to(numbered_folder, target_is_directory=True)
   run = {"dataset": "folder", "data_dir": str(root), "class_names": ["a", "b", "c"],
          "n_test": 18}
-  images, labels, names = eval_robust.load_test_set(run, None)  # 18 // 3 = 6 per class
+  images, labels, names = evaluate.load_test_set(run, None)  # 18 // 3 = 6 per class
   expected = image_folder.load_image_folder(root / "test", max_per_class=6,
                                             seed=longtail.EVAL_SUBSET_SEED, num_threads=1)
   np.testing.assert_array_equal(labels, expected.labels)

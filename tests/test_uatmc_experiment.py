@@ -12,7 +12,8 @@ DEFENCE_KEYS = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 
 @pytest.mark.slow
 def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
-  from experiments import uatmc
+  from uatmc_jax.recsys import experiment as uatmc
+  from uatmc_jax.recsys.attacks import protocol
   from experiments.configs import uatmc as uatmc_config
   from uatmc_jax.core.errors import ConfigError
 
@@ -123,7 +124,7 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
       f"dataset={folder},seeds=1,runlocal=True,epochs=2,finetune_epochs=1,batch_size=512,"
       "targets=4,attack_k=10,sweep=,mesh_data=1,attack_epsilon=0.05+0.5,attackers=all"),
       workdir)
-  assert multi["attackers"] == list(uatmc.ALL_ATTACKERS)
+  assert multi["attackers"] == list(protocol.ALL_ATTACKERS)
   assert set(multi["by_epsilon"]) == {"0.05", "0.5"}
   assert json.load(open(eps05))["pgd"] == before_pgd
   for name in DEFENCE_KEYS:
@@ -132,13 +133,13 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
       assert main[a] == results["defences"][name]["attacks"][a], (name, a)
       assert half[a] == wide["defences"][name]["attacks"][a], (name, a)
     assert multi["by_epsilon"]["0.05"][name] == main
-    for a in uatmc.GROUP_ATTACKERS:  # run on the same model, anchors and targets
+    for a in protocol.GROUP_ATTACKERS:  # run on the same model, anchors and targets
       for block in (main, half):
         assert block[a]["hit@10_before"] == block["pgd"]["hit@10_before"], (name, a)
         assert 0 <= block[a]["hit@10_after"]["mean"] <= 1
   # At ε 0.5 some group variant promotes some target on the undefended model.
   assert any(multi["by_epsilon"]["0.5"]["vanilla"][a]["avg_rank_change"]["mean"] < 0
-             for a in uatmc.GROUP_ATTACKERS)
+             for a in protocol.GROUP_ATTACKERS)
   table = open(os.path.join(workdir, "results.md")).read()
   assert "Attack budget ε = 0.5" in table and "Hit@10 PGD-PCGrad groups" in table
   with pytest.raises(ConfigError, match="attackers.*unknown"):
@@ -154,7 +155,8 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
 
 
 def test_vbpr_runs_only_what_needs_no_shared_space():
-  from experiments import uatmc
+  from uatmc_jax.recsys import experiment as uatmc
+  from uatmc_jax.recsys.attacks import protocol
   from experiments.configs import uatmc as uatmc_config
   from uatmc_jax.core.errors import ConfigError
   with pytest.raises(ConfigError, match="uat_mc.*shared projected space"):
@@ -162,4 +164,4 @@ def test_vbpr_runs_only_what_needs_no_shared_space():
   attackers, sweep = uatmc.attackers_for(
       uatmc_config.get_config("model=vbpr,defences=vanilla+apr+uat_mc_no_align"))
   assert "pgd_aligned" not in attackers and "pgd_aligned" not in sweep
-  assert uatmc.attackers_for(uatmc_config.get_config("model=mmgcn"))[0] == uatmc.ATTACKERS
+  assert uatmc.attackers_for(uatmc_config.get_config("model=mmgcn"))[0] == protocol.ATTACKERS

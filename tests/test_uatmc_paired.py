@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import uatmc_paired
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys import paired as uatmc_paired
 
 
 def _write(root, seed, defence, hits):

@@ -2,7 +2,7 @@
 
   python -m experiments.train_longtail \\
     --config=experiments/configs/longtail.py:preset=cpu_small,dataset=folder,data_dir=../shared/data/cifar10,imbalance_ratio=10,method=mcat \\
-    --workdir=/tmp/lt
+    --workdir=runs/lt
 
 Presets (``preset=...``; every other argument given explicitly overrides them):
   paper: B.4's paper settings: ResNet-18 (CIFAR stem), 200 epochs, cosine decay from
@@ -11,12 +11,12 @@ Presets (``preset=...``; every other argument given explicitly overrides them):
     run.
   full (the default): the same at 100 epochs (the length of most long-tail AT papers'
     CIFAR runs, e.g. AT-BSL); the numbers are not the paper's 200-epoch ones.
-  cpu_small: the CPU-scale protocol chosen by measurement on a 2-core CPU (BUILD_NOTES):
+  cpu_small: the CPU-scale protocol chosen by measurement on a 2-core CPU (docs/results/longtail.md):
     small CNN (widths 16/32/64/128), CIFAR-10-LT with n_max 1000, 10 epochs, batch 64,
     lr 0.1 with 1 warm-up epoch then cosine, PGD-3 in training with step 2.5ε/3,
     PGD-20 evaluation on 100 test images per class, a monitor evaluation every 5 epochs;
     MCAT: generators d_z 32 -> 256 -> 256 -> d_f, 3 warm-up epochs. About 2 min per
-    PGD-AT run on an idle 2-core machine as 2 XLA CPU devices (BUILD_NOTES 13.2); PGD-AT at IR 10 reaches 0.27 clean /
+    PGD-AT run on an idle 2-core machine as 2 XLA CPU devices (docs/results/performance.md); PGD-AT at IR 10 reaches 0.27 clean /
     0.20 PGD-20 balanced accuracy (chance 0.10), mostly on the head classes; AT-BSL
     0.38 / 0.22 with every class group non-zero.
   runlocal=True: a ~1-minute smoke run that still learns above chance, on top of any
@@ -79,7 +79,7 @@ PAPER = dict(model="resnet18", epochs=200, batch_size=128, lr=0.1, schedule="cos
 # The default ("full"): the paper's settings at half the epochs (100), the length most
 # of the long-tail AT literature (AT-BSL, RoBal's CIFAR runs) trains for.
 FULL = dict(PAPER, epochs=100)
-# CPU scale, chosen by measurement on the 2-core build machine (BUILD_NOTES): a small CNN
+# CPU scale, chosen by measurement on the 2-core build machine (docs/results/longtail.md): a small CNN
 # on CIFAR-10-LT that learns well above chance in a few minutes per run.
 CPU_SMALL = dict(model="small_cnn", widths="16+32+64+128", n_max=1000, epochs=10,
                  batch_size=64, lr=0.1, warmup_epochs=1.0, pgd_steps=3,

@@ -2,7 +2,7 @@
 
   python -m experiments.train_recsys \\
     --config=experiments/configs/recsys.py:model=vbpr_mlp,dataset=synthetic,runlocal=True \\
-    --workdir=/tmp/recsys
+    --workdir=runs/recsys
 
 Arguments (``k=v`` joined by ``,``):
   model: vbpr | vbpr_mlp | mmgcn (vbpr_mlp).
@@ -14,12 +14,12 @@ Arguments (``k=v`` joined by ``,``):
   batch_size (2048): BPR protocol.
   lr: Adam learning rate; default per model and dataset (``default_learning_rate``): 5e-3
     for VBPR and VBPR-MLP on MMRec folders (selected on TikTok valid Recall@20 from
-    1e-3 / 3e-3 / 5e-3 / 1e-2, BUILD_NOTES section 2: at A.3's 1e-3 both stop early
+    1e-3 / 3e-3 / 5e-3 / 1e-2, docs/results/recsys.md: at A.3's 1e-3 both stop early
     below the most-popular baseline), 1e-3 (A.3) for MMGCN and on ``synthetic``.
   reg_weight: EmbLoss weight; default per model and dataset (``default_reg_weight``):
     VBPR 2.0 and MMGCN 0.0 (MMRec's first grid value; for VBPR also the best TikTok valid
     Recall@20 of 1e-5..4), VBPR-MLP 2.0 with InfoNCE 1.0 (best TikTok valid Recall@20 of
-    the reg x align grid in BUILD_NOTES section 2: smaller reg lets the ID tables overfit,
+    the reg x align grid in docs/results/recsys.md: smaller reg lets the ID tables overfit,
     larger reg collapses every vector to zero with BPR stuck at log 2 unless the InfoNCE
     term is strong enough), but 0.01 on ``synthetic`` (see ``DATASET_REG_WEIGHT``).
   embedding_dim (64), wide_threshold (1024), num_layers (2, MMGCN).
@@ -27,7 +27,7 @@ Arguments (``k=v`` joined by ``,``):
     (False: MMRec's VBPR has none).
   align_weight: VBPR-MLP's cross-modal InfoNCE weight; default per dataset (see
     ``default_model_align_weight``): 1.0, but 0 on ``synthetic``, whose modalities carry
-    planted private information that InfoNCE would align away (issue 3: with 0.1 the
+    planted private information that InfoNCE would align away (with 0.1 the
     trained model's two modality gradients are parallel, cos .90, and the planted
     cross-modal mismatch is not detected).
   loss: training objective by name (bpr; defences add theirs, see recsys_trainer).
@@ -50,12 +50,11 @@ DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, see
                 loss="bpr", mesh_data=-1, mesh_model=1, compute_dtype="float32",
                 eval_batch_size=2048, runlocal=False)
 # EmbLoss weight per model. VBPR, MMGCN: MMRec's configs/model/<MODEL>.yaml, first value
-# of the reg_weight grid. VBPR-MLP: selected on TikTok valid Recall@20 (BUILD_NOTES
-# section 2): 0.01 -> .028, 0.3 -> .032, 0.6 -> .039, 0.8 -> .044, 1.0 -> .051 (seed 1:
+# of the reg_weight grid. VBPR-MLP: selected on TikTok valid Recall@20 (docs/results/recsys.md): 0.01 -> .028, 0.3 -> .032, 0.6 -> .039, 0.8 -> .044, 1.0 -> .051 (seed 1:
 # .052); 1.4, 2.0 and 4.0 collapse (BPR stays at log 2: EmbLoss's constant-size pull to
 # zero beats the BPR gradient of the nearly equal initial item contents), and so does 1.0
 # without the InfoNCE term. A stronger InfoNCE lets a stronger reg escape the collapse
-# (session 2, 30 epochs, patience 8): reg/align 1.2/0.3 -> .053, 1.5/0.5 -> .060,
+# (30 epochs, patience 8): reg/align 1.2/0.3 -> .053, 1.5/0.5 -> .060,
 # 2.0/1.0 -> .0665 (seed 1: .0678; test .0608/.0639 vs popularity .0597), 2.0/2.0 -> .063,
 # 2.5/1.5, 3.0/1.0 and 3.0/2.0 collapse. VBPR on TikTok: 2.0 is also the valid optimum of
 # 1e-5..4.
@@ -80,7 +79,7 @@ def default_reg_weight(model: str, dataset: str) -> float:
 # Adam learning rate. A.3 (MMRec's overall.yaml) fixes 1e-3; on TikTok VBPR and VBPR-MLP
 # with 1e-3 make ~30 updates per epoch (59.5k interactions / 2048) and early stopping ends
 # them below the most-popular baseline (test Recall@20 .0537 / .0608 vs .0597). Selected on
-# TikTok valid Recall@20 (session 3, reg 2.0, patience 20): VBPR 1e-3 -> .047, 5e-3 ->
+# TikTok valid Recall@20 (reg 2.0, patience 20): VBPR 1e-3 -> .047, 5e-3 ->
 # .0767 (seed 1: .0770), 1e-2 -> .0701; VBPR-MLP 3e-3 collapses (.0085), 5e-3 -> .0790
 # (seed 1: .0741), 1e-2 -> .0767. MMGCN and the synthetic generator keep 1e-3.
 DEFAULT_LEARNING_RATE = 1e-3

@@ -2,7 +2,7 @@
 
   python -m experiments.uatmc \\
     --config=experiments/configs/uatmc.py:dataset=synthetic,model=vbpr_mlp,seeds=1+2+3,runlocal=True \\
-    --workdir=/tmp/uatmc
+    --workdir=runs/uatmc
 
 Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
   dataset: ``synthetic`` or an MMRec-layout folder (synthetic).

@@ -5,7 +5,7 @@ result is a slice that starts at 0. The common ``lax.top_k(x, k)[0][..., k - 2:]
 K-th and (K−1)-th scores) is simplified into one slice ``[k-2:k]`` of the *sorted* input,
 the pattern no longer matches, and XLA:CPU sorts the whole row instead: in the MMGCN
 local attack a (7, 3723, 1256) top-50 became a full stable sort of 6.2 s per PGD step,
-76% of the attack's time (BUILD_NOTES 13). An ``optimization_barrier`` on the outputs
+76% of the attack's time (docs/design.md, XLA:CPU pitfalls). An ``optimization_barrier`` on the outputs
 keeps the slices apart, so the kernel is used (0.45 s for the same shape, one thread).
 The values, indices and gradients are ``lax.top_k``'s.
 """

@@ -30,10 +30,10 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from uatmc_jax.longtail.attacks import linf
 from uatmc_jax.core.errors import ConfigError
-from uatmc_jax.longtail import losses as cl
 from uatmc_jax.longtail import etf
+from uatmc_jax.longtail import losses as cl
+from uatmc_jax.longtail.attacks import linf
 
 INNER_LOSSES = ("ce", "kl")
 OUTER_LOSSES = ("ce", "balanced_ce", "trades", "mart", "robal")

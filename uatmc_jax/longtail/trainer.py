@@ -34,21 +34,21 @@ import numpy as np
 import optax
 from flax import nnx
 
-from uatmc_jax.longtail.attacks import linf
-from uatmc_jax.longtail.attacks import manifold_pgd
+from uatmc_jax.core.checkpointing import CheckpointStore
 from uatmc_jax.core.errors import ConfigError
-from uatmc_jax.longtail.evaluation import class_accuracy
-from uatmc_jax.core.reporting import ProgressLogger
-from uatmc_jax.longtail.models import image_classifiers as ic
-from uatmc_jax.longtail import losses as cl
-from uatmc_jax.longtail import manifold as manifold_lib
+from uatmc_jax.core.metric_writer import ScalarWriter
 from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import multihost
 from uatmc_jax.core.parallel import precision
-from uatmc_jax.longtail import methods as methods
-from uatmc_jax.core.checkpointing import CheckpointStore
 from uatmc_jax.core.progress import StepProgress
-from uatmc_jax.core.metric_writer import ScalarWriter
+from uatmc_jax.core.reporting import ProgressLogger
+from uatmc_jax.longtail import losses as cl
+from uatmc_jax.longtail import manifold as manifold_lib
+from uatmc_jax.longtail import methods as methods
+from uatmc_jax.longtail.attacks import linf
+from uatmc_jax.longtail.attacks import manifold_pgd
+from uatmc_jax.longtail.evaluation import class_accuracy
+from uatmc_jax.longtail.models import image_classifiers as ic
 
 TRAINER_CONFIG_FILE = "trainer_config.json"
 

@@ -64,7 +64,7 @@ def bpr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, 
                   key: jax.Array, *, reg_weight: float) -> tuple[jax.Array, dict]:
   """Vanilla training loss: BPR + reg·EmbLoss + the model's auxiliary loss.
 
-  This is the default of the trainer's loss seam. Defences (APR, AMR, UAT-MC, issue 4)
+  This is the default of the trainer's loss seam. Defences (APR, AMR, UAT-MC)
   are other functions with the same signature, typically computing the clean terms with
   the same pieces (``bpr_batch_vectors``, ``bpr_loss``, ``emb_loss``) and adding
   perturbed-BPR terms.

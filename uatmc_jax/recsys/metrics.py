@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import multihost
+from uatmc_jax.recsys.data.interactions import InteractionData
 
 METRICS = ("recall", "ndcg", "precision", "map", "hr")
 DEFAULT_KS = (5, 10, 20, 50)

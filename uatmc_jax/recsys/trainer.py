@@ -16,9 +16,10 @@ The trainer minimises ``loss_fn(model, batch, features, key) -> (loss, aux)``:
 * ``aux``: a dict of scalars, averaged over the epoch into the progress line.
 
 ``config.loss`` picks it by name (:func:`resolve_loss_fn`): ``"bpr"`` is
-:func:`uatmc_jax.recsys.losses.bpr_objective`; any other name ``X`` is
-``uatmc_jax.recsys.defences.X.make_loss_fn(config)``, so a defence (APR, AMR, UAT-MC) adds a
-file, not a trainer. A callable may also be passed directly. Which parameters train is
+:func:`uatmc_jax.recsys.losses.bpr_objective`; a defence name (``vanilla``, ``apr``,
+``amr``, ``uat_mc_no_align``, ``uat_mc``) is looked up in the one defence registry,
+``uatmc_jax.recsys.defences.registry``, so a defence adds a registry entry, not a
+trainer. A callable may also be passed directly. Which parameters train is
 an NNX filter (``trainable``, default every ``nnx.Param``), e.g. UAT-MC freezes the
 projection MLPs with ``nnx.All(nnx.Param, nnx.Not(nnx.PathContains("projectors")))``.
 
@@ -36,7 +37,6 @@ and ends with the same metrics as an uninterrupted run.
 from __future__ import annotations
 
 import functools
-import importlib
 import time
 from typing import Any, Callable, Mapping
 
@@ -47,15 +47,16 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uatmc_jax.recsys.data.interactions import InteractionData
-from uatmc_jax.recsys.data.sampling import NegativeSampler, epoch_batches
+from uatmc_jax.core.checkpointing import CheckpointStore
 from uatmc_jax.core.errors import ConfigError
-from uatmc_jax.recsys.metrics import DEFAULT_KS, RankingEvaluator
-from uatmc_jax.core.reporting import ProgressLogger
-from uatmc_jax.recsys.losses import LossFn, make_bpr_objective
 from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import multihost, precision, sharding_rules
-from uatmc_jax.core.checkpointing import CheckpointStore
+from uatmc_jax.core.reporting import ProgressLogger
+from uatmc_jax.recsys.data.interactions import InteractionData
+from uatmc_jax.recsys.data.sampling import NegativeSampler, epoch_batches
+from uatmc_jax.recsys.defences.registry import DEFENCES, make_defence_loss
+from uatmc_jax.recsys.losses import LossFn, make_bpr_objective
+from uatmc_jax.recsys.metrics import DEFAULT_KS, RankingEvaluator
 
 TRAIN_DEFAULTS = dict(
     loss="bpr", reg_weight=1e-4, learning_rate=1e-3, batch_size=2048, epochs=1000,
@@ -68,13 +69,10 @@ def resolve_loss_fn(config: Mapping[str, Any]) -> LossFn:
   name = config.get("loss", "bpr")
   if name == "bpr":
     return make_bpr_objective(config)
-  try:
-    module = importlib.import_module(f"uatmc_jax.recsys.defences.{name}")
-  except ModuleNotFoundError as e:
-    raise ConfigError(f"loss {name!r}: no module uatmc_jax.recsys.defences.{name} ({e})") from None
-  if not hasattr(module, "make_loss_fn"):
-    raise ConfigError(f"loss {name!r}: uatmc_jax.recsys.defences.{name} has no make_loss_fn(config)")
-  return module.make_loss_fn(config)
+  if name not in DEFENCES:
+    raise ConfigError(f"loss {name!r} is unknown; expected 'bpr' or a defence of "
+                      f"{list(DEFENCES)}")
+  return make_defence_loss(name, config)
 
 
 @functools.lru_cache(maxsize=None)
@@ -389,8 +387,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict:
     K), plus config and history.
   """
   import os
-  from uatmc_jax.recsys.metrics import most_popular_metrics
   from uatmc_jax.core.reporting import write_json
+  from uatmc_jax.recsys.metrics import most_popular_metrics
 
   config = _plain(config)
   data = load_experiment_data(config)

@@ -15,8 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from uatmc_jax.longtail.attacks import linf
 from uatmc_jax.longtail import manifold as manifold_lib
+from uatmc_jax.longtail.attacks import linf
 
 FeatureFn = Callable[[jax.Array], jax.Array]        # x (B, H, W, 3) -> φ (B, d_f)
 HeadLossFn = Callable[[jax.Array], jax.Array]       # φ (B, d_f) -> per-example loss (B,)

@@ -36,9 +36,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from uatmc_jax.core.errors import DataFormatError
 from uatmc_jax.longtail.data import longtail
 from uatmc_jax.longtail.data.image_dataset import ImageDataset
-from uatmc_jax.core.errors import DataFormatError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 _CACHE_VERSION = "v2"

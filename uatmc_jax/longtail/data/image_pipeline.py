@@ -5,7 +5,7 @@ crop of the image zero-padded by 4 pixels on each side, horizontal flip with
 probability 1/2), ``float32`` in ``[0, 1]``, fixed batch size with the remainder
 dropped (so a jitted step never recompiles).
 
-Design (measured in benchmarks/bench_input_pipeline.py, BUILD_NOTES.md section 5):
+Design (measured in benchmarks/bench_input_pipeline.py, docs/results/performance.md):
 * Augmentation is vectorised numpy on the host: the rows of a batch are grouped by
   crop offset (at most 81 groups) and each group is one block copy; flips are one
   fancy-indexed reversal; no Python loop over images. A background thread builds batches ``prefetch`` ahead of the consumer;

@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from uatmc_jax.longtail.data.image_dataset import ImageDataset
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.longtail.data.image_dataset import ImageDataset
 
 DEFAULT_N_MAX = {10: 5000, 100: 500}
 MANY_THRESHOLD = 100  # Many: n > 100

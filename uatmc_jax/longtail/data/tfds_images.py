@@ -30,8 +30,8 @@ import os
 
 import numpy as np
 
-from uatmc_jax.longtail.data.image_dataset import ImageDataset
 from uatmc_jax.core.errors import DataFormatError
+from uatmc_jax.longtail.data.image_dataset import ImageDataset
 
 _CHUNK = 1024
 

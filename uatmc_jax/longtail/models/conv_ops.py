@@ -6,7 +6,7 @@ XLA:CPU rewrites that into its fast convolution path. Inside a ``while`` loop (e
 PGD / APGD / CW attack here is a ``lax.fori_loop``), the kernel's layout change is hoisted
 out of the body and the loop's convolutions then run on a slow path: on the 2-core
 EPYC, a PGD-10 input-gradient loop of ``SmallCNN(16, 32, 64, 128)`` at batch 128 took
-2.98 s as a loop vs 0.70 s fully unrolled (one thread, jax 0.10.2; BUILD_NOTES 13).
+2.98 s as a loop vs 0.70 s fully unrolled (one thread, jax 0.10.2; docs/design.md, XLA:CPU pitfalls).
 
 The fix is a ``custom_vjp`` whose backward pass writes the input gradient as an ordinary
 ``HWIO`` convolution of the cotangent with an explicitly flipped, ``I<->O``-transposed

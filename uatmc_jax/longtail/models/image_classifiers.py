@@ -93,7 +93,7 @@ def _conv(in_f: int, out_f: int, kernel: int, stride: int, dtype: Dtype,
   # Explicit symmetric padding (k//2) = PyTorch's padding=1 for 3x3, 0 for 1x1;
   # 'SAME' would pad asymmetrically for stride 2.
   # On CPU the convolution's input gradient is rewritten so that XLA keeps it on its fast
-  # path inside the attacks' loops (conv_ops; 4.8x faster PGD-10 loop, BUILD_NOTES 13).
+  # path inside the attacks' loops (conv_ops; 4.8x faster PGD-10 loop, docs/results/performance.md).
   pad = kernel // 2
   conv_fn = (conv_ops.conv_general_dilated if jax.default_backend() == "cpu"
              else jax.lax.conv_general_dilated)

@@ -26,8 +26,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.core.errors import ConfigError, DataFormatError
+from uatmc_jax.recsys.data.interactions import InteractionData
 
 INTER_HEADER = ("userID", "itemID", "rating", "timestamp", "x_label")
 FEATURE_SUFFIX = "_feat.npy"

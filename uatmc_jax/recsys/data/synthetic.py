@@ -47,9 +47,9 @@ import tempfile
 
 import numpy as np
 
+from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.data.mmrec import FEATURE_SUFFIX, INTER_HEADER, USER_GROUPS_FILE, load_mmrec
-from uatmc_jax.core.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,8 @@ class SyntheticConfig:
 
   The defaults (2000 users, 1000 items, ~40k interactions) keep the main training job
   to about a minute on a 2-core CPU. The latent / noise / affinity / Zipf defaults
-  (2 shared factors of weight 0.1, noise 0.2, affinity 4, Zipf 1.3; issue 3, variant
-  "c4" of BUILD_NOTES section 1) make the planted per-group modality preference strong
+  (2 shared factors of weight 0.1, noise 0.2, affinity 4, Zipf 1.3; chosen by the
+  planted-mismatch check in docs/results/recsys.md) make the planted per-group modality preference strong
   enough that a trained VBPR-MLP (without its InfoNCE term, the synthetic default of
   ``experiments/configs/recsys.py``) shows it in the A.5 diagnostic: the dominant user
   group of the image and the text attack gradients differs for most targets.

@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from uatmc_jax.recsys.defences import batch_slots as bs
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys.defences import batch_slots as bs
 
 VISUAL_NAMES = ("image", "visual", "v")
 
@@ -99,9 +99,3 @@ def amr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, 
   bpr_adv = perturbed_modality_bpr(model, raw, slots, modality, delta)
   loss = bpr + adv_weight * bpr_adv + reg_weight * emb + aux
   return loss, {"bpr": bpr, "bpr_adv": bpr_adv, "emb": emb, "aux": aux}
-
-
-def make_loss_fn(config):
-  """The trainer's loss seam (``config.loss = "amr"``): hyper-parameters from config."""
-  from uatmc_jax.recsys.defences import registry  # local: registry imports this module
-  return registry.make_defence_loss("amr", config)

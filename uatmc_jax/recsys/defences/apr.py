@@ -64,9 +64,3 @@ def apr_objective(model, batch: Mapping[str, jax.Array], features: Mapping[str, 
   bpr_adv = bs.slot_bpr(user_vecs + delta_u, item_vecs + delta_i, slots)
   loss = bpr + adv_weight * bpr_adv + reg_weight * emb + aux
   return loss, {"bpr": bpr, "bpr_adv": bpr_adv, "emb": emb, "aux": aux}
-
-
-def make_loss_fn(config):
-  """The trainer's loss seam (``config.loss = "apr"``): hyper-parameters from config."""
-  from uatmc_jax.recsys.defences import registry  # local: registry imports this module
-  return registry.make_defence_loss("apr", config)

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from uatmc_jax.core.errors import ConfigError
-from uatmc_jax.recsys.models import base as base
 from uatmc_jax.recsys import losses as recsys_losses
+from uatmc_jax.recsys.models import base as base
 
 Features = Mapping[str, jax.Array]
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping
 
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys import losses as recsys_losses
 from uatmc_jax.recsys.defences import amr, apr, uat_mc
 from uatmc_jax.recsys.defences.batch_slots import GRAPH_ITEMS
 from uatmc_jax.recsys.defences.presets import DEFENCE_DEFAULTS, UAT_MC_PRESETS
-from uatmc_jax.core.errors import ConfigError
-from uatmc_jax.recsys import losses as recsys_losses
 
 DEFENCES = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 # Defences that fine-tune a trained backbone (A.7) instead of training from scratch.

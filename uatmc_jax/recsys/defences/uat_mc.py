@@ -35,8 +35,8 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from uatmc_jax.recsys.defences import batch_slots as bs
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys.defences import batch_slots as bs
 
 Features = Mapping[str, jax.Array]
 
@@ -162,9 +162,3 @@ def uat_mc_objective(model, batch: Mapping[str, jax.Array], features: Features,
   bpr_adv = adv_loss({m: projected[m] + delta[m] for m in projected})
   loss = bpr + adv_weight * bpr_adv + reg_weight * emb
   return loss, {"bpr": bpr, "bpr_adv": bpr_adv, "emb": emb, "aux": jnp.zeros((), jnp.float32)}
-
-
-def make_loss_fn(config):
-  """The trainer's loss seam (``config.loss = "uat_mc"``): hyper-parameters from config."""
-  from uatmc_jax.recsys.defences import registry  # local: registry imports this module
-  return registry.make_defence_loss("uat_mc", config)

@@ -5,7 +5,7 @@ Every recommender is a Flax NNX module, generic over an ordered tuple of modalit
 they are passed explicitly as ``features: {modality: (n_items, d_m)}`` and never stored
 in parameters, so attacks and defences can differentiate through them.
 
-The contract (``/tmp/recsys_api.md`` in the design notes):
+The contract (docs/design.md, the recommender protocol):
 
 * ``project(features) -> {m: (n, p_m)}``: raw features -> projected modality space,
   row-wise (projecting a subset of rows gives those rows of the full projection).

@@ -19,7 +19,7 @@ per-modality dot products plus an ID part: the user/item vectors are the
 concatenations [e_id ; x^{m_1} ; x^{m_2} ...], so one dot product gives
 <e_u, e_i> + Σ_m <x_u^m, x_i^m>.
 
-Deviations from MMRec's MMGCN (stated in BUILD_NOTES): the ID embeddings and the
+Deviations from MMRec's MMGCN (docs/deviations.md): the ID embeddings and the
 preference vectors are trained (MMRec leaves them as untrained tensors); aggregation is
 symmetric-normalised rather than an unnormalised sum, which keeps activations bounded
 on high-degree nodes; the final representation is the per-modality concatenation
@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from uatmc_jax.recsys.models import graph_propagation
 from uatmc_jax.recsys.models import base as base
+from uatmc_jax.recsys.models import graph_propagation
 
 
 class GraphBuffer(nnx.Variable):

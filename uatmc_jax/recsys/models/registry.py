@@ -5,8 +5,8 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.models.mmgcn import MMGCN
 from uatmc_jax.recsys.models.vbpr import VBPR
 from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP

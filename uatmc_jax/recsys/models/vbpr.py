@@ -10,7 +10,7 @@ item vector gains a last coordinate beta_i and every user vector a constant 1, s
 score stays a dot product (attacks, defences and evaluation are unchanged) and equals
 <theta_u, [e_i; W x_i]> + beta_i. The constant column is part of the user vectors that
 EmbLoss sees, which adds sqrt(B) inside the batch's user norm (a slightly weaker pull to
-zero on the user table than without the bias; BUILD_NOTES section 2).
+zero on the user table than without the bias; docs/results/recsys.md, backbones).
 """
 from __future__ import annotations
 

@@ -1,0 +1,404 @@
+"""The UAT-MC experiment end to end: stages, resume, orchestration (METHODS.md A.7-A.8).
+
+Per seed: trains the backbone (vanilla BPR), trains every defence (APR and AMR
+fine-tuned from the backbone by default, ``adv_from_backbone``, or from scratch; UAT-MC
+with and without alignment fine-tuned from the backbone's best checkpoint with its
+projection MLPs frozen), attacks each trained model through the A.4 protocol
+(``attacks.protocol``) with FGSM, PGD and aligned PGD (with ``attackers=all`` also the
+group variants PGD-PCGrad and PGD-shared groups) at every budget of ``attack_epsilon``
+(e.g. 0.05+0.2+0.5), and optionally sweeps UAT-MC's λ_adv (or ε) for the
+defence–accuracy trade-off. ``report`` aggregates and writes:
+
+* ``results.json``: ``{"defences": {name: {"recall@20", "ndcg@10", "ndcg@20",
+  "attacks": {"fgsm" | "pgd" | "pgd_aligned": {"hit@K_before", "hit@K_after",
+  "avg_rank_change"}}}}}`` with K the attack objective's ``attack_k`` (50, A.4; also
+  under ``hit_k``) and every number ``{"mean", "std"}`` over seeds (sample std, ddof 1;
+  a seed's value is the mean over its targets) at the first budget ``epsilon``, every
+  budget under ``by_epsilon`` ({"0.2": {defence: {attacker: ...}}}), the A.5
+  diagnostics under ``mismatch`` ({defence: {attacker: cosine quantiles, shares, gain
+  correlation}}, see ``report.mismatch_summary``), plus ``attackers``, ``protocol``,
+  ``relative_ndcg@10_drop``, ``sweep`` and ``seconds``;
+* ``results.md``: the table in the paper's layout (A.8), one per further budget, and
+  the mismatch diagnostics;
+* ``tradeoff.png``: clean NDCG@10 against Hit@K after PGD, every defence and the sweep;
+* ``mismatch.png``: per-target cross-modal gradient cosines (A.5).
+
+Every stage writes its own result files under ``<workdir>/seed_<s>/<stage>/``
+(``train_results.json``, ``attack_results_eps<ε>.json`` per budget, next to the
+trainer's checkpoints), so a restarted run skips finished stages, resumes an unfinished
+training from its newest checkpoint, and runs only the attackers a result file lacks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.core.parallel import mesh as mesh_lib
+from uatmc_jax.core.reporting import read_json, std_header, write_json
+from uatmc_jax.recsys import report
+from uatmc_jax.recsys.attacks import protocol, user_groups
+from uatmc_jax.recsys.attacks.mismatch import per_target_mean
+from uatmc_jax.recsys.attacks.objective import METRIC_KS
+from uatmc_jax.recsys.attacks.surface import surface_from_recommender
+from uatmc_jax.recsys.defences import DEFENCES, FINE_TUNES_BACKBONE, defence_hyperparameters
+from uatmc_jax.recsys.models.registry import MODEL_CLASSES, build_recommender
+from uatmc_jax.recsys.trainer import RecsysTrainer, load_experiment_data
+
+TRAIN_FILE = "train_results.json"
+ATTACK_FILE = "attack_results.json"
+N_GROUPS = 4  # k-means groups when the data has no planted ones
+
+
+def _say(msg: str) -> None:
+  print(f"[uatmc] {msg}", flush=True)
+
+
+def _plain(x: Any) -> Any:
+  return x.to_dict() if hasattr(x, "to_dict") else x
+
+
+def _json_plain(x: Any) -> Any:
+  """``x`` as it reads back from JSON (tuples -> lists), for comparing with saved files."""
+  return json.loads(json.dumps(_plain(x)))
+
+
+# ----------------------------------------------------------------------------------
+# Stages.
+
+
+def defence_train_config(cfg, name: str, seed: int, overrides: dict | None = None) -> dict:
+  """The trainer config of defence ``name`` for one seed (loss picked by name)."""
+  train = dict(_plain(cfg.train))
+  train.update(loss=name, seed=int(seed), log=True)
+  if name in ("uat_mc", "uat_mc_no_align"):
+    train.update(epochs=cfg.finetune["epochs"], patience=cfg.finetune["patience"])
+    train.update({k: v for k, v in _plain(cfg.uat_mc).items() if v is not None})
+  elif name in ("apr", "amr"):
+    train.update({k: v for k, v in _plain(cfg[name]).items() if v is not None})
+    if cfg.adv_from_backbone:
+      train.update(epochs=cfg.finetune["epochs"], patience=cfg.finetune["patience"])
+  train.update(overrides or {})
+  return train
+
+
+def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
+  """Trains (or resumes, or just restores) one model; returns (best model, metrics)."""
+  path = os.path.join(stage_dir, TRAIN_FILE)
+  trainer = RecsysTrainer(model, data, train_cfg, workdir=stage_dir, mesh=mesh)
+  if os.path.isfile(path):
+    if not trainer.restore("best"):
+      raise ConfigError(f"{path} exists but {stage_dir}/checkpoints has no best checkpoint")
+    metrics = read_json(path)
+    saved = metrics.get("config")
+    current = _json_plain({k: v for k, v in train_cfg.items() if k != "ks"})
+    if saved is not None and saved != current:
+      changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+      raise ConfigError(
+          f"{path} was trained with a different config (fields {changed}: saved "
+          f"{ {k: saved.get(k) for k in changed} }, now { {k: current.get(k) for k in changed} }); "
+          "use a new --workdir or the original arguments")
+  else:
+    t0 = time.perf_counter()
+    record = trainer.fit()
+    trainer.restore_best()
+    metrics = {"test": trainer.evaluate("test"), "valid": trainer.evaluate("valid"),
+               "epochs_run": int(record["epoch"]) + 1, "best_epoch": int(record["best_epoch"]),
+               "train_seconds": float(record["train_seconds"]),
+               "stage_seconds": time.perf_counter() - t0,
+               "seconds_per_epoch": float(np.mean([h["seconds"] for h in record["history"]]))
+               if record["history"] else None,
+               "config": {k: v for k, v in train_cfg.items() if k != "ks"}}
+    write_json(path, metrics)
+  model = trainer.model
+  trainer.store.close()
+  return model, metrics
+
+
+def has_shared_space(model_name: str) -> bool:
+  cls = MODEL_CLASSES.get(model_name)
+  return bool(cls is None or cls.shared_projected_space)
+
+
+def requested_attackers(cfg) -> tuple[str, ...]:
+  """``cfg.attack["attackers"]`` checked (``all``: the five of ALL_ATTACKERS)."""
+  names = list(cfg.attack.get("attackers") or protocol.ATTACKERS)
+  if names == ["all"]:
+    names = list(protocol.ALL_ATTACKERS)
+  unknown = [n for n in names if n not in protocol.ALL_ATTACKERS]
+  if unknown:
+    raise ConfigError(f"attackers {unknown} unknown; expected a subset of "
+                      f"{'+'.join(protocol.ALL_ATTACKERS)} or 'all'")
+  if "pgd" not in names:
+    raise ConfigError(f"attackers={'+'.join(names)} must include 'pgd' (the table's clean "
+                      "Hit@K column and the trade-off plot read it)")
+  return tuple(dict.fromkeys(names))
+
+
+def attackers_for(cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(attackers, sweep attackers) for ``cfg.model``; checks the defences apply to it.
+
+  A model without a shared projected space (VBPR) has no aligned attacker (the cosine
+  reward compares modality gradients in such a space) and refuses UAT-MC's alignment.
+  """
+  requested = requested_attackers(cfg)
+  if has_shared_space(cfg.model):
+    return requested, protocol.SWEEP_ATTACKERS
+  if "uat_mc" in cfg.defences:
+    raise ConfigError(f"defences include 'uat_mc', whose alignment needs a shared projected "
+                      f"space, which model={cfg.model!r} does not have "
+                      "(shared_projected_space=False); drop it from defences (e.g. "
+                      "defences=vanilla+apr+amr+uat_mc_no_align) or use vbpr_mlp / mmgcn")
+  drop = ("pgd_aligned",)
+  return (tuple(a for a in requested if a not in drop),
+          tuple(a for a in protocol.SWEEP_ATTACKERS if a not in drop))
+
+
+class AttackBench:
+  """Attacks models of one architecture with compiled chunk functions shared by all.
+
+  ``PromotionAttackRunner`` takes the parameters and tables as arguments of its jitted
+  chunk function and closes only over the architecture (graphdef), so one runner serves
+  every trained model of an experiment (its ``surface`` is swapped per model) and each
+  attacker compiles once, not once per (defence, seed). Every model goes through the
+  one A.4 protocol (``attacks.protocol``): projected space, random targets, the data's
+  planted user groups when it has them, else k-means.
+  """
+
+  def __init__(self, cfg, data, mesh=None):
+    # mesh: each chunk of targets is split over its devices (all processes); the model
+    # is replicated for the attack (see PromotionAttackRunner).
+    self.cfg, self.data, self.mesh = cfg, data, mesh
+    a = cfg.attack
+    settings = types.SimpleNamespace(k=int(a["k"]), align_weight=float(a["align_weight"]),
+                                     group_temperature=float(a.get("group_temperature", 0.1)))
+    # The runner compiles an attacker once whatever its budget (ε is an argument of the
+    # compiled function), so the other budgets are ``dataclasses.replace``d copies.
+    self.attackers = {n: protocol.make_attacker(n, float(a["epsilon"]), settings,
+                                                data.modalities)
+                      for n in protocol.ALL_ATTACKERS}
+    self.runner = None
+    self.planted = protocol.use_planted_groups(data, "auto")
+    self.grouping = user_groups.grouping_description(data, self.planted, N_GROUPS)
+
+  def attack(self, model, seed: int, jobs: dict) -> dict:
+    """{ε: {attacker: results}} for ``jobs`` = {ε: [attacker names]} on one model.
+
+    The anchors' context (clean scores, top lists, graph cache) is built once for all.
+    """
+    a, data = self.cfg.attack, self.data
+    model = protocol.local_copy(model)
+    surface = surface_from_recommender(model, data.features, space="projected")
+    n_targets = min(a["targets"], data.n_items)
+    if self.runner is None:
+      # Hit@K is reported at the K of the attack objective (A.4), whatever it is.
+      ks = tuple(sorted(set(METRIC_KS) | {int(a["k"])}))
+      self.runner = protocol.make_runner(surface, chunk_size=a["chunk_size"],
+                                         n_targets=n_targets, mesh=self.mesh,
+                                         graph_path=a.get("graph_path", "local"), ks=ks,
+                                         with_mismatch=True, log=_say)
+    self.runner.surface = surface
+    setup = protocol.seed_setup(surface, data, seed, anchor_share=a["anchor_share"],
+                                n_targets=n_targets, k=a["k"], planted=self.planted,
+                                n_groups=N_GROUPS)
+    out = {}
+    hit_k = int(a["k"])
+    j = list(self.runner.ks).index(hit_k)
+    for epsilon, name in [(e, n) for e, names in jobs.items() for n in names]:
+      attacker = dataclasses.replace(self.attackers[name], epsilon=float(epsilon))
+      r = self.runner.run(attacker, setup.ctx, setup.targets, setup.groups)
+      cos_clean = per_target_mean(r["mismatch"].cosine)
+      cos_after = per_target_mean(r["mismatch_at_delta"].cosine)
+      out.setdefault(epsilon, {})[name] = {
+          f"hit@{hit_k}_before": float(np.mean(r["hit_before"][:, j])),
+          f"hit@{hit_k}_after": float(np.mean(r["hit_after"][:, j])),
+          "avg_rank_before": float(np.mean(r["rank_before"])),
+          "avg_rank_after": float(np.mean(r["rank_after"])),
+          "avg_rank_change": float(np.mean(r["rank_after"] - r["rank_before"])),
+          "dominant_group_differs_share": float(np.mean(r["mismatch"].dominant_differs)),
+          "dominant_group_differs_share_after": float(
+              np.mean(r["mismatch_at_delta"].dominant_differs)),
+          "per_target_cosine_clean": cos_clean.tolist(),
+          "per_target_cosine_after": cos_after.tolist(),
+          # Pearson r of the per-user gains of the modalities' steps (A.5), per target.
+          "per_target_gain_correlation_after": per_target_mean(
+              r["mismatch_at_delta"].gain_correlation).tolist(),
+          f"per_target_hit@{hit_k}_after": np.asarray(r["hit_after"][:, j], np.float64).tolist(),
+          "n_targets": int(len(setup.targets)), "seconds": float(r["seconds"])}
+    return out
+
+
+def attack_file(epsilon: float) -> str:
+  """The stage's result file of budget ε (one per budget, so a sweep of ε resumes)."""
+  return f"attack_results_eps{float(epsilon):g}.json"
+
+
+def attack_settings(cfg, epsilon: float) -> dict:
+  """The protocol an attack result file was made under (compared on resume).
+
+  chunk_size and graph_path (local / full re-encode: equal, tested) change memory and
+  speed, not results; the budget list and the attacker list are per file (ε) and per
+  entry (attacker), so none of them is part of it.
+  """
+  return _json_plain(dict({k: v for k, v in _plain(cfg.attack).items()
+                           if k not in ("chunk_size", "graph_path", "epsilons", "attackers")},
+                          epsilon=float(epsilon)))
+
+
+def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names,
+                 epsilons=None) -> dict:
+  """{ε: {attacker: results, ...}} for every budget, reusing what the stage saved.
+
+  Saved results are reused only under the same protocol (budget, targets, anchors, K,
+  ...): a restart with another budget recomputes instead of reporting stale numbers. A
+  file that lacks some attackers (a rerun with more ``attackers``) gets only those run.
+  Reads the single-budget ``attack_results.json`` of older runs too.
+  """
+  epsilons = [float(e) for e in (epsilons or bench.cfg.attack["epsilons"])]
+  saved, jobs = {}, {}
+  for eps in epsilons:
+    settings = attack_settings(bench.cfg, eps)
+    done = {}
+    for candidate in (attack_file(eps), ATTACK_FILE):
+      path = os.path.join(stage_dir, candidate)
+      if os.path.isfile(path):
+        got = read_json(path)
+        if got.get("settings") == settings:
+          done = got
+          break
+    saved[eps] = done
+    missing = [n for n in names if n not in done]
+    if missing:
+      jobs[eps] = missing
+  fresh = bench.attack(model, seed, jobs) if jobs else {}
+  a = bench.cfg.attack
+  for eps, results in fresh.items():
+    out = dict(saved[eps])
+    out.update(results)
+    out["settings"] = attack_settings(bench.cfg, eps)
+    out["groups"] = bench.grouping
+    out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} "
+                       f"anchors, K={a['k']} (objective and Hit@K), ε={eps:g}, ranks over "
+                       "all items (train items not masked, the reference's)")
+    write_json(os.path.join(stage_dir, attack_file(eps)), out)
+    saved[eps] = out
+  return saved
+
+
+# ----------------------------------------------------------------------------------
+# The experiment.
+
+
+def run_experiment(cfg, workdir: str) -> dict:
+  """Runs (or resumes) every stage and writes results.json / results.md / plots."""
+
+  unknown = sorted(set(cfg.defences) - set(DEFENCES))
+  if unknown:
+    raise ConfigError(f"defences {unknown} unknown; expected a subset of {list(DEFENCES)}")
+  if "vanilla" not in cfg.defences:
+    raise ConfigError("defences must include 'vanilla' (the backbone every UAT-MC run "
+                      "fine-tunes and every row is compared with)")
+  if cfg.sweep and cfg.sweep not in ("adv_weight", "epsilon"):
+    raise ConfigError(f"sweep must be 'adv_weight', 'epsilon' or empty, got {cfg.sweep!r}")
+  attackers, sweep_attackers = attackers_for(cfg)
+  k = int(cfg.attack["k"])
+  main_eps = float(cfg.attack["epsilon"])
+  t_start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, "config.json"), _plain(cfg))
+  data = load_experiment_data({"dataset": cfg.dataset})
+  _say(data.summary())
+  n_data = int(cfg.mesh_data)
+  mesh = (mesh_lib.make_mesh() if n_data == -1
+          else mesh_lib.make_mesh(data=n_data, devices=jax.devices()[:n_data]))
+  bench = AttackBench(cfg, data, mesh)
+  _say(f"user groups of the A.5 diagnostics: {bench.grouping}")
+  per_seed: dict[int, dict] = {}
+  sweep_runs: dict[int, dict] = {}
+
+  def fresh_model(seed):
+    return build_recommender(cfg.model, data, _plain(cfg.model_config), nnx.Rngs(seed))
+
+  for seed in cfg.seeds:
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    per_seed[seed] = {}
+    backbone, metrics = train_stage(os.path.join(seed_dir, "vanilla"), fresh_model(seed), data,
+                                    defence_train_config(cfg, "vanilla", seed), mesh)
+    backbone_state = nnx.state(backbone)
+
+    def from_backbone():
+      # A copy: trainers donate their parameter buffers to the jitted epoch.
+      m = fresh_model(seed)
+      nnx.update(m, jax.tree.map(jnp.copy, backbone_state))
+      return m
+
+    for name in [d for d in DEFENCES if d in cfg.defences]:
+      stage_dir = os.path.join(seed_dir, name)
+      if name == "vanilla":
+        model = backbone
+      else:
+        start = from_backbone() if (name in FINE_TUNES_BACKBONE or cfg.adv_from_backbone) \
+            else fresh_model(seed)
+        model, metrics = train_stage(stage_dir, start, data,
+                                     defence_train_config(cfg, name, seed), mesh)
+      by_eps = attack_stage(stage_dir, bench, model, seed, attackers)
+      attacks = by_eps[main_eps]
+      per_seed[seed][name] = {"train": metrics, "attacks": attacks,
+                              "attacks_by_epsilon": by_eps}
+      _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@{k} "
+           + ", ".join(f"{a} {attacks[a][f'hit@{k}_before']:.3f}->"
+                       f"{attacks[a][f'hit@{k}_after']:.3f}" for a in attackers)
+           + f"  [{time.perf_counter() - t_start:.0f} s]")
+
+    if cfg.sweep and "uat_mc" in cfg.defences and seed in cfg.seeds[:cfg.sweep_seeds]:
+      sweep_runs[seed] = {}
+      for value in cfg.sweep_values:
+        stage_dir = os.path.join(seed_dir, f"uat_mc_{cfg.sweep}={value:g}")
+        model, metrics = train_stage(
+            stage_dir, from_backbone(), data,
+            defence_train_config(cfg, "uat_mc", seed, {cfg.sweep: float(value)}), mesh)
+        attacks = attack_stage(stage_dir, bench, model, seed, sweep_attackers,
+                               [main_eps])[main_eps]
+        sweep_runs[seed][float(value)] = {"train": metrics, "attacks": attacks}
+
+  results = report.aggregate(cfg, per_seed, sweep_runs, attackers, sweep_attackers)
+  results["protocol"] = {
+      "dataset": data.name, "dataset_path": cfg.dataset, "model": cfg.model,
+      "n_users": data.n_users, "n_items": data.n_items, "modalities": list(data.modalities),
+      "seeds": list(cfg.seeds), "runlocal": bool(cfg.runlocal),
+      "train": {k: v for k, v in _plain(cfg.train).items()},
+      "finetune": _plain(cfg.finetune),
+      "defence_hyperparameters": {n: _resolved(cfg, n) for n in cfg.defences},
+      "attack": dict(_plain(cfg.attack), space="projected", target_set="random",
+                     ranking="all items, train items not masked (reference)"),
+      "groups": bench.grouping,
+      "metrics": "clean metrics on test (full ranking, A.3) of the valid-selected checkpoint; "
+                 "attack numbers: per seed the mean over targets, then mean and sample std "
+                 "(ddof 1) over seeds",
+  }
+  results["seconds"] = time.perf_counter() - t_start
+  write_json(os.path.join(workdir, "results.json"), results)
+  if jax.process_index() != 0:  # the Markdown table and the plots: process 0 only
+    return results
+  table = report.markdown(results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
+            f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = {cfg.attack['epsilon']:g} "
+            f"(A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} anchor users, "
+            f"{std_header(len(cfg.seeds))}; A.5 user groups: {bench.grouping}\n\n{table}\n")
+  report.tradeoff_plot(os.path.join(workdir, "tradeoff.png"), results)
+  report.mismatch_plot(os.path.join(workdir, "mismatch.png"), per_seed)
+  return results
+
+
+def _resolved(cfg, name):
+  return defence_hyperparameters(name, defence_train_config(cfg, name, cfg.seeds[0]))
