@@ -3,7 +3,11 @@
   python -m experiments.uatmc_paired --workdir=runs/uatmc --epsilon=0.2 \\
       --out=runs/uatmc/paired.json
 
-What is compared and how: ``uatmc_jax.recsys.paired``.
+What is compared and how: ``uatmc_jax.recsys.paired``. For defence pairs read
+``ci95_hierarchical`` (seeds resampled, then targets within seeds: includes training-seed
+variation) beside ``between_seed_std``; ``ci95_targets_within_seeds`` holds the trained
+models fixed. ``n_comparisons`` and the Bonferroni-adjusted interval address
+multiplicity.
 """
 from __future__ import annotations
 

@@ -71,6 +71,33 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
                                  np.quantile(clean, [0.1, 0.5, 0.9]))
     assert summary["dominant_group_differs_share"]["mean"] == \
         stage[a]["dominant_group_differs_share"]
+  # The targets (same ids for every attacker and defence of a seed) and their clean Hit.
+  ids = stage["pgd"]["per_target_ids"]
+  assert len(ids) == 4 == len(set(ids))
+  apr_stage = json.load(open(os.path.join(workdir, "seed_1", "apr", "attack_results_eps0.05.json")))
+  for a in ("fgsm", "pgd", "pgd_aligned"):
+    assert stage[a]["per_target_ids"] == ids == apr_stage[a]["per_target_ids"]
+    np.testing.assert_allclose(np.mean(stage[a]["per_target_hit@10_before"]),
+                               stage[a]["hit@10_before"], rtol=1e-6)
+  # Paired comparisons of this workdir pair by id (no position fallback); one seed has
+  # no between-seed spread.
+  from uatmc_jax.recsys import paired
+  said = []
+  pairs = paired.compare(paired.load_stages(workdir, 0.05), n_boot=200, say=said.append)
+  assert said == [] and pairs["n_comparisons"]["defence_pairs"] == 12
+  assert all(p["between_seed_std"] is None and "gain" in p for p in pairs["defence_pairs"])
+  # Every defence says which seeds (none or some) ended at or below most-popular.
+  assert all(isinstance(b["below_popularity"], list) for b in results["defences"].values())
+  # Stage summaries on TensorBoard (step = seed) match the aggregated numbers.
+  from uatmc_jax.core.metric_writer import read_scalars
+  tb = read_scalars(os.path.join(workdir, "tensorboard", "uat_mc"))
+  for a in ("fgsm", "pgd", "pgd_aligned"):
+    (step, value), = tb[f"attack/eps0.05/hit@10_after/{a}"]
+    assert step == 1
+    np.testing.assert_allclose(
+        value, results["defences"]["uat_mc"]["attacks"][a]["hit@10_after"]["mean"], rtol=1e-6)
+  np.testing.assert_allclose(tb["clean/ndcg@10"][0][1],
+                             results["defences"]["uat_mc"]["ndcg@10"]["mean"], rtol=1e-6)
   for name in ("results.md", "tradeoff.png", "mismatch.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   table = open(os.path.join(workdir, "results.md")).read()
@@ -165,3 +192,293 @@ def test_vbpr_runs_only_what_needs_no_shared_space():
       uatmc_config.get_config("model=vbpr,defences=vanilla+apr+uat_mc_no_align"))
   assert "pgd_aligned" not in attackers and "pgd_aligned" not in sweep
   assert uatmc.attackers_for(uatmc_config.get_config("model=mmgcn"))[0] == protocol.ATTACKERS
+
+
+# ----------------------------------------------------------------------------------
+# Aggregation over two seeds, on hand-built stage results (report.aggregate /
+# report.mismatch_summary against numpy).
+
+
+def _attack(before, after, rank, cos_clean, cos_after, corr, share, share_after):
+  return {"hit@50_before": before, "hit@50_after": after, "avg_rank_change": rank,
+          "per_target_cosine_clean": cos_clean, "per_target_cosine_after": cos_after,
+          "per_target_gain_correlation_after": corr, "dominant_group_differs_share": share,
+          "dominant_group_differs_share_after": share_after}
+
+
+def _wide(before, after, rank, n):
+  """A further budget's attack result (only the aggregated numbers matter)."""
+  return _attack(before, after, rank, [0.0] * n, [0.0] * n, [0.0] * n, 0, 0)
+
+
+def _two_seed_inputs():
+  def stage(ndcg, seconds, below, atk, atk_wide):
+    verdict = {"metric": "recall@20", "model": 0.1, "most_popular": 0.2} if below else None
+    return {"train": {"test": {"recall@20": 2 * ndcg, "ndcg@10": ndcg, "ndcg@20": ndcg + 0.01},
+                      "train_seconds": seconds, "below_popularity": verdict},
+            "attacks": atk, "attacks_by_epsilon": {0.05: atk, 0.2: atk_wide}}
+
+  nan = float("nan")
+  per_seed = {
+      1: {"vanilla": stage(0.10, 5.0, False,
+                           {"fgsm": _attack(0.1, 0.3, -4.0, [0.5, None, -0.2], [0.1, 0.2, 0.3],
+                                            [0.9, nan, 0.1], 0.5, 0.25),
+                            "pgd": _attack(0.1, 0.5, -8.0, [0.4, 0.1, 0.0], [0.0, 0.0, 1.0],
+                                           [0.2, 0.3, 0.4], 0.0, 1.0)},
+                           {"fgsm": _wide(0.1, 0.6, -9.0, 3),
+                            "pgd": _wide(0.1, 0.9, -20.0, 3)}),
+          "uat_mc": stage(0.09, 7.0, True,
+                          {"fgsm": _attack(0.1, 0.2, -1.0, [0.9, 0.8, 0.7], [0.6] * 3, [0.5] * 3,
+                                           0.1, 0.1),
+                           "pgd": _attack(0.1, 0.2, -2.0, [0.9] * 3, [0.9] * 3, [0.5] * 3,
+                                          0.1, 0.1)},
+                          {"fgsm": _wide(0.1, 0.3, -3.0, 3),
+                           "pgd": _wide(0.1, 0.4, -5.0, 3)})},
+      2: {"vanilla": stage(0.30, 9.0, False,
+                           {"fgsm": _attack(0.2, 0.6, -6.0, [-0.9, 0.3], [0.4, -0.4], [0.7, 0.6],
+                                            1.0, 0.75),
+                            "pgd": _attack(0.2, 0.8, -12.0, [0.2, 0.6], [0.5, 0.5], [nan, nan],
+                                           0.5, 0.0)},
+                           {"fgsm": _wide(0.2, 0.7, -10.0, 2),
+                            "pgd": _wide(0.2, 1.0, -30.0, 2)}),
+          "uat_mc": stage(0.27, 11.0, True,
+                          {"fgsm": _attack(0.2, 0.4, -2.0, [0.1, 0.2], [0.3] * 2, [0.1] * 2,
+                                           0.3, 0.2),
+                           "pgd": _attack(0.2, 0.5, -3.0, [0.3] * 2, [0.3] * 2, [0.1] * 2,
+                                          0.2, 0.2)},
+                          {"fgsm": _wide(0.2, 0.5, -4.0, 2),
+                           "pgd": _wide(0.2, 0.6, -6.0, 2)})},
+  }
+  sweep = {1: {1.0: {"train": {"test": {"ndcg@10": 0.2}, "below_popularity": None},
+                     "attacks": {"pgd": {"hit@50_after": 0.4}}},
+               10.0: {"train": {"test": {"ndcg@10": 0.1}, "below_popularity": {"model": 0.1}},
+                      "attacks": {"pgd": {"hit@50_after": 0.2}}}}}
+  return per_seed, sweep
+
+
+def test_aggregate_two_seeds_against_numpy():
+  import types
+  from uatmc_jax.recsys import report
+  per_seed, sweep = _two_seed_inputs()
+  cfg = types.SimpleNamespace(attack={"k": 50, "epsilon": 0.05, "epsilons": [0.05, 0.2]},
+                              sweep="adv_weight")
+  res = report.aggregate(cfg, per_seed, sweep, ("fgsm", "pgd"), ("pgd",))
+
+  def ms(values):
+    v = np.asarray(values, float)
+    return {"mean": v.mean(), "std": v.std(ddof=1)}
+
+  def close(got, values):
+    want = ms(values)
+    np.testing.assert_allclose([got["mean"], got["std"]], [want["mean"], want["std"]],
+                               rtol=1e-12, atol=1e-15)
+
+  van, uat = res["defences"]["vanilla"], res["defences"]["uat_mc"]
+  close(van["ndcg@10"], [0.10, 0.30])
+  np.testing.assert_allclose(van["ndcg@10"]["std"], 0.2 / np.sqrt(2))  # ddof 1, not 0.1
+  close(van["recall@20"], [0.20, 0.60])
+  close(uat["ndcg@20"], [0.10, 0.28])
+  close(van["train_seconds"], [5.0, 9.0])
+  close(van["attacks"]["pgd"]["hit@50_after"], [0.5, 0.8])
+  close(van["attacks"]["fgsm"]["avg_rank_change"], [-4.0, -6.0])
+  close(uat["attacks"]["pgd"]["hit@50_before"], [0.1, 0.2])
+  close(res["by_epsilon"]["0.2"]["vanilla"]["pgd"]["hit@50_after"], [0.9, 1.0])
+  close(res["by_epsilon"]["0.2"]["uat_mc"]["fgsm"]["avg_rank_change"], [-3.0, -4.0])
+  assert res["by_epsilon"]["0.05"]["uat_mc"]["pgd"] == uat["attacks"]["pgd"]
+  assert van["per_seed"]["2"] == {"ndcg@10": 0.30, "fgsm_hit@50_after": 0.6,
+                                  "pgd_hit@50_after": 0.8}
+  np.testing.assert_allclose(res["relative_ndcg@10_drop"]["uat_mc"], (0.2 - 0.18) / 0.2)
+  assert van["below_popularity"] == [] and uat["below_popularity"] == [1, 2]
+  assert res["sweep"]["below_popularity"] == [{"seed": 1, "value": 10.0}]
+  assert [p["value"] for p in res["sweep"]["points"]] == [1.0, 10.0]
+  # A.5 summary: per-target values pooled over both seeds (None / NaN dropped).
+  mm = res["mismatch"]["vanilla"]["fgsm"]
+  clean = np.array([0.5, -0.2, -0.9, 0.3])
+  assert (mm["targets"], mm["targets_with_gradient"]) == (5, 4)
+  np.testing.assert_allclose(mm["cosine_clean_quantiles_10_50_90"],
+                             np.quantile(clean, [0.1, 0.5, 0.9]))
+  np.testing.assert_allclose(mm["cosine_after_median"], np.median([0.1, 0.2, 0.3, 0.4, -0.4]))
+  np.testing.assert_allclose(mm["gain_correlation_after_median"],
+                             np.median([0.9, 0.1, 0.7, 0.6]))
+  close(mm["dominant_group_differs_share"], [0.5, 1.0])
+  close(mm["dominant_group_differs_share_after"], [0.25, 0.75])
+  pg = res["mismatch"]["vanilla"]["pgd"]
+  np.testing.assert_allclose(pg["gain_correlation_after_median"], np.median([0.2, 0.3, 0.4]))
+  np.testing.assert_allclose(pg["cosine_clean_quantiles_10_50_90"],
+                             np.quantile([0.4, 0.1, 0.0, 0.2, 0.6], [0.1, 0.5, 0.9]))
+  # The Markdown carries the below-popularity warning above the table.
+  text = report.markdown(res)
+  assert text.index("below the most-popular baseline") < text.index("| Defence |")
+  assert "UAT-MC (seeds 1, 2)" in text and "adv_weight=10 (seed 1)" in text
+
+
+# ----------------------------------------------------------------------------------
+# A collapsed model is flagged; stage summaries land on TensorBoard.
+
+
+@pytest.mark.slow
+def test_collapsed_model_flagged_and_stage_summaries(tmp_path):
+  from uatmc_jax.core.metric_writer import read_scalars
+  from uatmc_jax.recsys import experiment as uatmc
+  from experiments.configs import uatmc as uatmc_config
+
+  folder = write_synthetic(tmp_path / "data", SyntheticConfig(
+      n_users=120, n_items=60, mean_interactions=10, name="tiny"))
+  # lr = 0: the models keep their random initialisation (runlocal would raise the rate).
+  cfg = uatmc_config.get_config(
+      f"dataset={folder},seeds=1,defences=vanilla+uat_mc,attackers=pgd,epochs=1,patience=1,"
+      "finetune_epochs=1,finetune_patience=1,batch_size=512,targets=3,attack_k=10,sweep=,"
+      "mesh_data=1,lr=0")
+  workdir = str(tmp_path / "run")
+  results = uatmc.run_experiment(cfg, workdir)
+  pop = results["protocol"]["popularity_valid_recall@20"]
+  for name in ("vanilla", "uat_mc"):
+    stage = json.load(open(os.path.join(workdir, "seed_1", name, "train_results.json")))
+    verdict = stage["below_popularity"]
+    assert stage["valid"]["recall@20"] <= pop
+    assert verdict["model"] == stage["valid"]["recall@20"] and verdict["most_popular"] == pop
+    assert verdict["metric"] == "recall@20" and verdict["advice"]
+    assert results["defences"][name]["below_popularity"] == [1]
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  assert on_disk["defences"]["uat_mc"]["below_popularity"] == [1]
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert table.index("Warning: below the most-popular baseline") < table.index("| Defence |")
+  # Stage files: the targets and their clean Hit, in the order of the per-target values.
+  attack = json.load(open(os.path.join(workdir, "seed_1", "vanilla",
+                                       "attack_results_eps0.05.json")))["pgd"]
+  assert len(attack["per_target_ids"]) == 3 == len(set(attack["per_target_ids"]))
+  np.testing.assert_allclose(np.mean(attack["per_target_hit@10_before"]),
+                             attack["hit@10_before"], rtol=1e-6)
+  # TensorBoard: one run per stage, step = seed.
+  for name in ("vanilla", "uat_mc"):
+    got = read_scalars(os.path.join(workdir, "tensorboard", name))
+    for tag in ("clean/ndcg@10", "clean/recall@20", "valid/recall@20", "below_popularity",
+                "attack/eps0.05/hit@10_before", "attack/eps0.05/hit@10_after/pgd",
+                "attack/eps0.05/avg_rank_change/pgd"):
+      assert tag in got, (name, tag, sorted(got))
+    (step, value), = got["attack/eps0.05/hit@10_after/pgd"]
+    assert step == 1
+    np.testing.assert_allclose(value, results["defences"][name]["attacks"]["pgd"]
+                               ["hit@10_after"]["mean"], rtol=1e-6)
+    assert got["below_popularity"] == [(1, 1.0)]
+    np.testing.assert_allclose(got["clean/ndcg@10"][0][1],
+                               results["defences"][name]["ndcg@10"]["mean"], rtol=1e-6)
+
+
+def test_popularity_flag_compares_valid_recall():
+  from uatmc_jax.recsys import experiment as uatmc
+  pop = {"recall@20": 0.3}
+  at = uatmc.below_popularity({"valid": {"recall@20": 0.3}}, pop)  # at counts as below
+  assert (at["model"], at["most_popular"], at["split"]) == (0.3, 0.3, "valid")
+  assert uatmc.below_popularity({"valid": {"recall@20": 0.2}}, pop)["model"] == 0.2
+  assert uatmc.below_popularity({"valid": {"recall@20": 0.31}}, pop) is None
+  assert uatmc.below_popularity({"valid": {"recall@20": 0.1}}, None) is None
+  # The aggregate lists the seeds with a verdict (a dict), not those with None.
+  assert bool(at) and not uatmc.below_popularity({"valid": {"recall@20": 0.31}}, pop)
+
+
+# ----------------------------------------------------------------------------------
+# Resume decisions on a pod: process 0 decides, the others follow.
+
+
+class _FakePod:
+  """Stands in for ``broadcast_one_to_all``: process 0's values, replayed on process 1."""
+
+  def __init__(self):
+    self.sent, self.replay = [], None
+
+  def broadcast(self, x, is_source=None):
+    x = np.asarray(x)
+    if self.replay is None:  # process 0: its own value goes out
+      self.sent.append(x.copy())
+      return x
+    got = self.replay.pop(0)
+    assert got.shape == x.shape and got.dtype == x.dtype  # the receiver's buffer fits
+    return got
+
+
+def test_resume_decided_on_primary_and_followed(tmp_path, monkeypatch):
+  import jax
+  from jax.experimental import multihost_utils
+  from uatmc_jax.recsys import experiment as uatmc
+  path = str(tmp_path / "train_results.json")
+  pod = _FakePod()
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", pod.broadcast)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  # Process 0 sees a finished stage.
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  with open(path, "w") as f:
+    json.dump({"valid": {"recall@20": 0.25}, "config": {"lr": 1}}, f)
+  primary = uatmc.saved_json(path)
+  assert primary == {"valid": {"recall@20": 0.25}, "config": {"lr": 1}}
+  # Process 1 does not see the file (no shared disk): it follows process 0 and resumes.
+  os.remove(path)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  pod.replay = list(pod.sent)
+  assert uatmc.saved_json(path) == primary
+  assert pod.replay == []
+  # The other way round: process 0 sees nothing, process 1 has a stale file: no resume.
+  pod.sent, pod.replay = [], None
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  assert uatmc.saved_json(path) is None
+  with open(path, "w") as f:
+    json.dump({"stale": True}, f)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  pod.replay = list(pod.sent)
+  assert uatmc.saved_json(path) is None
+
+
+def test_single_process_decides_alone(tmp_path, monkeypatch):
+  from jax.experimental import multihost_utils
+  from uatmc_jax.recsys import experiment as uatmc
+
+  def refuse(*a, **k):
+    raise AssertionError("no broadcast on one process")
+
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", refuse)
+  path = tmp_path / "x.json"
+  assert uatmc.saved_json(str(path)) is None
+  path.write_text('{"a": [1, 2]}')
+  assert uatmc.saved_json(str(path)) == {"a": [1, 2]}
+  assert uatmc.primary_decides({"b": None}) == {"b": None}
+
+
+# ----------------------------------------------------------------------------------
+# Remote workdirs: gs:// paths stay remote (an in-memory filesystem stands in for GCS).
+
+
+def test_remote_paths_not_made_local(tmp_path, monkeypatch):
+  import types
+  from etils.epath import backend
+  from fsspec.implementations.memory import MemoryFileSystem
+  from uatmc_jax.recsys import experiment as uatmc
+  from uatmc_jax.recsys import report
+
+  mem = MemoryFileSystem()
+  monkeypatch.setattr(backend._FileSystemSpecBackend, "fs", lambda self, path: mem)
+  real_abspath = os.path.abspath
+
+  def abspath(p):
+    assert "gs:" not in str(p), f"abspath of a remote path: {p}"
+    return real_abspath(p)
+
+  monkeypatch.setattr(os.path, "abspath", abspath)
+  monkeypatch.chdir(tmp_path)
+  root = "gs://bucket/run"
+  assert uatmc.is_remote(root) and not uatmc.is_remote(str(tmp_path))
+  uatmc._makedirs(root)
+  uatmc._write_json(uatmc._join(root, "seed_1", "vanilla", "train_results.json"),
+                    {"x": float("nan"), "y": np.float32(2.0)})
+  assert uatmc.saved_json(f"{root}/seed_1/vanilla/train_results.json") == {"x": None, "y": 2.0}
+  assert uatmc.saved_json(f"{root}/seed_1/apr/train_results.json") is None
+  uatmc.write_text(f"{root}/results.md", "table")
+  assert mem.cat(f"{root}/results.md") == b"table"
+  per_seed, _ = _two_seed_inputs()
+  cfg = types.SimpleNamespace(attack={"k": 50, "epsilon": 0.05}, sweep="")
+  res = report.aggregate(cfg, per_seed, {}, ("fgsm", "pgd"), ("pgd",))
+  report.tradeoff_plot(f"{root}/tradeoff.png", res)
+  report.mismatch_plot(f"{root}/mismatch.png", per_seed)
+  for name in ("tradeoff.png", "mismatch.png"):
+    assert mem.cat(f"{root}/{name}")[:4] == b"\x89PNG"
+  # Nothing landed in a local "gs:" folder.
+  assert not os.path.exists(tmp_path / "gs:")

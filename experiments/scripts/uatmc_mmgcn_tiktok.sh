@@ -12,7 +12,8 @@
 #    two at a time, each with one XLA thread as below).
 # 2. The 3-seed table: the same command with seeds=1+2+3 on a workdir whose seed_<s>
 #    entries link to the three seed directories; every stage is reused (seconds).
-# 3. Paired per-target comparisons (300 targets) with experiments.uatmc_paired.
+# 3. Paired per-target comparisons (300 targets) with experiments.uatmc_paired: for defence
+#    pairs a hierarchical interval (seeds, then targets) beside the within-seed one.
 # 4. (EXTRA_BUDGETS=1) ε 0.05 and 0.5 on seed 1 with the default attackers; its
 #    results.md has a table per budget, uatmc_paired the paired intervals.
 set -euo pipefail

@@ -27,12 +27,31 @@ Every stage writes its own result files under ``<workdir>/seed_<s>/<stage>/``
 (``train_results.json``, ``attack_results_eps<ε>.json`` per budget, next to the
 trainer's checkpoints), so a restarted run skips finished stages, resumes an unfinished
 training from its newest checkpoint, and runs only the attackers a result file lacks.
+Whether a stage is finished is decided on process 0 and broadcast to the others
+(``saved_json``), so processes of a pod never disagree about it. An attack entry keeps
+its targets' ids (``per_target_ids``) and per-target Hit@K before and after, which the
+paired comparisons (``recsys.paired``) check and use.
+
+Most-popular check: the most-popular ranking's valid Recall@20 is computed once per
+run; a stage whose model ends at or below it gets ``below_popularity`` (the trainer's
+verdict: the two values and advice; None otherwise) in its ``train_results.json``, a loud
+log block, its seed in results.json's
+``defences.<name>.below_popularity`` (and ``sweep.below_popularity``), and a warning
+above results.md's table.
+
+Stage summaries: ``<workdir>/tensorboard/<stage>/`` holds TensorBoard scalars of each
+stage (step = seed; see ``write_stage_summary``): ``tensorboard --logdir <workdir>/tensorboard``.
+
+Workdirs may be remote (``gs://...``): the experiment's own files go through
+``etils.epath`` and are never made absolute or local (TensorBoard summaries are written
+for local workdirs only).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import tempfile
 import time
 import types
 from typing import Any
@@ -40,23 +59,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.core.metric_writer import ScalarWriter
 from uatmc_jax.core.parallel import mesh as mesh_lib
-from uatmc_jax.core.reporting import read_json, std_header, write_json
+from uatmc_jax.core.reporting import std_header, write_json
 from uatmc_jax.recsys import report
 from uatmc_jax.recsys.attacks import protocol, user_groups
 from uatmc_jax.recsys.attacks.mismatch import per_target_mean
 from uatmc_jax.recsys.attacks.objective import METRIC_KS
 from uatmc_jax.recsys.attacks.surface import surface_from_recommender
 from uatmc_jax.recsys.defences import DEFENCES, FINE_TUNES_BACKBONE, defence_hyperparameters
+from uatmc_jax.recsys.metrics import most_popular_metrics
 from uatmc_jax.recsys.models.registry import MODEL_CLASSES, build_recommender
+from uatmc_jax.recsys import trainer as trainer_lib
 from uatmc_jax.recsys.trainer import RecsysTrainer, load_experiment_data
 
 TRAIN_FILE = "train_results.json"
 ATTACK_FILE = "attack_results.json"
 N_GROUPS = 4  # k-means groups when the data has no planted ones
+POPULARITY_METRIC = "recall@20"  # the selection metric (A.3) the baseline is compared on
+BELOW_KEY = "below_popularity"  # the trainer's results key (train_recsys's results.json)
+SUMMARY_DIR = "tensorboard"
 
 
 def _say(msg: str) -> None:
@@ -70,6 +97,135 @@ def _plain(x: Any) -> Any:
 def _json_plain(x: Any) -> Any:
   """``x`` as it reads back from JSON (tuples -> lists), for comparing with saved files."""
   return json.loads(json.dumps(_plain(x)))
+
+
+# ----------------------------------------------------------------------------------
+# Files: local folders or remote ones (``gs://...``) through ``etils.epath``, the path
+# library the checkpoints (orbax) use; remote paths are never made absolute or local.
+
+
+def is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
+def _join(*parts: str) -> str:
+  return os.path.join(*[str(p) for p in parts])
+
+
+def _exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def _read_json(path: str) -> Any:
+  return json.loads(epath.Path(path).read_text())
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """``reporting.write_json`` (process 0, atomic); a remote path gets its bytes copied."""
+  if not is_remote(path):
+    write_json(path, obj)
+    return
+  if jax.process_index() != 0:
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "out.json")
+    write_json(local, obj, all_processes=True)
+    write_text(path, epath.Path(local).read_text())
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to a local or remote path (process 0 only), making its folder."""
+  if jax.process_index() != 0:
+    return
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_text(text)
+
+
+def _makedirs(path: str) -> None:
+  if jax.process_index() == 0 or not is_remote(path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def primary_decides(value: Any) -> Any:
+  """``value`` as process 0 computed it, on every process (a JSON-able value).
+
+  Resume decisions read the workdir; processes that do not share a disk (or see a
+  remote one at different moments) could decide differently and then wait on each
+  other's collectives forever. Process 0's reading is broadcast
+  (``multihost_utils.broadcast_one_to_all``) as JSON bytes: first the length, then the
+  bytes. On one process the value is returned unchanged.
+  """
+  if jax.process_count() == 1:
+    return value
+  primary = jax.process_index() == 0
+  raw = json.dumps(value).encode() if primary else b""
+  n = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(len(raw), np.int32))))
+  buf = np.zeros(n, np.int32)
+  if primary:
+    buf[:] = np.frombuffer(raw, np.uint8)
+  got = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
+  return json.loads(got.tobytes().decode())
+
+
+def saved_json(path: str) -> Any:
+  """The JSON at ``path`` as process 0 reads it (None when absent there), on every process."""
+  if jax.process_index() == 0:
+    value = _read_json(path) if _exists(path) else None
+  else:
+    value = None
+  return primary_decides(value)
+
+
+# ----------------------------------------------------------------------------------
+# The most-popular baseline (a model at or below it has learnt nothing personal).
+
+
+def popularity_baseline(data, mesh=None) -> dict:
+  """The most-popular baseline's valid metrics (train popularity ranking, A.3 protocol)."""
+  return most_popular_metrics(data, "valid", ks=(5, 10, 20, 50), mesh=mesh)
+
+
+def below_popularity(metrics: dict, popularity: dict | None, train_cfg: dict | None = None,
+                     model_name: str = "") -> dict | None:
+  """The verdict when the stage's valid Recall@20 is at or below the most-popular one.
+
+  The trainer's verdict (``recsys.trainer.below_popularity``, the format of
+  ``train_recsys``'s results.json: ``{"split", "metric", "model", "most_popular",
+  "advice"}``), or None when the model ranks better (or no baseline is given).
+  """
+  if popularity is None or "valid" not in metrics:
+    return None
+  verdict = getattr(trainer_lib, "below_popularity", None)
+  if verdict is not None:
+    return verdict(metrics["valid"], popularity, POPULARITY_METRIC, train_cfg, model_name)
+  model, pop = float(metrics["valid"][POPULARITY_METRIC]), float(popularity[POPULARITY_METRIC])
+  if model > pop:
+    return None
+  return {"split": "valid", "metric": POPULARITY_METRIC, "model": model, "most_popular": pop,
+          "advice": "the model learned less than ranking by train popularity (collapse or "
+                    "too few updates): check learning_rate, reg_weight, epochs / patience"}
+
+
+def _flag_popularity(stage_dir: str, metrics: dict, popularity: dict | None,
+                     train_cfg: dict | None = None, model_name: str = "") -> None:
+  """Sets the stage's ``below_popularity`` (verdict or None); says so loudly when set."""
+  if popularity is None:
+    return
+  verdict = below_popularity(metrics, popularity, train_cfg, model_name)
+  metrics[BELOW_KEY] = verdict
+  metrics["popularity_valid"] = {k: float(v) for k, v in popularity.items()}
+  _warn_below(stage_dir, verdict)
+
+
+def _warn_below(stage_dir: str, verdict: dict | None) -> None:
+  if not verdict:
+    return
+  _say("!" * 72)
+  _say(f"WARNING: {stage_dir}: BELOW THE MOST-POPULAR BASELINE: valid {verdict['metric']} "
+       f"{verdict['model']:.4f} vs most-popular {verdict['most_popular']:.4f}; its attack "
+       f"numbers say little. {verdict['advice']}")
+  _say("!" * 72)
 
 
 # ----------------------------------------------------------------------------------
@@ -91,14 +247,24 @@ def defence_train_config(cfg, name: str, seed: int, overrides: dict | None = Non
   return train
 
 
-def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
-  """Trains (or resumes, or just restores) one model; returns (best model, metrics)."""
-  path = os.path.join(stage_dir, TRAIN_FILE)
+def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh,
+                popularity: dict | None = None, model_name: str = ""):
+  """Trains (or resumes, or just restores) one model; returns (best model, metrics).
+
+  Whether the stage is finished (its ``train_results.json`` exists) is decided on
+  process 0 and broadcast (``saved_json``). With ``popularity`` (the most-popular
+  baseline's valid metrics) the metrics get ``below_popularity``: the verdict of
+  :func:`below_popularity` when the model is at or below it, else None.
+  """
+  path = _join(stage_dir, TRAIN_FILE)
   trainer = RecsysTrainer(model, data, train_cfg, workdir=stage_dir, mesh=mesh)
-  if os.path.isfile(path):
+  saved_metrics = saved_json(path)
+  if saved_metrics is not None:
     if not trainer.restore("best"):
-      raise ConfigError(f"{path} exists but {stage_dir}/checkpoints has no best checkpoint")
-    metrics = read_json(path)
+      raise ConfigError(f"{path} exists but {stage_dir}/checkpoints has no best checkpoint "
+                        "(on this process: a multi-process run needs a workdir every "
+                        "process can read)")
+    metrics = saved_metrics
     saved = metrics.get("config")
     current = _json_plain({k: v for k, v in train_cfg.items() if k != "ks"})
     if saved is not None and saved != current:
@@ -107,6 +273,11 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
           f"{path} was trained with a different config (fields {changed}: saved "
           f"{ {k: saved.get(k) for k in changed} }, now { {k: current.get(k) for k in changed} }); "
           "use a new --workdir or the original arguments")
+    if popularity is not None and BELOW_KEY not in metrics:
+      _flag_popularity(stage_dir, metrics, popularity, train_cfg, model_name)
+      _write_json(path, metrics)  # older stage files gain the verdict once
+    else:
+      _warn_below(stage_dir, metrics.get(BELOW_KEY))
   else:
     t0 = time.perf_counter()
     record = trainer.fit()
@@ -118,7 +289,8 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh):
                "seconds_per_epoch": float(np.mean([h["seconds"] for h in record["history"]]))
                if record["history"] else None,
                "config": {k: v for k, v in train_cfg.items() if k != "ks"}}
-    write_json(path, metrics)
+    _flag_popularity(stage_dir, metrics, popularity, train_cfg, model_name)
+    _write_json(path, metrics)
   model = trainer.model
   trainer.store.close()
   return model, metrics
@@ -233,6 +405,10 @@ class AttackBench:
           "per_target_gain_correlation_after": per_target_mean(
               r["mismatch_at_delta"].gain_correlation).tolist(),
           f"per_target_hit@{hit_k}_after": np.asarray(r["hit_after"][:, j], np.float64).tolist(),
+          f"per_target_hit@{hit_k}_before": np.asarray(r["hit_before"][:, j],
+                                                       np.float64).tolist(),
+          # The targets in order: paired comparisons check them (recsys/paired.py).
+          "per_target_ids": np.asarray(setup.targets, np.int64).tolist(),
           "n_targets": int(len(setup.targets)), "seconds": float(r["seconds"])}
     return out
 
@@ -269,12 +445,10 @@ def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names,
     settings = attack_settings(bench.cfg, eps)
     done = {}
     for candidate in (attack_file(eps), ATTACK_FILE):
-      path = os.path.join(stage_dir, candidate)
-      if os.path.isfile(path):
-        got = read_json(path)
-        if got.get("settings") == settings:
-          done = got
-          break
+      got = saved_json(_join(stage_dir, candidate))  # process 0's reading, on all
+      if got is not None and got.get("settings") == settings:
+        done = got
+        break
     saved[eps] = done
     missing = [n for n in names if n not in done]
     if missing:
@@ -289,7 +463,7 @@ def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names,
     out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} "
                        f"anchors, K={a['k']} (objective and Hit@K), ε={eps:g}, ranks over "
                        "all items (train items not masked, the reference's)")
-    write_json(os.path.join(stage_dir, attack_file(eps)), out)
+    _write_json(_join(stage_dir, attack_file(eps)), out)
     saved[eps] = out
   return saved
 
@@ -313,8 +487,9 @@ def run_experiment(cfg, workdir: str) -> dict:
   k = int(cfg.attack["k"])
   main_eps = float(cfg.attack["epsilon"])
   t_start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, "config.json"), _plain(cfg))
+  workdir = str(workdir)
+  _makedirs(workdir)
+  _write_json(_join(workdir, "config.json"), _plain(cfg))
   data = load_experiment_data({"dataset": cfg.dataset})
   _say(data.summary())
   n_data = int(cfg.mesh_data)
@@ -322,6 +497,12 @@ def run_experiment(cfg, workdir: str) -> dict:
           else mesh_lib.make_mesh(data=n_data, devices=jax.devices()[:n_data]))
   bench = AttackBench(cfg, data, mesh)
   _say(f"user groups of the A.5 diagnostics: {bench.grouping}")
+  popularity = popularity_baseline(data, mesh)
+  _say(f"most-popular baseline: valid {POPULARITY_METRIC} {popularity[POPULARITY_METRIC]:.4f} "
+       "(a stage at or below it is flagged below_popularity)")
+  if is_remote(workdir):
+    _say("TensorBoard stage summaries are written for local workdirs only "
+         f"({workdir} is remote)")
   per_seed: dict[int, dict] = {}
   sweep_runs: dict[int, dict] = {}
 
@@ -329,10 +510,11 @@ def run_experiment(cfg, workdir: str) -> dict:
     return build_recommender(cfg.model, data, _plain(cfg.model_config), nnx.Rngs(seed))
 
   for seed in cfg.seeds:
-    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    seed_dir = _join(workdir, f"seed_{seed}")
     per_seed[seed] = {}
-    backbone, metrics = train_stage(os.path.join(seed_dir, "vanilla"), fresh_model(seed), data,
-                                    defence_train_config(cfg, "vanilla", seed), mesh)
+    backbone, metrics = train_stage(_join(seed_dir, "vanilla"), fresh_model(seed), data,
+                                    defence_train_config(cfg, "vanilla", seed), mesh,
+                                    popularity, cfg.model)
     backbone_state = nnx.state(backbone)
 
     def from_backbone():
@@ -342,18 +524,20 @@ def run_experiment(cfg, workdir: str) -> dict:
       return m
 
     for name in [d for d in DEFENCES if d in cfg.defences]:
-      stage_dir = os.path.join(seed_dir, name)
+      stage_dir = _join(seed_dir, name)
       if name == "vanilla":
         model = backbone
       else:
         start = from_backbone() if (name in FINE_TUNES_BACKBONE or cfg.adv_from_backbone) \
             else fresh_model(seed)
         model, metrics = train_stage(stage_dir, start, data,
-                                     defence_train_config(cfg, name, seed), mesh)
+                                     defence_train_config(cfg, name, seed), mesh, popularity,
+                                     cfg.model)
       by_eps = attack_stage(stage_dir, bench, model, seed, attackers)
       attacks = by_eps[main_eps]
       per_seed[seed][name] = {"train": metrics, "attacks": attacks,
                               "attacks_by_epsilon": by_eps}
+      write_stage_summary(workdir, name, seed, metrics, by_eps, k)
       _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@{k} "
            + ", ".join(f"{a} {attacks[a][f'hit@{k}_before']:.3f}->"
                        f"{attacks[a][f'hit@{k}_after']:.3f}" for a in attackers)
@@ -362,13 +546,16 @@ def run_experiment(cfg, workdir: str) -> dict:
     if cfg.sweep and "uat_mc" in cfg.defences and seed in cfg.seeds[:cfg.sweep_seeds]:
       sweep_runs[seed] = {}
       for value in cfg.sweep_values:
-        stage_dir = os.path.join(seed_dir, f"uat_mc_{cfg.sweep}={value:g}")
+        stage = f"uat_mc_{cfg.sweep}={value:g}"
+        stage_dir = _join(seed_dir, stage)
         model, metrics = train_stage(
             stage_dir, from_backbone(), data,
-            defence_train_config(cfg, "uat_mc", seed, {cfg.sweep: float(value)}), mesh)
-        attacks = attack_stage(stage_dir, bench, model, seed, sweep_attackers,
-                               [main_eps])[main_eps]
+            defence_train_config(cfg, "uat_mc", seed, {cfg.sweep: float(value)}), mesh,
+            popularity, cfg.model)
+        by_eps = attack_stage(stage_dir, bench, model, seed, sweep_attackers, [main_eps])
+        attacks = by_eps[main_eps]
         sweep_runs[seed][float(value)] = {"train": metrics, "attacks": attacks}
+        write_stage_summary(workdir, stage, seed, metrics, by_eps, k)
 
   results = report.aggregate(cfg, per_seed, sweep_runs, attackers, sweep_attackers)
   results["protocol"] = {
@@ -381,23 +568,55 @@ def run_experiment(cfg, workdir: str) -> dict:
       "attack": dict(_plain(cfg.attack), space="projected", target_set="random",
                      ranking="all items, train items not masked (reference)"),
       "groups": bench.grouping,
+      f"popularity_valid_{POPULARITY_METRIC}": float(popularity[POPULARITY_METRIC]),
       "metrics": "clean metrics on test (full ranking, A.3) of the valid-selected checkpoint; "
                  "attack numbers: per seed the mean over targets, then mean and sample std "
                  "(ddof 1) over seeds",
   }
   results["seconds"] = time.perf_counter() - t_start
-  write_json(os.path.join(workdir, "results.json"), results)
+  _write_json(_join(workdir, "results.json"), results)
   if jax.process_index() != 0:  # the Markdown table and the plots: process 0 only
     return results
   table = report.markdown(results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
-            f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = {cfg.attack['epsilon']:g} "
-            f"(A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} anchor users, "
-            f"{std_header(len(cfg.seeds))}; A.5 user groups: {bench.grouping}\n\n{table}\n")
-  report.tradeoff_plot(os.path.join(workdir, "tradeoff.png"), results)
-  report.mismatch_plot(os.path.join(workdir, "mismatch.png"), per_seed)
+  write_text(_join(workdir, "results.md"),
+             f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
+             f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = "
+             f"{cfg.attack['epsilon']:g} (A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} "
+             f"anchor users, {std_header(len(cfg.seeds))}; A.5 user groups: "
+             f"{bench.grouping}\n\n{table}\n")
+  report.tradeoff_plot(_join(workdir, "tradeoff.png"), results)
+  report.mismatch_plot(_join(workdir, "mismatch.png"), per_seed)
   return results
+
+
+def write_stage_summary(workdir: str, stage: str, seed: int, metrics: dict, by_eps: dict,
+                        k: int) -> None:
+  """One stage's clean metrics and attack results as TensorBoard scalars.
+
+  Folder ``<workdir>/tensorboard/<stage>`` (one TensorBoard run per defence or sweep
+  point), step = the seed; tags ``clean/{recall@20,ndcg@10,ndcg@20}``,
+  ``valid/recall@20``, ``below_popularity`` (0 / 1), and per budget ε
+  ``attack/eps<ε>/hit@K_before`` and ``attack/eps<ε>/hit@K_after/<attacker>``,
+  ``attack/eps<ε>/avg_rank_change/<attacker>``. Process 0 only; local workdirs only
+  (the writer makes its folder with ``os.makedirs``).
+  """
+  if is_remote(workdir):
+    return
+  scalars = {f"clean/{m}": metrics["test"][m] for m in ("recall@20", "ndcg@10", "ndcg@20")}
+  scalars[f"valid/{POPULARITY_METRIC}"] = metrics["valid"][POPULARITY_METRIC]
+  if BELOW_KEY in metrics:
+    scalars[BELOW_KEY] = float(bool(metrics[BELOW_KEY]))
+  for eps, results in by_eps.items():
+    tag = f"attack/eps{float(eps):g}"
+    for attacker, r in results.items():
+      if not isinstance(r, dict) or f"hit@{k}_after" not in r:
+        continue  # settings / groups / protocol entries of the stage file
+      scalars[f"{tag}/hit@{k}_before"] = r[f"hit@{k}_before"]
+      scalars[f"{tag}/hit@{k}_after/{attacker}"] = r[f"hit@{k}_after"]
+      scalars[f"{tag}/avg_rank_change/{attacker}"] = r["avg_rank_change"]
+  with ScalarWriter(_join(workdir, SUMMARY_DIR, stage),
+                    enabled=jax.process_index() == 0) as writer:
+    writer.write(int(seed), scalars)
 
 
 def _resolved(cfg, name):

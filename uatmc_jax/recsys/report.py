@@ -3,11 +3,17 @@
 ``aggregate`` turns the per-seed stage results into results.json's blocks (mean and
 sample std over seeds, ddof 1), ``mismatch_summary`` pools the A.5 per-target
 diagnostics, ``markdown`` renders the paper's table layout, and the two plots show the
-defence-accuracy trade-off and the cross-modal gradient cosines.
+defence-accuracy trade-off and the cross-modal gradient cosines. Every defence block
+lists the seeds whose model ended at or below the most-popular baseline
+(``below_popularity``), and ``markdown`` puts a warning above the table when any did.
+Plots are written through ``etils.epath`` (local or ``gs://`` paths).
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from etils import epath
 
 from uatmc_jax.core.reporting import markdown_table, mean_std
 from uatmc_jax.recsys.attacks.protocol import ATTACKER_LABELS, ATTACKERS, SWEEP_ATTACKERS
@@ -34,6 +40,9 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
             for key in (f"hit@{k}_before", f"hit@{k}_after", "avg_rank_change")}
         for a in attackers}
     block["train_seconds"] = _ms([r["train"]["train_seconds"] for r in runs])
+    # Seeds whose model ended at or below the most-popular baseline (valid Recall@20).
+    block["below_popularity"] = [s for s in seeds
+                                 if per_seed[s][name]["train"].get("below_popularity")]
     block["per_seed"] = {str(s): {"ndcg@10": per_seed[s][name]["train"]["test"]["ndcg@10"],
                                   **{f"{a}_hit@{k}_after":
                                      per_seed[s][name]["attacks"][a][f"hit@{k}_after"]
@@ -59,7 +68,11 @@ def aggregate(cfg, per_seed: dict, sweep_runs: dict, attackers=ATTACKERS,
                                     for n, b in defences.items()}
   if sweep_runs:
     values = sorted({v for runs in sweep_runs.values() for v in runs})
-    out["sweep"] = {"parameter": cfg.sweep, "seeds": list(sweep_runs), "points": [
+    out["sweep"] = {"parameter": cfg.sweep, "seeds": list(sweep_runs),
+                    "below_popularity": [
+                        {"seed": s, "value": v} for s in sweep_runs for v in sorted(sweep_runs[s])
+                        if sweep_runs[s][v]["train"].get("below_popularity")],
+                    "points": [
         {"value": v,
          "ndcg@10": _ms([sweep_runs[s][v]["train"]["test"]["ndcg@10"] for s in sweep_runs]),
          **{f"{a}_hit@{k}_after":
@@ -125,6 +138,25 @@ def mismatch_markdown(summary: dict) -> str:
   return markdown_table(header, rows)
 
 
+def popularity_warning(results: dict) -> str:
+  """A warning line naming every defence (and sweep point) at or below most-popular."""
+  def seeds(s):
+    return f"seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}"
+
+  flagged = [f"{ROW_NAMES.get(n, n)} ({seeds(b['below_popularity'])})"
+             for n, b in results["defences"].items() if b.get("below_popularity")]
+  flagged += [f"UAT-MC {results['sweep']['parameter']}={p['value']:g} (seed {p['seed']})"
+              for p in (results.get("sweep") or {}).get("below_popularity", [])]
+  if not flagged:
+    return ""
+  return ("**Warning: below the most-popular baseline.** These models ended at or below "
+          "the most-popular ranking on valid Recall@20, so their rows (and any robustness "
+          "read from them) say little: " + "; ".join(flagged) + ". Try the learning rate "
+          "(larger if the loss stays near log 2, smaller if it diverges), a smaller "
+          "reg_weight, more epochs / patience, or check the data split; each stage's "
+          "train_results.json has the numbers and advice (below_popularity).")
+
+
 def markdown(results: dict) -> str:
   attackers = results.get("attackers", ATTACKERS)
   k = results["hit_k"]
@@ -139,6 +171,9 @@ def markdown(results: dict) -> str:
                  *[at[a][f"hit@{k}_after"] for a in attackers],
                  *[at[a]["avg_rank_change"] for a in attackers]])
   table = markdown_table(header, rows)
+  warning = popularity_warning(results)
+  if warning:
+    table = f"{warning}\n\n{table}"
   drops = results.get("relative_ndcg@10_drop")
   if drops:
     table += "\n\nRelative clean NDCG@10 drop vs Vanilla (negative = gain): " + ", ".join(
@@ -189,8 +224,17 @@ def tradeoff_plot(path: str, results: dict) -> None:
   ax.set_title("Defence–accuracy trade-off")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
+
+
+def _save(fig, path: str) -> None:
+  """Saves a figure as PNG to a local or remote (``gs://...``) path."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_bytes(buf.getvalue())
 
 
 def mismatch_plot(path: str, per_seed: dict) -> None:
@@ -225,5 +269,5 @@ def mismatch_plot(path: str, per_seed: dict) -> None:
     ax.legend(fontsize=7)
   fig.suptitle("Cross-modal gradient mismatch of the promotion objective (A.5)")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
