@@ -116,6 +116,7 @@ def _views(surface, ctx, t, cap):
 def test_local_objective_and_gradient_equal_full_sort(setup, cap):
   _, surface, ctx, _ = setup
   anchors = np.asarray(ctx.anchors)
+  checked = 0  # exact points whose per_user_loss and gradient were compared
   for t in (POPULAR, 7, ISOLATED):
     local, full = _views(surface, ctx, t, cap)
     for scale, margin in ((0.0, 1.0), (0.5, 1.0), (2.0, 0.3)):
@@ -137,6 +138,10 @@ def test_local_objective_and_gradient_equal_full_sort(setup, cap):
       if bool(local.exact_fn(delta, margin)):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                      g_local, g_full)
+        checked += 1
+  # 3 targets x 3 points: with all anchors every point is exact; with a cap of 3 the
+  # δ = 0 points are (3 of 9): the checks above must not all be skipped.
+  assert checked == 9 if cap >= len(anchors) else checked >= 3, checked
   # A cap of 3 anchors is exceeded somewhere (the fallback is exercised by the runner).
   local, _ = _views(surface, ctx, 7, 3)
   assert not bool(local.exact_fn({m: jnp.zeros(p.shape[1:]) for m, p in

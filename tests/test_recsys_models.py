@@ -252,6 +252,33 @@ def test_mmgcn_score_is_sum_of_modality_dots_plus_id():
   parts = [users[:, k * 8:(k + 1) * 8] @ items[:, k * 8:(k + 1) * 8].T for k in range(3)]
   np.testing.assert_allclose(users @ items.T, sum(parts), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(users[:, :8], model.id_embedding[...][:7], atol=0)
+  # An independent dense MMGCN (float64): dense D^-1/2 A D^-1/2 and the layers by hand.
+  n_u, n_i = data.n_users, data.n_items
+  adj = np.zeros((n_u + n_i, n_u + n_i))
+  for u, i in data.train:
+    adj[u, n_u + i] = adj[n_u + i, u] = 1.0
+  deg = adj.sum(1)
+  inv = np.where(deg > 0, 1.0 / np.sqrt(np.maximum(deg, 1)), 0.0)
+  a_hat = inv[:, None] * adj * inv[None, :]
+  p = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
+  leaky = lambda x: np.where(x > 0, x, 0.01 * x)  # noqa: E731
+  ids = p(model.id_embedding)
+  branches = [ids]
+  for m in model.modalities:
+    proj = data.features[m] @ p(model.feature_proj[m].kernel) + p(model.feature_proj[m].bias)
+    x = np.concatenate([p(model.preferences[m]), proj])
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for layer in model.branches[m]:
+      h = leaky(a_hat @ x @ p(layer.conv.kernel))
+      x_self = leaky(x @ p(layer.self_linear.kernel) + p(layer.self_linear.bias)) + ids
+      x = leaky(np.concatenate([h, x_self], 1) @ p(layer.combine.kernel)
+                + p(layer.combine.bias))
+    branches.append(x)
+  nodes = np.concatenate(branches, 1)
+  np.testing.assert_allclose(users, nodes[:n_u], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(items, nodes[n_u:], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(users @ items.T, nodes[:n_u] @ nodes[n_u:].T, rtol=1e-4,
+                             atol=1e-5)
 
 
 def test_gradient_wrt_projected_perturbation_flows():

@@ -4,8 +4,9 @@ One trained model, one seed:
 
 1. anchors: a seeded share of the users (``targets.select_anchors``);
 2. targets: seeded random / cold / hot items (``targets.select_targets``);
-3. context: the anchors' clean scores, top lists and sorted rows, once per model
-   (``context.build_context``);
+3. context: the anchors' clean top lists and what exact ranks need (sorted score rows,
+   or above ``context.DENSE_CONTEXT_ELEMENTS`` anchor × item scores only top lists with
+   rows recomputed per evaluation), once per model (``context.build_context``);
 4. groups: the anchors' user groups of the A.5 diagnostics and the group alignments,
    the data's planted groups or k-means of the anchors' clean vectors
    (``user_groups.anchor_groups``);

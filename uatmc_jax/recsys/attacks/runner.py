@@ -26,15 +26,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uatmc_jax.core import errors
 from uatmc_jax.core.memory import memory_map_usage
+from uatmc_jax.core.parallel import precision
 from uatmc_jax.recsys.attacks import alignment as alignment_lib
 from uatmc_jax.recsys.attacks.attackers import PromotionAttack
-from uatmc_jax.recsys.attacks.context import PromotionContext
+from uatmc_jax.recsys.attacks.context import PromotionContext, clean_column
 from uatmc_jax.recsys.attacks.objective import METRIC_KS
 from uatmc_jax.recsys.attacks.surface import AttackSurface
 from uatmc_jax.recsys.attacks.views import (LocalGraphSpec, clean_active_count,
                                             attack_and_evaluate_target)
 
 GRAPH_PATHS = ("local", "full")
+# (ctx, target) -> (n_A,) the target's clean scores, in either context layout.
+_clean_column = jax.jit(clean_column)
 
 
 def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh=None,
@@ -189,7 +192,10 @@ class PromotionAttackRunner:
         one = functools.partial(attack_and_evaluate_target, surface, attack, params,
                                 attack_table, projected_table, ctx, group_weights, ks=ks,
                                 with_mismatch=with_mismatch, local=local, epsilon=epsilon)
-        return jax.vmap(one)(targets, nbs)
+        # Full float32 matmuls (no TF32 / one-pass bf16): the exact local path's margins
+        # and the ranks assume float32 scores.
+        with precision.evaluation_precision():
+          return jax.vmap(one)(targets, nbs)
 
       if self.mesh is None:
         self._compiled[key] = jax.jit(chunk)
@@ -305,7 +311,7 @@ class PromotionAttackRunner:
     float32 slack, so never more). A target above ``active_cap`` here fails ``exact``.
     """
     hoods = self.surface.graph.neighbourhoods
-    n_a, n_items = int(ctx.anchors.shape[0]), int(ctx.scores.shape[1])
+    n_a, n_items = int(ctx.anchors.shape[0]), ctx.n_items
     anchor_row = np.asarray(ctx.anchor_row)
     counts = []
     for t in np.asarray(targets):  # host set-up per target, like the neighbourhoods
@@ -317,8 +323,8 @@ class PromotionAttackRunner:
       # u_K lies in the first K + |I_c| of the clean list (at most |I_c| are removed).
       width = min(int(ctx.desc_values.shape[1]),
                   attack.k + hoods.shapes[int(hoods.bucket_of_item[t])].items)
-      counts.append(clean_active_count(ctx.desc_values, ctx.desc_indices, ctx.scores,
-                                        jnp.asarray(t), jnp.asarray(moved),
+      counts.append(clean_active_count(ctx.desc_values, ctx.desc_indices,
+                                        _clean_column(ctx, jnp.asarray(t)), jnp.asarray(moved),
                                         jnp.asarray(changed[:n_a]), attack.margin, attack.k,
                                         width))
     return np.asarray(jax.device_get(counts), np.int64)

@@ -7,7 +7,8 @@ vmaps it over a chunk of targets.
 
 Metrics (A.4): the rank of t for user u is the number of items scored strictly higher
 (ties favour the target); Hit@K = share of anchors with rank < K. Ranks come from each
-anchor's clean scores sorted once (``searchsorted``), minus the target's own clean
+anchor's clean scores (``context.count_clean_above``: sorted rows in the dense layout,
+rows recomputed by item chunks in the top-k layout), minus the target's own clean
 score when it beats its perturbed one, so they are exact for non-graph models; graph
 models add the changed items' new scores (local path) or count against the re-encoded
 scores (full path). Unmasked ranking over all items is the reference's (default); the
@@ -35,7 +36,8 @@ from uatmc_jax.core import ops
 from uatmc_jax.recsys.attacks import alignment as alignment_lib
 from uatmc_jax.recsys.attacks import mismatch as mismatch_lib
 from uatmc_jax.recsys.attacks.attackers import PromotionAttack, run_attack
-from uatmc_jax.recsys.attacks.context import PromotionContext, count_greater
+from uatmc_jax.recsys.attacks.context import (PromotionContext, clean_column,
+                                              count_clean_above, train_rows, train_seen)
 from uatmc_jax.recsys.attacks.objective import (METRIC_KS, others_threshold_columns,
                                                 promotion_per_user_loss)
 from uatmc_jax.recsys.attacks.surface import AttackSurface
@@ -94,18 +96,17 @@ def target_view(surface: AttackSurface, params, attack_table, projected_table,
     def scores_fn(delta, eta=None):
       return target_scores(delta, eta), others
 
-    clean_t = ctx.scores[:, target]
+    clean_t = clean_column(ctx, target)
 
     def ranks_fn(delta):
       # δ = {} (the clean model) reads the table itself: ties with t's own entry exact.
       s = target_scores(delta) if delta else clean_t
-      ranks = count_greater(ctx.sorted_scores, s) - (clean_t > s)
+      ranks = count_clean_above(ctx, s, target[None])
       masked = None
-      if ctx.masked_sorted_scores is not None:
-        seen = ctx.train_mask[:, target]
-        sm = jnp.where(seen, -jnp.inf, s)
-        cm = jnp.where(seen, -jnp.inf, clean_t)
-        masked = count_greater(ctx.masked_sorted_scores, sm) - (cm > sm)
+      if ctx.masked:
+        seen = train_seen(ctx, target[None])[:, 0]
+        masked = count_clean_above(ctx, jnp.where(seen, -jnp.inf, s), target[None],
+                                   masked=True)
       return ranks, masked
 
     return _TargetView(x_t, scores_fn, ranks_fn, perturbed_projected_row)
@@ -128,8 +129,8 @@ def target_view(surface: AttackSurface, params, attack_table, projected_table,
     is_t = jnp.arange(scores.shape[1]) == target
     ranks = jnp.sum((scores > s[:, None]) & ~is_t[None, :], axis=1).astype(jnp.int32)
     masked = None
-    if ctx.train_mask is not None:
-      ms = jnp.where(ctx.train_mask, -jnp.inf, scores)
+    if ctx.masked:
+      ms = jnp.where(train_rows(ctx, jnp.arange(ctx.anchors.shape[0])), -jnp.inf, scores)
       sm = ms[:, target]
       masked = jnp.sum((ms > sm[:, None]) & ~is_t[None, :], axis=1).astype(jnp.int32)
     return ranks, masked
@@ -192,7 +193,6 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
   width = min(k + local.shape.items, ctx.desc_values.shape[1])
   moved = jnp.zeros(n_items, bool).at[item_drop].set(True, mode="drop")
   kept, unchanged_kth = _unchanged_top(ctx.desc_values, ctx.desc_indices, moved, k, width)
-  clean_item_scores = jnp.take(ctx.scores, item_ids, axis=1)  # (n_A, P_i)
   is_t = jnp.arange(n_items) == target
   tail = max(k - 2, 0)
   # A second lower bound on o_K that does not fall when many top items are changed:
@@ -262,35 +262,35 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
       return jnp.asarray(True)
     return jnp.sum(activity_fn(delta, margin) > 0) <= local.active_cap
 
-  def count_above(sorted_rows, clean_cols, new_cols, s, changed_full, s_changed):
-    unchanged = (count_greater(sorted_rows, s)
-                 - jnp.sum(nb.item_valid & (clean_cols > s[:, None]), axis=1)
+  def count_above(masked, new_cols, s, changed_full, s_changed):
+    # Unchanged items' clean entries above s, plus I_c ∖ {t}'s new ones.
+    unchanged = (count_clean_above(ctx, s, item_drop, masked=masked)
                  + jnp.sum(others_valid & (new_cols > s[:, None]), axis=1))
     full = jnp.sum((changed_full > s_changed[:, None]) & ~is_t, axis=1)
     return unchanged.astype(jnp.int32).at[rows].set(full.astype(jnp.int32), mode="drop")
 
   def ranks_fn(delta):
-    clean_t = ctx.scores[:, target]
+    clean_t = clean_column(ctx, target)
     if not delta:  # the clean model reads the table itself: ties with t's own entry exact
-      ranks = count_greater(ctx.sorted_scores, clean_t)
+      ranks = count_clean_above(ctx, clean_t, target[None])
       masked = None
-      if ctx.masked_sorted_scores is not None:
-        masked = count_greater(ctx.masked_sorted_scores,
-                               jnp.where(ctx.train_mask[:, target], -jnp.inf, clean_t))
+      if ctx.masked:
+        masked = count_clean_above(
+            ctx, jnp.where(train_seen(ctx, target[None])[:, 0], -jnp.inf, clean_t),
+            target[None], masked=True)
       return ranks, masked
     iv, uv = vectors(delta)
     s, s_changed = target_scores(iv, uv)
     new = ctx.anchor_vectors @ iv.T
     full = changed_rows(iv, uv)
-    ranks = count_above(ctx.sorted_scores, clean_item_scores, new, s, full, s_changed)
+    ranks = count_above(False, new, s, full, s_changed)
     masked = None
-    if ctx.masked_sorted_scores is not None:
-      seen = ctx.train_mask[:, target]
-      seen_items = jnp.take(ctx.train_mask, item_ids, axis=1)
-      seen_rows = jnp.take(ctx.train_mask, rows_clip, axis=0)
+    if ctx.masked:
+      seen = train_seen(ctx, target[None])[:, 0]
+      seen_items = train_seen(ctx, item_ids)
+      seen_rows = train_rows(ctx, rows_clip)
       masked = count_above(
-          ctx.masked_sorted_scores, jnp.where(seen_items, -jnp.inf, clean_item_scores),
-          jnp.where(seen_items, -jnp.inf, new), jnp.where(seen, -jnp.inf, s),
+          True, jnp.where(seen_items, -jnp.inf, new), jnp.where(seen, -jnp.inf, s),
           jnp.where(seen_rows, -jnp.inf, full),
           jnp.where(jnp.take(seen, rows_clip), -jnp.inf, s_changed))
     return ranks, masked
@@ -301,13 +301,14 @@ def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
 
 
 @functools.partial(jax.jit, static_argnames=("k", "width"))
-def clean_active_count(desc_values, desc_indices, scores, target, moved, changed, margin,
-                        k, width):
-  """``PromotionAttackRunner.clean_active_counts`` for one target (fixed shapes)."""
+def clean_active_count(desc_values, desc_indices, column, moved, changed, margin, k, width):
+  """``PromotionAttackRunner.clean_active_counts`` for one target (fixed shapes).
+
+  ``column``: (n_A,) the target's clean scores (``context.clean_column``).
+  """
   _, u_k = _unchanged_top(desc_values, desc_indices, moved, k, width)
   lower = jnp.maximum(u_k, desc_values[:, k])  # the view's activity at δ = 0, no slack
-  s = jax.lax.dynamic_index_in_dim(scores, target, axis=1, keepdims=False)
-  return jnp.sum(~changed & (s + margin > lower))
+  return jnp.sum(~changed & (column + margin > lower))
 
 
 def _rank_metrics(ranks: jax.Array, ks: Sequence[int]) -> tuple[jax.Array, jax.Array]:

@@ -13,8 +13,9 @@ and applies ``num_layers`` MMGCN layers
   x     = LeakyReLU([h ; x̃] W_g + b)                    (combination)
 
 with Â the symmetrically normalised adjacency D^{-1/2} A D^{-1/2} applied as a sparse
-product over the edge list (no dense adjacency; ``graph_propagation``: one CSR product
-for all modalities per layer, Âᵀ = Â in the backward pass). Scores sum the
+product over the edge list (no dense adjacency; ``graph_propagation``: one product for
+all modalities per layer, Âᵀ = Â in the backward pass; the edge list's symmetry is
+checked once at construction). Scores sum the
 per-modality dot products plus an ID part: the user/item vectors are the
 concatenations [e_id ; x^{m_1} ; x^{m_2} ...], so one dot product gives
 <e_u, e_i> + Σ_m <x_u^m, x_i^m>.
@@ -109,6 +110,8 @@ class MMGCN(base.RecommenderBase):
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim = embedding_dim
     dst, src, weight = bipartite_edges(train, n_users, n_items)
+    # The propagation's backward pass is exact only for a symmetric Â (its contract).
+    graph_propagation.check_symmetric(dst, src, weight, "MMGCN train graph")
     self.edge_dst = GraphBuffer(jnp.asarray(dst))
     self.edge_src = GraphBuffer(jnp.asarray(src))
     self.edge_weight = GraphBuffer(jnp.asarray(weight))
