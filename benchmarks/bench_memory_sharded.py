@@ -16,6 +16,7 @@ single-device figure is compiled the same way for contrast.
 
   python benchmarks/bench_memory_sharded.py                    # 10M x 1M, meshes 2x4, 1x8
   python benchmarks/bench_memory_sharded.py --users 100000 --items 10000   # quick
+  python benchmarks/bench_memory_sharded.py --users 19445 --items 7050 --feature_dims 4096,384
 """
 from __future__ import annotations
 
@@ -112,12 +113,21 @@ def main(argv=None) -> int:
   ap.add_argument("--items", type=int, default=1_000_000)
   ap.add_argument("--embedding_dim", type=int, default=64)
   ap.add_argument("--feature_dim", type=int, default=128, help="width of each of 2 modalities")
+  ap.add_argument("--feature_dims", default=None,
+                  help="per-modality widths, e.g. 4096,384 (Baby's image/text); "
+                       "overrides --feature_dim")
   ap.add_argument("--batch_per_device", type=int, default=2048)
   ap.add_argument("--meshes", default="2x4,1x8", help="data x model meshes over 8 devices")
   ap.add_argument("--no_single", action="store_true", help="skip the 1-device contrast")
+  ap.add_argument("--eval_widths", default="64,1024",
+                  help="excluded-list widths of the evaluation batches to compile (one "
+                       "device, 2048 users per batch, held-out width 64)")
   args = ap.parse_args(argv)
 
   dims = {"acoustic": args.feature_dim, "visual": args.feature_dim}
+  if args.feature_dims:
+    widths = [int(w) for w in args.feature_dims.split(",")]
+    dims = {f"m{i}": w for i, w in enumerate(widths)}
   sizes = table_bytes(args.users, args.items, dims, args.embedding_dim)
   print(f"recommender: VBPR-MLP, {args.users:,} users x {args.items:,} items, embedding "
         f"{args.embedding_dim} (user 128-d), modalities {dims}; Adam; batch "
@@ -144,7 +154,24 @@ def main(argv=None) -> int:
     peak = arg + out - alias + temp
     print(f"{name:>20} {mesh.devices.size:>7} {arg / GIB:>12.3f} {out / GIB:>10.3f} "
           f"{alias / GIB:>9.3f} {temp / GIB:>8.3f} {peak / GIB:>15.3f} {secs:>9.1f}", flush=True)
+  for width in (int(w) for w in args.eval_widths.split(",") if w):
+    ma = compile_eval(args.users, args.items, 2 * args.embedding_dim, width).memory_analysis()
+    peak = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+    print(f"evaluation batch (1 device, 2048 users, excluded width {width}): arguments "
+          f"{ma.argument_size_in_bytes / GIB:.3f} GiB, temp {ma.temp_size_in_bytes / GIB:.3f} "
+          f"GiB, peak {peak / GIB:.3f} GiB", flush=True)
   return 0
+
+
+def compile_eval(n_users: int, n_items: int, dim: int, width: int, batch: int = 2048):
+  """The full-ranking evaluation batch (recsys/metrics.py) compiled from shapes alone:
+  user and item tables, one batch of ``batch`` users with ``width`` excluded ids."""
+  from uatmc_jax.recsys.metrics import DEFAULT_KS, _user_batch_sums
+  sds = jax.ShapeDtypeStruct
+  b = {"users": sds((batch,), jnp.int32), "excluded": sds((batch, width), jnp.int32),
+       "relevant": sds((batch, 64), jnp.int32), "weight": sds((batch,), jnp.float32)}
+  return _user_batch_sums.lower(sds((n_users, dim), jnp.float32),
+                                sds((n_items, dim), jnp.float32), b, DEFAULT_KS).compile()
 
 
 if __name__ == "__main__":

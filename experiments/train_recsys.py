@@ -43,6 +43,11 @@ def main(argv):
         f"{results['n_train']} train; {results['epochs_run']} epochs, best epoch "
         f"{results['best_epoch']}, {results['train_seconds']:.1f} s\n")
   print(results_table(results))
+  verdict = results.get("below_popularity")
+  if verdict:
+    print(f"\nWARNING: {results['model']} is at or below the most-popular baseline on "
+          f"valid {verdict['metric']} ({verdict['model']:.4f} vs "
+          f"{verdict['most_popular']:.4f}): {verdict['advice']}")
   print(f"\nresults: {FLAGS.workdir}/results.json")
 
 

@@ -129,6 +129,16 @@ def test_recommender_tables_were_split_over_the_model_axis(runs):
     assert runs["recsys_m4"][p]["user_table_shard_rows"] == [n_users // 4]
 
 
+@pytest.mark.parametrize("job", ["recsys_m2", "recsys_m4"])
+def test_trainer_makes_no_cross_process_host_gathers(runs, job):
+  """No jax.device_put of a host value onto devices of both processes during the
+  recommender trainer's start-up, training and evaluation (each such put all-gathers
+  the value across processes to compare it)."""
+  for p in ("p0", "p1"):
+    assert runs[job][p]["host_device_put_calls"] == 0, runs[job][p]
+    assert runs[job][p]["host_device_put_bytes"] == 0
+
+
 def test_runs_trained_and_evaluated_something(runs):
   rec = runs["recsys_m2"]["ref"]
   assert len(rec["losses"]) == 2 and rec["losses"][1] < rec["losses"][0]

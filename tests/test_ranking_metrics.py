@@ -107,3 +107,37 @@ def test_most_popular_baseline():
   got = rm.most_popular_metrics(data, "test", ks=(1,))
   # Even users hit item 0 at rank 1 (user 20 still ranks 0 first: only item 1 masked).
   np.testing.assert_allclose(got["recall@1"], 0.5)
+
+
+def skewed_data(n_users=300, n_items=400, seed=0):
+  """Random interactions with a few heavy users (long excluded lists), like TikTok."""
+  rng = np.random.default_rng(seed)
+  lengths = np.where(rng.random(n_users) < 0.03, rng.integers(150, 300, n_users),
+                     rng.integers(3, 12, n_users))
+  users = np.repeat(np.arange(n_users), lengths)
+  items = rng.integers(0, n_items, users.size)
+  pairs = np.unique(np.stack([users, items], 1), axis=0).astype(np.int32)
+  label = rng.choice(3, size=len(pairs), p=[0.8, 0.1, 0.1])
+  return InteractionData("skewed", n_users, n_items, pairs[label == 0], pairs[label == 1],
+                         pairs[label == 2], {})
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_bucketed_evaluation_equals_one_width_padding(split):
+  data = skewed_data()
+  rng = np.random.default_rng(1)
+  users = jnp.asarray(rng.standard_normal((data.n_users, 8)), jnp.float32)
+  items = jnp.asarray(rng.standard_normal((data.n_items, 8)), jnp.float32)
+  ks = (5, 20, 50)
+  old = rm.RankingEvaluator(data, split, ks, batch_size=64, bucket=False)
+  new = rm.RankingEvaluator(data, split, ks, batch_size=64)
+  sharded = rm.RankingEvaluator(data, split, ks, batch_size=64, mesh=make_mesh())
+  a, b, c = old.evaluate(users, items), new.evaluate(users, items), sharded.evaluate(users, items)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(c[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  # the heavy users no longer set every batch's width
+  assert new.padding_ratio < old.padding_ratio / 2, (new.padding_ratio, old.padding_ratio)
+  widths = {b["excluded"].shape[1] for b in new._batches}
+  assert len(widths) > 1 and all(w & (w - 1) == 0 or w == old._batches[0]["excluded"].shape[1]
+                                 for w in widths)

@@ -334,3 +334,36 @@ def test_robust_evaluator_on_a_mesh_equals_one_device():
   with pytest.raises(ValueError, match="divisible"):
     robust_accuracy.RobustEvaluator(logits_fn, robust_accuracy.RobustEvalConfig(batch_size=6),
                                     mesh=mesh_lib.make_mesh(4, 1))
+
+
+# --- data-parallel training on several CPU devices, as a user launches it -----------------
+
+def _train_recsys_subprocess(workdir, n_devices):
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+  config = ("experiments/configs/recsys.py:model=vbpr_mlp,dataset=synthetic,epochs=2,"
+            "embedding_dim=16,batch_size=1024")
+  out = subprocess.run([sys.executable, "-m", "experiments.train_recsys", f"--config={config}",
+                        f"--workdir={workdir}", "--compilation_cache_dir="], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def test_train_recsys_on_two_cpu_devices_equals_one_device(tmp_path):
+  """The launcher's data-parallel path on two forced host devices (batch columns split
+  over the data axis, gradient all-reduce) ends with one device's losses and metrics."""
+  one = _train_recsys_subprocess(str(tmp_path / "one"), 1)
+  two = _train_recsys_subprocess(str(tmp_path / "two"), 2)
+  assert one["epochs_run"] == two["epochs_run"] == 2
+  np.testing.assert_allclose([h["loss"] for h in two["history"]],
+                             [h["loss"] for h in one["history"]], rtol=1e-5)
+  for split in ("valid", "test"):
+    for k, v in one[split].items():
+      np.testing.assert_allclose(two[split][k], v, rtol=1e-4, atol=1e-5, err_msg=(split, k))

@@ -6,7 +6,7 @@ anything else a string. Lists use ``;`` or ``+`` between items (``seeds=1+2+3``,
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from uatmc_jax.core.errors import ConfigError
 
@@ -39,6 +39,7 @@ def parse_arg(arg: str | None, allowed: Sequence[str] | None = None, **defaults:
     dict of defaults updated by the parsed values.
   """
   out = dict(defaults)
+  allowed_map = allowed if isinstance(allowed, Mapping) else None
   allowed = set(allowed if allowed is not None else defaults)
   if not arg:
     return out
@@ -53,7 +54,44 @@ def parse_arg(arg: str | None, allowed: Sequence[str] | None = None, **defaults:
     if k not in allowed:
       raise ConfigError(f"config argument {k!r} is unknown; expected one of {sorted(allowed)}")
     out[k] = _literal(v)
+    reference = defaults.get(k) if k in defaults else (
+        allowed_map.get(k) if allowed_map is not None else None)
+    check_type(k, v, out[k], reference)
   return out
+
+
+def _type_name(reference: Any) -> str:
+  if isinstance(reference, bool):
+    return "True or False"
+  return "an integer" if isinstance(reference, int) else "a number"
+
+
+def _fits(value: Any, reference: Any) -> bool:
+  if value is None:
+    return True
+  if isinstance(reference, bool):
+    return isinstance(value, bool) or value in (0, 1)
+  if isinstance(reference, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_type(key: str, raw: str, value: Any, reference: Any) -> None:
+  """Raises ConfigError when ``value`` cannot be of the type of the default ``reference``.
+
+  Only bool / int / float defaults are checked (a None or string default accepts any
+  text). A ``;``/``+`` list of such values passes when every item fits (``seeds=1+2+3``
+  over the default 3, ``epsilon=0.05;0.1`` over 0.05).
+  """
+  if reference is None or isinstance(reference, str) or not isinstance(
+      reference, (bool, int, float)):
+    return
+  items = [value]
+  if isinstance(value, str) and (";" in value or "+" in value):
+    items = [_literal(x) for x in value.replace(";", "+").split("+") if x.strip()]
+  if not all(_fits(x, reference) for x in items):
+    raise ConfigError(f"config argument {key}={raw.strip()!r}: expected "
+                      f"{_type_name(reference)} (default {reference!r})")
 
 
 def as_list(value: Any, cast: Callable[[Any], Any] = lambda x: x) -> list:

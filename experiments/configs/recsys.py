@@ -34,7 +34,10 @@ Arguments (``k=v`` joined by ``,``):
   mesh_data: devices on the data axis (-1 = all); mesh_model: devices on the model axis
     (1), over which the user/item tables and their Adam moments are split by rows.
   compute_dtype: float32 | bfloat16 (bf16 forward/backward on GPU/TPU; parameters and
-    optimiser state stay float32).
+    optimiser state stay float32; float16 is refused: no loss scaling).
+  matmul_precision: default | high | highest: float32 matmul precision of training
+    (``default``: the backend's choice, TF32 on recent NVIDIA GPUs, one bf16 pass on TPU,
+    exact on CPU). Ranking and evaluation always use ``highest``.
   runlocal: smoke variant, at most 5 epochs (patience 3) -- finishes in about a minute.
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, see
                 embedding_dim=64, item_bias=False, align_weight=None, wide_threshold=1024,
                 num_layers=2,
                 loss="bpr", mesh_data=-1, mesh_model=1, compute_dtype="float32",
+                matmul_precision="default",
                 eval_batch_size=2048, runlocal=False)
 # EmbLoss weight per model. VBPR, MMGCN: MMRec's configs/model/<MODEL>.yaml, first value
 # of the reg_weight grid. VBPR-MLP: selected on TikTok valid Recall@20 (docs/results/recsys.md): 0.01 -> .028, 0.3 -> .032, 0.6 -> .039, 0.8 -> .044, 1.0 -> .051 (seed 1:
@@ -136,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.mesh_data = int(a["mesh_data"])
   cfg.mesh_model = int(a["mesh_model"])
   cfg.train["compute_dtype"] = str(a["compute_dtype"])
+  cfg.train["matmul_precision"] = str(a["matmul_precision"])
   if cfg.runlocal:
     cfg.train["epochs"] = min(cfg.train["epochs"], 5)
     cfg.train["patience"] = min(cfg.train["patience"], 3)

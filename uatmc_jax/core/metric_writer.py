@@ -8,6 +8,10 @@ with TensorBoard's own reader (``EventAccumulator``), as ``{tag: [(step, value),
 The writer is ``tensorboard``'s ``EventFileWriter`` (the one ``torch.utils.tensorboard``
 uses); it needs neither TensorFlow nor clu (clu's metric writers import TensorFlow,
 which this project does not install). In a multi-process run only process 0 writes.
+
+API for any trainer or experiment stage: ``ScalarWriter(logdir, enabled=
+mesh_lib.is_primary_process())`` (a context manager), ``.write(step, {tag: value})``,
+``.flush()``, ``.close()``; tags use ``/`` groups (``train/loss``, ``valid/recall@20``).
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ class ScalarWriter:
     self.logdir = logdir
     self._writer = None
     if enabled:
-      os.makedirs(logdir, exist_ok=True)
+      if "://" not in str(logdir):  # remote (gs://...): the writer's gfile layer creates it
+        os.makedirs(logdir, exist_ok=True)
       self._writer = EventFileWriter(logdir)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:

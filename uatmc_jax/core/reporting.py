@@ -40,15 +40,31 @@ def write_json(path: str, obj: Any, *, all_processes: bool = False) -> None:
   """
   if not all_processes and _process_index() != 0:
     return
+  text = json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n"
+  if is_remote_path(path):  # gs://... : through etils.epath (orbax's path layer)
+    from etils import epath
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-    f.write("\n")
+    f.write(text)
   os.replace(tmp, path)
 
 
+def is_remote_path(path: Any) -> bool:
+  """True for a ``scheme://`` location (``gs://bucket/run``); such paths are used as
+  given, never passed through ``os.path.abspath``."""
+  import re
+  return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)) is not None
+
+
 def read_json(path: str) -> Any:
+  if is_remote_path(path):
+    from etils import epath
+    return json.loads(epath.Path(path).read_text())
   with open(path) as f:
     return json.load(f)
 

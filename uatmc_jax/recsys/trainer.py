@@ -24,7 +24,9 @@ an NNX filter (``trainable``, default every ``nnx.Param``), e.g. UAT-MC freezes 
 projection MLPs with ``nnx.All(nnx.Param, nnx.Not(nnx.PathContains("projectors")))``.
 
 Speed: one jitted ``lax.scan`` runs a whole epoch (no per-step dispatch), with the
-parameters and optimiser state donated. Data parallelism: the epoch's batch columns
+parameters and optimiser state donated; a background thread samples the next epoch's
+batches while the device runs the current one, and each process samples only its own
+batch columns. Data parallelism: the epoch's batch columns
 are sharded over the mesh ``data`` axis, parameters and features are replicated; XLA
 inserts the gradient all-reduce.
 
@@ -36,6 +38,7 @@ and ends with the same metrics as an uninterrupted run.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import time
 from typing import Any, Callable, Mapping
@@ -49,6 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uatmc_jax.core.checkpointing import CheckpointStore
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.core.metric_writer import ScalarWriter
 from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import multihost, precision, sharding_rules
 from uatmc_jax.core.reporting import ProgressLogger
@@ -61,7 +65,7 @@ from uatmc_jax.recsys.metrics import DEFAULT_KS, RankingEvaluator
 TRAIN_DEFAULTS = dict(
     loss="bpr", reg_weight=1e-4, learning_rate=1e-3, batch_size=2048, epochs=1000,
     patience=20, seed=999, selection_metric="recall@20", eval_batch_size=2048,
-    ks=DEFAULT_KS, log=True)
+    ks=DEFAULT_KS, log=True, matmul_precision=precision.DEFAULT_TRAIN_MATMUL_PRECISION)
 
 
 def resolve_loss_fn(config: Mapping[str, Any]) -> LossFn:
@@ -70,8 +74,8 @@ def resolve_loss_fn(config: Mapping[str, Any]) -> LossFn:
   if name == "bpr":
     return make_bpr_objective(config)
   if name not in DEFENCES:
-    raise ConfigError(f"loss {name!r} is unknown; expected 'bpr' or a defence of "
-                      f"{list(DEFENCES)}")
+    raise ConfigError(f"loss {name!r} is unknown (no module of that name in the defence "
+                      f"registry); expected 'bpr' or a defence of {list(DEFENCES)}")
   return make_defence_loss(name, config)
 
 
@@ -94,7 +98,8 @@ def _run_epoch(mesh, graphdef, tx, loss_fn, params, opt_state, rest, features, b
   Returns:
     (params, opt_state, {"loss", *aux: epoch means over real rows}).
   """
-  static = (mesh, graphdef, tx, loss_fn, batches["users"].shape)
+  static = (mesh, graphdef, tx, loss_fn, batches["users"].shape,
+            jax.config.jax_default_matmul_precision)  # part of jit's cache key too
   _EPOCH_TRACES[static] = _EPOCH_TRACES.get(static, 0) + 1
   if _EPOCH_TRACES[static] > 1:
     raise AssertionError("the jitted training epoch was traced twice: a shape, dtype or "
@@ -160,6 +165,10 @@ class RecsysTrainer:
     # compute_dtype="bfloat16": bf16 forward/backward, float32 params and Adam state.
     self.loss_fn = precision.mixed_precision_loss(
         self.loss_fn, precision.Policy.from_name(self.config.get("compute_dtype")))
+    # Training matmuls at config["matmul_precision"] (precision.MATMUL_PRECISIONS);
+    # evaluation always ranks at float32 "highest" (recsys/metrics.py).
+    self.matmul_precision = precision.check_matmul_precision(
+        self.config.get("matmul_precision"))
     self.batch_size = int(self.config["batch_size"])
     n_data = mesh_lib.data_axis_size(self.mesh)
     if self.batch_size % n_data:
@@ -187,12 +196,16 @@ class RecsysTrainer:
                        for s in ("valid", "test")}
     self._static = (self.mesh, self.graphdef, self.tx, self.loss_fn)
     self.store = CheckpointStore(f"{workdir}/checkpoints") if workdir else None
+    self.workdir = workdir
     self.logger = ProgressLogger(f"{data.name}/{type(model).__name__}",
                                  enabled=bool(self.config["log"]))
     self.record = {"epoch": -1, "best_epoch": -1, "best_metric": -float("inf"),
                    "bad_epochs": 0, "stopped_early": False, "train_seconds": 0.0,
                    "history": []}
     self._best_params = None
+    # one background thread samples the next epoch while the device runs this one
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="epoch-prefetch")
+    self._prefetch: dict = {}
 
   # -- pure functions -------------------------------------------------------
   def _encode_fn(self, params, rest, features):
@@ -202,7 +215,8 @@ class RecsysTrainer:
   def epoch_traces(self) -> int:
     """How often the jitted epoch was traced for this (model, optimiser, loss)."""
     n_batches = -(-self.data.train.shape[0] // self.batch_size)
-    return _EPOCH_TRACES.get(self._static + ((n_batches, self.batch_size),), 0)
+    prec = None if self.matmul_precision == "default" else self.matmul_precision
+    return _EPOCH_TRACES.get(self._static + ((n_batches, self.batch_size), prec), 0)
 
   # -- state ----------------------------------------------------------------
   @property
@@ -248,16 +262,57 @@ class RecsysTrainer:
     return self.evaluators[split].evaluate(*self.vectors())
 
   # -- training -------------------------------------------------------------
+  def _host_epoch(self, epoch: int) -> dict[str, np.ndarray]:
+    """This process's columns of the epoch's batches (all of them on one process):
+    only its share is sampled (recsys/data/sampling.py)."""
+    if jax.process_count() == 1:
+      return epoch_batches(self.sampler, self.data.train, self.batch_size, self.seed, epoch)
+    n_batches = -(-self.data.train.shape[0] // self.batch_size)
+    box, contiguous = multihost._local_box(self._epoch_sharding,
+                                           (n_batches, self.batch_size))
+    if not contiguous:
+      raise ConfigError("this process's devices do not hold one contiguous block of batch "
+                        "columns; order the mesh's data axis by process")
+    share = epoch_batches(self.sampler, self.data.train, self.batch_size, self.seed, epoch,
+                          columns=box[1])
+    return {"share": share, "box": box}
+
+  def _next_host_epoch(self, epoch: int):
+    """The host batches of ``epoch``: from the background prefetch when it was started,
+    and the next epoch's sampling started behind it (overlaps this epoch's device work)."""
+    pending = self._prefetch.pop(epoch, None)
+    host = pending.result() if pending is not None else self._host_epoch(epoch)
+    self._prefetch.clear()
+    if epoch + 1 < int(self.config["epochs"]):
+      self._prefetch[epoch + 1] = self._pool.submit(self._host_epoch, epoch + 1)
+    return host
+
   def _device_epoch(self, epoch: int):
-    batches = epoch_batches(self.sampler, self.data.train, self.batch_size, self.seed, epoch)
-    return multihost.put_global(batches, self._epoch_sharding)  # each process: its columns
+    host = self._next_host_epoch(epoch)
+    if jax.process_count() == 1:
+      return jax.device_put(host, self._epoch_sharding)
+    n_batches = -(-self.data.train.shape[0] // self.batch_size)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            self._epoch_sharding, np.ascontiguousarray(x), (n_batches, self.batch_size)),
+        host["share"])
+
+  def _epoch_args(self, epoch: int) -> tuple:
+    key = jax.random.fold_in(jax.random.key(self.seed), epoch)
+    return (*self._static, self.params, self.opt_state, self.rest, self.features,
+            self._device_epoch(epoch), key)
+
+  def lower_epoch(self, epoch: int = 0):
+    """The lowered (not compiled, not run) training epoch, as :meth:`train_epoch` builds
+    it (its text shows the matmul precision, its ``compile().memory_analysis()`` the
+    memory)."""
+    with precision.matmul_precision(self.matmul_precision):
+      return _run_epoch.lower(*self._epoch_args(epoch))
 
   def train_epoch(self, epoch: int) -> dict[str, float]:
     """One epoch of updates; returns the epoch's mean loss terms."""
-    key = jax.random.fold_in(jax.random.key(self.seed), epoch)
-    self.params, self.opt_state, stats = _run_epoch(
-        *self._static, self.params, self.opt_state, self.rest, self.features,
-        self._device_epoch(epoch), key)
+    with precision.matmul_precision(self.matmul_precision):
+      self.params, self.opt_state, stats = _run_epoch(*self._epoch_args(epoch))
     return {k: float(v) for k, v in jax.device_get(stats).items()}
 
   def fit(self, max_new_epochs: int | None = None) -> dict:
@@ -273,6 +328,10 @@ class RecsysTrainer:
     """
     if self.restore("latest"):
       self.logger.log(self.record["epoch"], resumed="from checkpoint")
+    # TensorBoard scalars under the workdir (process 0): train/<loss term> and
+    # valid/<metric@K> per epoch (core/metric_writer.py; `tensorboard --logdir <workdir>`).
+    writer = ScalarWriter(self.workdir, enabled=bool(self.workdir) and
+                          mesh_lib.is_primary_process())
     metric = self.config["selection_metric"]
     max_epochs, patience = int(self.config["epochs"]), int(self.config["patience"])
     n_train = int(self.data.train.shape[0])
@@ -303,8 +362,13 @@ class RecsysTrainer:
         self.store.save(epoch, self._checkpoint_tree(), rec, is_best=improved)
       self.logger.log(epoch, examples=n_train, seconds=t_train, loss=stats["loss"],
                       **{f"valid_{metric}": valid[metric]}, best_epoch=rec["best_epoch"])
+      writer.write(epoch, {**{f"train/{k}": v for k, v in stats.items()},
+                           "train/epoch_seconds": seconds,
+                           **{f"valid/{k}": v for k, v in valid.items()}})
+      writer.flush()
       epoch += 1
       done += 1
+    writer.close()
     return self.record
 
   def restore_best(self) -> None:
@@ -372,6 +436,38 @@ def _build(config: Mapping[str, Any], data: InteractionData, workdir: str | None
   return RecsysTrainer(model, data, train_cfg, workdir=workdir, mesh=mesh)
 
 
+BELOW_POPULARITY_KEY = "below_popularity"
+
+
+def below_popularity(model_valid: Mapping[str, float], popularity_valid: Mapping[str, float],
+                     metric: str, train_config: Mapping[str, Any] | None = None,
+                     align_weight: float | None = None) -> dict | None:
+  """The verdict on a trained backbone that ranks no better than the most-popular
+  baseline on the validation split (None when it ranks better).
+
+  A collapsed model (BPR stuck near log 2, every vector pulled to zero by EmbLoss, e.g.
+  VBPR-MLP without its InfoNCE term on TikTok: test Recall@20 .038 vs most-popular
+  .087) ends its run normally; this verdict is what makes that visible.
+
+  Returns:
+    ``{"split": "valid", "metric", "model", "most_popular", "advice"}``.
+  """
+  model_value, pop_value = float(model_valid[metric]), float(popularity_valid[metric])
+  if model_value > pop_value:
+    return None
+  cfg = dict(train_config or {})
+  advice = ("the model learned less than ranking by train popularity. Likely a collapse "
+            "(BPR loss near log 2 = 0.693 in the history) from a regulariser too strong "
+            f"for the signal (reg_weight={cfg.get('reg_weight')}"
+            f"{', align_weight 0: InfoNCE off' if align_weight == 0 else ''}) or "
+            f"too few updates (lr={cfg.get('learning_rate')}). Try the defaults selected "
+            "on TikTok (lr 5e-3, reg_weight 2.0, VBPR-MLP align_weight 1.0; "
+            "experiments/configs/recsys.py), a smaller reg_weight, a larger lr or more "
+            "patience, and compare valid Recall@20 with the most-popular baseline.")
+  return {"split": "valid", "metric": metric, "model": model_value,
+          "most_popular": pop_value, "advice": advice}
+
+
 def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict:
   """Trains ``config["model"]`` on ``config["dataset"]`` and writes ``results.json``.
 
@@ -383,8 +479,10 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict:
 
   Returns:
     the results dict: dataset, model, n_users, n_items, n_train, epochs_run, best_epoch,
-    train_seconds, valid / test / popularity_test ({"recall@20": ..} for every metric and
-    K), plus config and history.
+    train_seconds, valid / test / popularity_valid / popularity_test ({"recall@20": ..}
+    for every metric and K), ``below_popularity`` (None, or the verdict of
+    :func:`below_popularity` when the selected model's valid metric is at or below the
+    most-popular baseline's), plus config and history.
   """
   import os
   from uatmc_jax.core.reporting import write_json
@@ -398,6 +496,17 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict:
   record = trainer.fit()
   trainer.restore_best()
   ks = tuple(trainer.config["ks"])
+  valid = trainer.evaluate("valid")
+  popularity_valid = most_popular_metrics(data, "valid", ks, mesh=trainer.mesh)
+  metric = trainer.config["selection_metric"]
+  align = (config.get("model_config") or {}).get("align_weight")
+  verdict = below_popularity(valid, popularity_valid, metric, trainer.config,
+                             align if config["model"] == "vbpr_mlp" else None)
+  if verdict is not None:
+    from absl import logging
+    logging.warning("%s on %s is BELOW THE MOST-POPULAR BASELINE: valid %s %.4f vs %.4f; %s",
+                    config["model"], data.name, metric, verdict["model"],
+                    verdict["most_popular"], verdict["advice"])
   results = {
       "dataset": data.name, "dataset_path": str(config["dataset"]), "model": config["model"],
       "n_users": data.n_users, "n_items": data.n_items, "n_train": int(len(data.train)),
@@ -405,8 +514,10 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict:
       "epochs_run": int(record["epoch"]) + 1, "best_epoch": int(record["best_epoch"]),
       "stopped_early": bool(record["stopped_early"]),
       "train_seconds": float(record["train_seconds"]),
-      "valid": trainer.evaluate("valid"), "test": trainer.evaluate("test"),
+      "valid": valid, "test": trainer.evaluate("test"),
+      "popularity_valid": popularity_valid,
       "popularity_test": most_popular_metrics(data, "test", ks, mesh=trainer.mesh),
+      BELOW_POPULARITY_KEY: verdict,
       "config": config, "history": record["history"],
   }
   if mesh_lib.is_primary_process():

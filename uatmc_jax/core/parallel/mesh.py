@@ -106,8 +106,26 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Replicates a pytree over every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Replicates a pytree over every device of the mesh.
+
+  One process: ``jax.device_put``. Several processes: host values (identical on every
+  process, e.g. item features, initial parameters) are placed with
+  ``make_array_from_process_local_data`` (``multihost.put_replicated``) -- a
+  ``device_put`` of a host array across processes first all-gathers it to check that
+  every process passed the same value; arrays already global stay on device and are
+  resharded there.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, replicated(mesh))
+  from uatmc_jax.core.parallel import multihost  # local: multihost builds on this module
+  target = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, target)  # global already: an on-device reshard
+    return multihost.put_replicated(x, mesh)
+
+  return jax.tree.map(put, tree)
 
 
 def process_slice(n: int) -> slice:

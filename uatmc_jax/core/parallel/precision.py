@@ -22,6 +22,7 @@ Usage inside a trainer's loss::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -30,7 +31,47 @@ import jax.numpy as jnp
 
 from uatmc_jax.core.errors import ConfigError
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float16 is refused: it needs loss scaling (not implemented) and its 5-bit exponent
+# underflows squared norms (NaN in l2_normalize of small rows); bfloat16 has float32's
+# exponent range.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Matmul precision of float32 dot products / convolutions (``jax.default_matmul_precision``):
+# "default" lets the backend choose (TF32 on recent NVIDIA GPUs, one bfloat16 pass on
+# TPU, exact float32 on CPU); "high" is bf16_3x on TPU / TF32 on GPU; "highest" is full
+# float32 everywhere.
+MATMUL_PRECISIONS = ("default", "high", "highest")
+DEFAULT_TRAIN_MATMUL_PRECISION = "default"
+# Ranking and evaluation always use full float32: a top-K cut at rank 20 of ~10^4 items
+# turns the ~1e-3 relative error of a TF32 / bf16 pass into reordered neighbours.
+EVAL_MATMUL_PRECISION = "highest"
+
+
+def check_matmul_precision(name: str | None) -> str:
+  """``name`` (None -> the training default) validated against MATMUL_PRECISIONS."""
+  key = DEFAULT_TRAIN_MATMUL_PRECISION if name in (None, "") else str(name)
+  if key not in MATMUL_PRECISIONS:
+    raise ConfigError(f"matmul_precision={name!r} is unknown; expected one of "
+                      f"{list(MATMUL_PRECISIONS)}")
+  return key
+
+
+def matmul_precision(name: str | None):
+  """Context manager: float32 matmuls traced inside run at ``name``'s precision.
+
+  Use it around a jitted call (the setting is part of JAX's compilation cache key, so
+  programs of different precisions never share an executable) or inside a traced
+  function. ``"default"`` leaves JAX's global setting alone.
+  """
+  key = check_matmul_precision(name)
+  if key == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(key)
+
+
+def evaluation_precision():
+  """The context every ranking / evaluation program runs under (full float32)."""
+  return jax.default_matmul_precision(EVAL_MATMUL_PRECISION)
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
@@ -53,7 +94,8 @@ class Policy:
 
   @classmethod
   def from_name(cls, name: str | None) -> "Policy":
-    """``"float32"`` (default, a no-op policy), ``"bfloat16"`` or ``"float16"``."""
+    """``"float32"`` (default, a no-op policy) or ``"bfloat16"``; anything else (float16
+    included: no loss scaling) raises ConfigError naming ``compute_dtype``."""
     key = "float32" if name in (None, "") else str(name)
     if key not in COMPUTE_DTYPES:
       raise ConfigError(f"compute_dtype={name!r} is unknown; expected one of "

@@ -4,9 +4,13 @@ METHODS.md A.3: one negative per (user, positive) train pair, drawn uniformly fr
 items outside the user's train set. Sampling is vectorised rejection sampling: draw
 candidates for every row at once, test membership of the (user, item) key in the sorted
 array of train keys with ``np.searchsorted``, redraw only the rejected rows; the loop
-runs over rounds (a handful), never over rows. Every draw comes from
-``np.random.default_rng((seed, epoch))``, so an epoch's batches are a function of
-(seed, epoch) alone: a resumed run sees exactly the batches of an uninterrupted one.
+runs over rounds (a handful), never over rows. The epoch's order comes from
+``np.random.default_rng((seed, epoch))``; the negative candidates of a row come from a
+counter-based hash of (seed, epoch, global row position, round) (:func:`row_uniform_ints`),
+so an epoch's batches are a function of (seed, epoch) alone (a resumed run sees exactly
+the batches of an uninterrupted one) and any subset of columns -- one process's share
+of a data-parallel epoch -- is sampled alone with the values the whole epoch would
+give it.
 """
 from __future__ import annotations
 
@@ -54,30 +58,76 @@ class NegativeSampler:
       todo = todo[self.contains(users[todo], neg[todo])]
     raise RuntimeError(f"negative sampling did not finish in {max_rounds} rounds")
 
+  def sample_rows(self, users: np.ndarray, rows: np.ndarray, seed: int, epoch: int,
+                  max_rounds: int = 1000) -> np.ndarray:
+    """One uniform non-train item per entry of ``users``, drawn from the counter hash of
+    (seed, epoch, ``rows``, round): the value of a row does not depend on which other
+    rows are sampled in the same call (int32, same shape as ``users``)."""
+    users = np.asarray(users)
+    rows = np.asarray(rows, np.uint64)
+    neg = row_uniform_ints(seed, epoch, rows, 0, self.n_items)
+    todo = np.flatnonzero(self.contains(users, neg))
+    for r in range(1, max_rounds + 1):
+      if todo.size == 0:
+        return neg.astype(np.int32)
+      neg[todo] = row_uniform_ints(seed, epoch, rows[todo], r, self.n_items)
+      todo = todo[self.contains(users[todo], neg[todo])]
+    raise RuntimeError(f"negative sampling did not finish in {max_rounds} rounds")
+
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+  """SplitMix64's finaliser (Steele et al. 2014), vectorised over uint64."""
+  with np.errstate(over="ignore"):
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & _M64
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+    return x ^ (x >> np.uint64(31))
+
+
+def row_uniform_ints(seed: int, epoch: int, rows: np.ndarray, round_: int,
+                     n: int) -> np.ndarray:
+  """Uniform ints in [0, n) per row: a hash of (seed, epoch, row, round) (the modulo
+  bias is below n / 2^64)."""
+  with np.errstate(over="ignore"):
+    base = _splitmix64(np.uint64(int(seed) & 0xFFFFFFFF) << np.uint64(32)
+                       | np.uint64(int(epoch) & 0xFFFFFFFF))
+    base = _splitmix64(base ^ np.uint64(int(round_)))
+    h = _splitmix64(np.asarray(rows, np.uint64) ^ base)
+  return (h % np.uint64(n)).astype(np.int64)
+
 
 def epoch_batches(sampler: NegativeSampler, train: np.ndarray, batch_size: int,
-                  seed: int, epoch: int) -> dict[str, np.ndarray]:
-  """All BPR batches of one epoch, as fixed-shape arrays.
+                  seed: int, epoch: int, columns: slice | None = None) -> dict[str, np.ndarray]:
+  """The BPR batches of one epoch, as fixed-shape arrays (all columns, or a share).
 
   The train pairs are shuffled, each gets a sampled negative, and the rows are padded
   to a multiple of ``batch_size`` (padding rows repeat row 0 with ``mask`` 0), so every
-  step of a jitted train loop has the same shapes.
+  step of a jitted train loop has the same shapes. Global row ``r`` is step
+  ``r // batch_size``, column ``r % batch_size``.
+
+  Args:
+    columns: the batch columns to build (a process's share of a data-parallel epoch
+      whose columns are split over the data axis); None = all. Only those rows are
+      sampled, with the values the whole epoch gives them.
 
   Returns:
-    {"users", "pos", "neg": int32 (n_batches, batch_size), "mask": float32 (same)}.
+    {"users", "pos", "neg": int32 (n_batches, width), "mask": float32 (same)}, width =
+    batch_size or the number of ``columns``.
   """
   rng = np.random.default_rng((int(seed), int(epoch)))
-  order = rng.permutation(train.shape[0])
-  users = train[order, 0].astype(np.int32)
-  pos = train[order, 1].astype(np.int32)
-  neg = sampler.sample(users, rng)
-  n = users.shape[0]
+  n = train.shape[0]
+  order = rng.permutation(n)
   n_batches = -(-n // batch_size)
-  pad = n_batches * batch_size - n
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-
-  def shaped(x):
-    return np.concatenate([x, np.repeat(x[:1], pad)]).reshape(n_batches, batch_size)
-
-  return {"users": shaped(users), "pos": shaped(pos), "neg": shaped(neg),
-          "mask": mask.reshape(n_batches, batch_size)}
+  cols = np.arange(batch_size)[columns if columns is not None else slice(None)]
+  rows = (np.arange(n_batches)[:, None] * batch_size + cols[None, :]).reshape(-1)
+  real = rows < n
+  src = order[np.where(real, rows, 0)]  # padding rows repeat the epoch's row 0
+  users = train[src, 0].astype(np.int32)
+  pos = train[src, 1].astype(np.int32)
+  neg = sampler.sample_rows(users, np.where(real, rows, 0), seed, epoch)
+  shape = (n_batches, cols.size)
+  return {"users": users.reshape(shape), "pos": pos.reshape(shape),
+          "neg": neg.reshape(shape), "mask": real.astype(np.float32).reshape(shape)}
