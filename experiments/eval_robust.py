@@ -33,7 +33,9 @@ flags.DEFINE_integer("autoattack_per_class", None,
 flags.DEFINE_bool("keep_existing", False,
                   "Keep the attack blocks of the workdir's earlier eval_results.json that "
                   "this run does not recompute (e.g. add AutoAttack to a CW evaluation); "
-                  "refused if the earlier clean accuracy differs.")
+                  "a block is kept only if its stored settings (ε, steps, seed, batch "
+                  "size, test images) equal this run's, otherwise that attack is rerun "
+                  "(a line says so); refused if the earlier clean accuracy differs.")
 flags.DEFINE_integer("apgd_iterations", 100, "APGD iterations (100 = reference).")
 flags.DEFINE_integer("square_queries", 5000, "Square Attack queries (5000 = reference).")
 flags.DEFINE_bool("best", False, "Restore the best checkpoint instead of the latest.")

@@ -118,6 +118,90 @@ class ConvOpsTest(parameterized.TestCase):
                                 atol=1e-4, rtol=1e-4)
 
 
+  @parameterized.parameters(
+      (8, 8, 3, 1, ((1, 1), (1, 1))),
+      (9, 7, 3, 2, ((1, 1), (1, 1))),
+      (8, 8, 1, 2, ((0, 0), (0, 0))),
+      (10, 9, 3, 2, ((0, 1), (1, 0))),
+  )
+  def test_forward_mode_matches_lax(self, h, w, k, s, padding):
+    # jax.jvp in the input, the kernel and both (was: "can't apply forward-mode autodiff
+    # (jvp) to a custom_vjp function"); the rewritten path must be the one taken.
+    keys = jax.random.split(jax.random.key(11), 4)
+    x = jax.random.normal(keys[0], (2, h, w, 3))
+    wt = jax.random.normal(keys[1], (k, k, 3, 4))
+    dx = jax.random.normal(keys[2], x.shape)
+    dw = jax.random.normal(keys[3], wt.shape)
+    ref, new = _both(x, wt, (s, s), padding)
+    self.assertIn("name=_conv_nhwc", str(jax.make_jaxpr(new)(x, wt)))
+    for tangents in ((dx, jnp.zeros_like(wt)), (jnp.zeros_like(x), dw), (dx, dw)):
+      y_ref, t_ref = jax.jvp(ref, (x, wt), tangents)
+      y_new, t_new = jax.jvp(new, (x, wt), tangents)
+      chex.assert_trees_all_close(y_new, y_ref, atol=1e-5, rtol=1e-5)
+      chex.assert_trees_all_close(t_new, t_ref, atol=1e-4, rtol=1e-5)
+    # the input tangent alone (the kernel a constant): a symbolic-zero kernel tangent
+    t_x = jax.jvp(lambda a: new(a, wt), (x,), (dx,))[1]
+    chex.assert_trees_all_close(t_x, jax.jvp(lambda a: ref(a, wt), (x,), (dx,))[1],
+                                atol=1e-4, rtol=1e-5)
+
+  def test_jacfwd_equals_jacrev(self):
+    x = jax.random.normal(jax.random.key(12), (1, 5, 5, 2))
+    wt = jax.random.normal(jax.random.key(13), (3, 3, 2, 2))
+    f = lambda a: jnp.tanh(conv_ops.conv_general_dilated(
+        a, wt, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN)).ravel()
+    chex.assert_trees_all_close(jax.jacfwd(f)(x), jax.jacrev(f)(x), atol=1e-5, rtol=1e-5)
+
+  def test_reverse_mode_input_gradient_is_a_plain_hwio_convolution(self):
+    # The fast path of the module doc: the input gradient's convolution must carry the
+    # standard kernel spec (HWIO) with input dilation = stride, not JAX's swapped-spec
+    # transpose (the slow path inside loops).
+    x = jax.random.normal(jax.random.key(14), (2, 8, 8, 3))
+    wt = jax.random.normal(jax.random.key(15), (3, 3, 3, 4))
+    f = lambda a: jnp.sum(conv_ops.conv_general_dilated(
+        a, wt, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN) ** 2)
+    jaxpr = jax.make_jaxpr(jax.grad(f))(x)
+    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    dilated = [e for e in convs if tuple(e.params["lhs_dilation"]) == (2, 2)]
+    self.assertLen(dilated, 1)
+    self.assertEqual(tuple(dilated[0].params["dimension_numbers"].rhs_spec), (3, 2, 0, 1))
+
+  @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rewrite is CPU-only")
+  def test_forward_mode_through_small_cnn_and_resnet_block(self):
+    def with_lax(module):
+      for _, conv in nnx.iter_graph(module):
+        if isinstance(conv, nnx.Conv):
+          conv.conv_general_dilated = lax.conv_general_dilated
+      return module
+
+    cnn = ic.build_classifier("small_cnn", 5, nnx.Rngs(0), widths=(4, 8))
+    cnn_ref = with_lax(ic.build_classifier("small_cnn", 5, nnx.Rngs(0), widths=(4, 8)))
+    # a downsampling block: 3x3/s2 convs and the 1x1/s2 conv shortcut
+    block = ic.BasicBlock(3, 6, 2, jnp.float32, nnx.Rngs(1))
+    block_ref = with_lax(ic.BasicBlock(3, 6, 2, jnp.float32, nnx.Rngs(1)))
+    x = jax.random.uniform(jax.random.key(16), (2, 8, 8, 3))
+    v = jax.random.normal(jax.random.key(17), x.shape)
+    for name, fn, fn_ref in (
+        ("cnn", lambda z: cnn(z, train=False), lambda z: cnn_ref(z, train=False)),
+        ("block", lambda z: block(z, train=False), lambda z: block_ref(z, train=False))):
+      self.assertIn("name=_conv_nhwc", str(jax.make_jaxpr(fn)(x)), name)
+      y, t = jax.jvp(fn, (x,), (v,))
+      y_ref, t_ref = jax.jvp(fn_ref, (x,), (v,))
+      chex.assert_trees_all_close(y, y_ref, atol=1e-5, rtol=1e-5)
+      chex.assert_trees_all_close(t, t_ref, atol=1e-4, rtol=1e-4)
+      # Central differences (float32). A ReLU kink inside [x - eps v, x + eps v] breaks
+      # the difference quotient, so compare where two step sizes agree (smooth there),
+      # and require that to be nearly every output.
+      fd = [(fn(x + e * v) - fn(x - e * v)) / (2 * e) for e in (1e-3, 5e-4)]
+      tol = 2e-3 * float(jnp.max(jnp.abs(t))) + 2e-4
+      smooth = np.abs(np.asarray(fd[0] - fd[1])) < tol
+      self.assertGreater(smooth.mean(), 0.9, name)
+      np.testing.assert_allclose(np.asarray(t)[smooth], np.asarray(fd[1])[smooth], atol=tol,
+                                 err_msg=name)
+      # and the reverse mode is unchanged: <J v, u> == <v, J^T u>
+      u = jax.random.normal(jax.random.key(18), y.shape)
+      vjp = jax.vjp(fn, x)[1](u)[0]
+      np.testing.assert_allclose(jnp.vdot(t, u), jnp.vdot(v, vjp), rtol=1e-4)
+
 if __name__ == "__main__":
   from absl.testing import absltest
   absltest.main()

@@ -221,3 +221,87 @@ def test_max_pool_2x2_matches_nnx_max_pool_values_and_tie_free_gradients():
   np.testing.assert_array_equal(g_tie, g_tie_ref)
   assert int(jnp.sum(g_tie != 0)) == w.size
   np.testing.assert_array_equal(g_tie[0, :2, :2, 0], jnp.array([[w[0, 0, 0, 0], 0.0], [0.0, 0.0]]))
+
+
+# --- blocks against hand-written references (lax.conv + the layer parameters) ---------
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _ref_conv(conv, x, stride):
+  k = conv.kernel[...]
+  pad = k.shape[0] // 2
+  return jax.lax.conv_general_dilated(x, k, (stride, stride), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=_DN,
+                                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _ref_bn(bn, x):
+  # inference mode: running statistics
+  return ((x - bn.mean[...]) / jnp.sqrt(bn.var[...] + ic.BN_EPSILON) * bn.scale[...]
+          + bn.bias[...])
+
+
+def _randomise(module, seed):
+  """Random BN statistics / affine parameters (so a wrong BN or a dropped branch shows)."""
+  g, state = nnx.split(module)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = []
+  for k, leaf in zip(keys, leaves):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      leaf = 0.5 + jax.random.uniform(k, leaf.shape) if leaf.ndim == 1 else leaf
+    new.append(leaf)
+  return nnx.merge(g, jax.tree.unflatten(tree, new))
+
+
+@pytest.mark.parametrize("in_f,out_f,stride", [(4, 4, 1), (4, 6, 2)])
+def test_basic_block_matches_hand_written_reference(in_f, out_f, stride):
+  block = _randomise(ic.BasicBlock(in_f, out_f, stride, jnp.float32, _rngs(2)), 3)
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8, in_f))
+  h = jax.nn.relu(_ref_bn(block.bn1, _ref_conv(block.conv1, x, stride)))
+  h = _ref_bn(block.bn2, _ref_conv(block.conv2, h, 1))
+  sc = x if stride == 1 and in_f == out_f else _ref_bn(
+      block.shortcut_bn, _ref_conv(block.shortcut_conv, x, stride))
+  ref = jax.nn.relu(h + sc)
+  out = block(x, train=False)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+  # the shortcut really contributes (the reference without it is far off)
+  assert np.abs(np.asarray(jax.nn.relu(h) - out)).max() > 0.1
+
+
+@pytest.mark.parametrize("in_f,out_f,stride", [(4, 4, 1), (4, 6, 2)])
+def test_preact_block_matches_hand_written_reference(in_f, out_f, stride):
+  block = _randomise(ic.PreActBlock(in_f, out_f, stride, jnp.float32, _rngs(5)), 6)
+  x = jax.random.normal(jax.random.key(7), (2, 8, 8, in_f))
+  a = jax.nn.relu(_ref_bn(block.bn1, x))
+  sc = x if stride == 1 and in_f == out_f else _ref_conv(block.shortcut_conv, a, stride)
+  h = jax.nn.relu(_ref_bn(block.bn2, _ref_conv(block.conv1, a, stride)))
+  ref = _ref_conv(block.conv2, h, 1) + sc
+  np.testing.assert_allclose(block(x, train=False), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_wrn_dropout_acts_in_train_mode_only():
+  kw = dict(depth=10, widen_factor=1)
+  with_dropout = ic.build_classifier("wrn34_10", 5, nnx.Rngs(0, dropout=1), dropout=0.5,
+                                     **kw)
+  plain = ic.build_classifier("wrn34_10", 5, nnx.Rngs(0, dropout=1), **kw)
+  # the same weights and statistics in both
+  nnx.update(plain, nnx.state(with_dropout, nnx.Param))
+  g, p, s = ic.split_classifier(with_dropout)
+  g0, p0, s0 = ic.split_classifier(plain)
+  x = _x(4, 8, seed=8)
+  run = jax.jit(lambda g, p, s, x, train: ic.apply_logits(g, p, s, x, train=train),
+                static_argnums=(0, 4))
+  # eval mode: deterministic, and exactly the dropout-free network
+  e1, _ = run(g, p, s, x, False)
+  e2, _ = run(g, p, s, x, False)
+  e0, _ = run(g0, p0, s0, x, False)
+  np.testing.assert_array_equal(e1, e2)
+  np.testing.assert_allclose(e1, e0, rtol=1e-6, atol=1e-6)
+  # train mode: differs from the dropout-free network (same batch statistics), and two
+  # calls with the advanced RNG state differ from each other
+  t1, s1 = run(g, p, s, x, True)
+  t2, _ = run(g, p, s1, x, True)
+  t0, _ = run(g0, p0, s0, x, True)
+  assert np.abs(np.asarray(t1 - t0)).max() > 1e-3
+  assert np.abs(np.asarray(t1 - t2)).max() > 1e-3

@@ -1,4 +1,6 @@
 """Long-tail accuracy blocks and geometry diagnostics on hand-built cases (B.5)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -137,6 +139,17 @@ def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
     assert len(saved[name]["per_class"]) == n_classes
   assert saved["clean"]["overall"] == pytest.approx(1.0)
   assert saved["pgd20"]["overall"] <= 1.0
+  # The saved blocks are the evaluator's numbers on these images: recompute each attack
+  # with a fresh RobustEvaluator (same config, so the same seeded starts).
+  ref_blocks, ref_outcomes = robust_accuracy.evaluate_robustness(
+      logits_fn, images, labels, counts, ["clean", "pgd20", "cw"], config)
+  for name in ("clean", "pgd20", "cw"):
+    for key in ("per_class", "overall", "balanced", "many", "medium", "few", "tail"):
+      assert saved[name][key] == pytest.approx(ref_blocks[name][key]), (name, key)
+    assert saved[name]["n_test"] == len(labels)
+    assert res[name]["overall"] == pytest.approx(ref_outcomes[name].correct.mean())
+  # the attack bites at this budget (so the comparison above is not clean vs clean)
+  assert saved["pgd20"]["overall"] < saved["clean"]["overall"]
   assert saved["etf_distance"] == pytest.approx(geometry.etf_distance(np.asarray(head)), rel=1e-6)
   assert saved["margin_bound"]["adversarial_examples"] == "pgd20"
   assert np.isfinite(saved["nc1"]) and np.isfinite(saved["equiangularity"])
@@ -208,3 +221,58 @@ def test_evaluate_classifier_runs_an_attack_on_its_own_subset(tmp_path):
     evaluate.evaluate_classifier(logits_fn, features_fn, np.asarray(head), images, labels,
                                     counts, ["pgd20"], config, log=lambda s: None,
                                     attack_subsets={"cw": sub})
+
+
+def test_keep_existing_reruns_blocks_computed_under_other_settings(tmp_path):
+  """keep_existing keeps an earlier attack block only when its own settings equal this
+  run's; a block from another ε / step count / seed / test set is rerun (and a line
+  says so), never reported under the new run's settings."""
+  from uatmc_jax.core import reporting
+  from uatmc_jax.longtail.evaluation import evaluate
+
+  n_classes = 4
+  features_fn, logits_fn, head, images, labels = _tiny_classifier(2, 12, n_classes)
+  counts = np.array([300, 60, 15, 5])
+  path = tmp_path / "eval_results.json"
+  run = lambda attacks, config, **kw: evaluate.evaluate_classifier(
+      logits_fn, features_fn, np.asarray(head), images, labels, counts, attacks, config,
+      out_dir=str(tmp_path), **kw)
+  small = robust_accuracy.RobustEvalConfig(epsilon=0.01, step_size=0.005, batch_size=4)
+  run(["pgd20", "cw"], small, log=lambda s: None)
+  first = reporting.read_json(str(path))
+  assert first["cw"]["settings"]["epsilon"] == 0.01
+  assert first["cw"]["settings"]["cw_steps"] == small.cw_steps
+  # Same settings: cw is kept as it was.
+  lines = []
+  run(["pgd20"], small, log=lines.append, keep_existing=True)
+  kept = reporting.read_json(str(path))
+  assert kept["cw"] == first["cw"] and kept["settings"]["kept_from_previous_run"] == ["cw"]
+  assert not any("rerunning" in s for s in lines)
+  # Another ε: the old cw block must not survive; cw is rerun at the new ε.
+  large = robust_accuracy.RobustEvalConfig(epsilon=0.2, step_size=0.05, batch_size=4)
+  lines = []
+  run(["pgd20"], large, log=lines.append, keep_existing=True)
+  after = reporting.read_json(str(path))
+  assert any(s.startswith("keep_existing: cw") and "epsilon 0.01 -> 0.2" in s
+             for s in lines), lines
+  assert after["cw"]["settings"]["epsilon"] == 0.2
+  assert after["settings"]["kept_from_previous_run"] == []
+  fresh_blocks, _ = robust_accuracy.evaluate_robustness(
+      logits_fn, images, labels, counts, ["clean", "cw"], large)
+  assert after["cw"]["per_class"] == fresh_blocks["cw"]["per_class"]
+  assert after["cw"]["overall"] < first["cw"]["overall"]  # the stale block was stronger
+  # Another step count or seed: rerun too.
+  for other in (dataclasses.replace(large, cw_steps=5), dataclasses.replace(large, seed=3)):
+    lines = []
+    run(["pgd20"], other, log=lines.append, keep_existing=True)
+    assert any(s.startswith("keep_existing: cw") for s in lines), lines
+    assert reporting.read_json(str(path))["cw"]["settings"]["cw_steps"] == other.cw_steps
+    assert reporting.read_json(str(path))["cw"]["settings"]["seed"] == other.seed
+  # A block written without per-block settings (an older file) is rerun, not kept.
+  old = reporting.read_json(str(path))
+  del old["cw"]["settings"]
+  reporting.write_json(str(path), old)
+  lines = []
+  run(["pgd20"], other, log=lines.append, keep_existing=True)
+  assert any("records no settings" in s for s in lines), lines
+  assert "settings" in reporting.read_json(str(path))["cw"]

@@ -38,6 +38,10 @@ Arguments (``k=v`` joined by ``,``):
     small_cnn only).
   compute_dtype: float32 | bfloat16 (bf16 convolutions on GPU/TPU; parameters, BN
     statistics and optimiser state stay float32). mesh_data: data-axis devices (-1 = all).
+  matmul_precision: default | high | highest (default "default": the backend's choice,
+    e.g. TF32 matmuls/convolutions on recent NVIDIA GPUs, exact float32 on CPU): the
+    training step's float32 matmul precision. Evaluation (the test / monitor PGD and
+    eval_robust's attacks) always runs at "highest" (uatmc_jax.core.parallel.precision).
   epochs, batch_size, lr, schedule (cosine | step), warmup_epochs (linear warm-up, may
     be fractional; 0), weight_decay, pgd_steps (training), pgd_step_size (training PGD
     step, 2/255), eval_pgd_steps (20).
@@ -69,7 +73,8 @@ DEFAULTS = dict(
     manifold_refresh="every_step", manifold_warmup_epochs=None, manifold_fit_steps=1,
     manifold_lr=1e-3, test_per_class=None, monitor_every=0, monitor_per_class=20,
     monitor_pgd_steps=10, seed=0, data_seed=0, eval_robust="", cache_dir=None,
-    widths=None, compute_dtype="float32", mesh_data=-1, runlocal=False)
+    widths=None, compute_dtype="float32", matmul_precision="default", mesh_data=-1,
+    runlocal=False)
 
 # B.4's paper settings, by name: ResNet-18 (CIFAR stem), 200 epochs, cosine, SGD 0.9,
 # wd 5e-4, batch 128, lr 0.1, PGD-10 train (step 2/255) / PGD-20 eval. GPU scale.

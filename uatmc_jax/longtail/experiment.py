@@ -85,7 +85,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       manifold_warmup_epochs=int(cfg.manifold_warmup_epochs),
       manifold_fit_steps=int(cfg.manifold_fit_steps),
       manifold_learning_rate=float(cfg.manifold_lr), seed=int(cfg.seed),
-      compute_dtype=str(cfg.compute_dtype))
+      compute_dtype=str(cfg.compute_dtype),
+      matmul_precision=str(cfg.get("matmul_precision", "default")))
   batch_size = min(config.batch_size, len(train))
   pipe = TrainPipeline(train.images, train.labels, batch_size=batch_size,
                        seed=int(cfg.seed))

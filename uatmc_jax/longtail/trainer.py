@@ -17,7 +17,13 @@ their combinations) runs through ``LongTailTrainer``:
   sharded over the ``data`` axis of the mesh, the state replicated (BN statistics are
   then global-batch statistics, so results do not depend on the device count);
 * orbax checkpoints every epoch (``CheckpointStore``) and resume; every random draw
-  comes from ``(seed, epoch, step)``, so a resumed run equals an uninterrupted one.
+  comes from ``(seed, epoch, step)``, so a resumed run equals an uninterrupted one. The
+  checkpoints carry the run's config as a fingerprint: a workdir whose checkpoints come
+  from another config (or are corrupt) is refused with a ConfigError;
+* no host sync per step: the step metrics stay on device and are fetched once per
+  epoch, and the next batch is copied to the devices while the current step runs;
+* the step's float32 matmuls run at ``matmul_precision`` (default: the backend's
+  choice); the test / monitor evaluation at "highest" (``core.parallel.precision``).
 """
 from __future__ import annotations
 
@@ -83,8 +89,13 @@ class LongTailTrainConfig:
   # float32 | bfloat16: the model's compute dtype (params, BN statistics and optimiser
   # state stay float32); see uatmc_jax.core.parallel.precision.
   compute_dtype: str = "float32"
+  # Matmul / convolution precision of the training step's float32 ops
+  # (precision.MATMUL_PRECISIONS: default | high | highest; "default" = the backend's
+  # choice, e.g. TF32 on recent NVIDIA GPUs). Evaluation always runs at "highest".
+  matmul_precision: str = precision.DEFAULT_TRAIN_MATMUL_PRECISION
 
   def validate(self) -> None:
+    precision.check_matmul_precision(self.matmul_precision)
     if self.schedule not in ("cosine", "step"):
       raise ConfigError(f"schedule: expected cosine|step, got {self.schedule!r}")
     if self.manifold_refresh not in ("every_step", "frozen"):
@@ -277,10 +288,21 @@ class LongTailTrainer:
     method's loss parts) and ``metrics["per_class"]``, the (C,) int counts
     ``adv_correct`` / ``seen`` of the batch's labels.
     """
+    with precision.matmul_precision(self.config.matmul_precision):
+      return self._step_fn(flags)(state, batch, key)
+
+  def _step_fn(self, flags: StepFlags):
     if flags not in self._steps:
       self._steps[flags] = jax.jit(functools.partial(self._train_step, flags=flags),
                                    donate_argnums=(0,))
-    return self._steps[flags](state, batch, key)
+    return self._steps[flags]
+
+  def lower_train_step(self, state: dict, batch: dict, key: jax.Array, *,
+                       flags: StepFlags):
+    """The lowered (not compiled, not run) step as ``train_step`` runs it (its text
+    shows the matmul precision)."""
+    with precision.matmul_precision(self.config.matmul_precision):
+      return self._step_fn(flags).lower(state, batch, key)
 
   # --- evaluation -----------------------------------------------------------------------
   def inference_logits(self, params, batch_stats, x):
@@ -313,8 +335,9 @@ class LongTailTrainer:
       # Multi-process: predictions, labels and mask of the *global* batch on every process.
       labels, mask = multihost.gather_process_local((batch["label"], batch["mask"]))
       for name, steps in (("clean", 0), (f"pgd{pgd_steps}", pgd_steps)):
-        pred = multihost.to_host(self._eval_fn(state["params"], state["batch_stats"],
-                                               dev["image"], dev["label"], key, steps))
+        with precision.evaluation_precision():
+          pred = multihost.to_host(self._eval_fn(state["params"], state["batch_stats"],
+                                                 dev["image"], dev["label"], key, steps))
         ok, tot = class_accuracy.per_class_counts(pred, labels, mask, c)
         correct[name] += ok
       total += tot
@@ -326,12 +349,17 @@ class LongTailTrainer:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed + 1), epoch),
                               step)
 
-  def save_config(self, workdir: str) -> None:
-    info = {"config": dataclasses.asdict(self.config),
+  def run_info(self) -> dict:
+    """Everything the trained state depends on (trainer_config.json; also the
+    checkpoints' fingerprint, so a checkpoint of another config is refused)."""
+    return {"config": dataclasses.asdict(self.config),
             "method": dataclasses.asdict(self.method),
             "num_classes": self.num_classes,
             "class_counts": self.class_counts.tolist(),
             "model_kwargs": self.model_kwargs()}
+
+  def save_config(self, workdir: str) -> None:
+    info = self.run_info()
     os.makedirs(workdir, exist_ok=True)
     if mesh_lib.is_primary_process():
       with open(os.path.join(workdir, TRAINER_CONFIG_FILE), "w") as f:
@@ -363,11 +391,15 @@ class LongTailTrainer:
     clean and under PGD-``monitor_pgd_steps``: ``monitor/clean/*``,
     ``monitor/pgd<k>/*`` (same keys); ``info["monitor"]`` holds the history.
     """
-    self.save_config(workdir)
-    store = CheckpointStore(os.path.join(workdir, "checkpoints"))
+    store = CheckpointStore(os.path.join(workdir, "checkpoints"),
+                            fingerprint=dict(self.run_info(),
+                                             steps_per_epoch=self.steps_per_epoch))
     state = self.init_state()
     start_epoch, train_seconds = 0, 0.0
+    # Refused (ConfigError) before trainer_config.json is overwritten: a checkpoint of
+    # another config, or a corrupt one.
     restored = store.restore_latest(state)
+    self.save_config(workdir)
     if restored is not None:
       state, meta = restored
       start_epoch, train_seconds = meta["epoch"] + 1, meta["train_seconds"]
@@ -384,20 +416,16 @@ class LongTailTrainer:
     for epoch in range(start_epoch, epochs):
       flags = self.step_flags(epoch)
       t0 = time.perf_counter()
-      sums: dict[str, float] = {}
-      class_sums = {"adv_correct": 0, "seen": 0}
-      n = 0
-      for step, batch in enumerate(pipeline.epoch(epoch)):
-        dev = mesh_lib.shard_batch(batch, self.mesh)
+      # No host sync per step: the step metrics stay on device and are fetched once at
+      # the epoch's end (a progress line reads its two scalars only when it prints),
+      # and the next batch is copied to the devices while the current step runs.
+      step_metrics = []
+      for step, dev in enumerate(self._device_batches(pipeline.epoch(epoch))):
         state, metrics = self.train_step(state, dev, self.step_key(epoch, step), flags=flags)
-        per_class = multihost.to_host(metrics.pop("per_class"))
-        for k in class_sums:
-          class_sums[k] = class_sums[k] + np.asarray(per_class[k], np.int64)
-        for k, v in metrics.items():
-          sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-        progress.update(epoch * spe + step + 1, epoch, loss=float(metrics["loss"]),
-                        adv_train_acc=float(metrics["adv_train_acc"]))
+        step_metrics.append(metrics)
+        progress.update(epoch * spe + step + 1, epoch, loss=_OnPrint(metrics["loss"]),
+                        adv_train_acc=_OnPrint(metrics["adv_train_acc"]))
+      sums, class_sums, n = _epoch_sums(multihost.to_host(step_metrics))
       seconds = time.perf_counter() - t0
       train_seconds += seconds
       metrics_hist = {k: v / max(n, 1) for k, v in sums.items()}
@@ -430,6 +458,47 @@ class LongTailTrainer:
     store.close()
     return state, {"train_seconds": train_seconds, "last_epoch_metrics": metrics_hist,
                    "monitor": monitor_hist}
+
+
+  def _device_batches(self, host_batches):
+    """Host batches -> batches on the mesh, one ahead: batch i+1's copy is issued
+    before batch i is handed out, so it overlaps step i's compute."""
+    it = iter(host_batches)
+    first = next(it, None)
+    if first is None:
+      return
+    ahead = mesh_lib.shard_batch(first, self.mesh)
+    for batch in it:
+      current, ahead = ahead, mesh_lib.shard_batch(batch, self.mesh)
+      yield current
+    yield ahead
+
+
+class _OnPrint:
+  """A device scalar formatted (and so fetched) only when a progress line prints it."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def __format__(self, spec: str) -> str:
+    return format(float(self.value), spec or ".4f")
+
+  __str__ = lambda self: format(self, ".4f")
+
+
+def _epoch_sums(step_metrics: list) -> tuple[dict, dict, int]:
+  """Per-step host metrics -> (sum of each scalar, per-class count sums, steps), summed
+  in the order of the steps (float64 sums of the float32 step values)."""
+  sums: dict[str, float] = {}
+  class_sums = {"adv_correct": 0, "seen": 0}
+  for metrics in step_metrics:
+    metrics = dict(metrics)
+    per_class = metrics.pop("per_class")
+    for k in class_sums:
+      class_sums[k] = class_sums[k] + np.asarray(per_class[k], np.int64)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return sums, class_sums, len(step_metrics)
 
 
 def group_scalars(prefix: str, block: dict) -> dict[str, float]:

@@ -5,12 +5,17 @@ pgd20 (CE, step 2/255, random start), cw (CW margin loss, 30 steps), autoattack
 (standard: APGD-CE, APGD-T, FAB-T, Square 5000), autoattack_apgd (the cheaper APGD-CE +
 APGD-T subset). ε = 8/255 by default. ``autoattack_per_class=k`` runs the AutoAttack
 variants on a smaller seeded subsample (k per class) and the other attacks on the full
-test set; each block records n_test. ``keep_existing`` adds to an earlier
-eval_results.json instead of replacing it.
+test set; each block records n_test and its own ``settings`` (the attack's budget and
+seed, the batch size, and fingerprints of the images it ran on and of the run's test
+set). ``keep_existing`` adds to an earlier eval_results.json instead of replacing it:
+an earlier block is kept only when its own settings equal this run's for that attack;
+otherwise (or when it records none) the attack is rerun under this run's settings and a
+line says so.
 
 Writes into the workdir (process 0 only):
   eval_results.json  {"clean" | <attack>: {"per_class", "overall", "balanced",
-                      "many", "medium", "few", "tail", "seconds"}, "nc1",
+                      "many", "medium", "few", "tail", "seconds", "n_test",
+                      "settings"}, "nc1",
                       "equiangularity", "etf_distance", "margin_bound", "settings"}
   eval_results.md    the Markdown table
   per_class_robust_accuracy.png  per-class accuracy under each attack, classes sorted
@@ -30,10 +35,13 @@ and each AutoAttack stage only the points still robust. Geometry is measured on 
 test set's penultimate features (NC1, equiangularity), the classifier rows (ETF
 distance) and, for the Theorem-1 bound, on clean vs PGD-20 examples.
 ``evaluate_classifier`` is the same pipeline for any pure ``logits_fn`` /
-``features_fn`` / W.
+``features_fn`` / W. Every attack and feature program runs with float32 matmuls /
+convolutions at full precision (``precision.evaluation_precision``, "highest"), also
+when the model was trained at "default" (TF32 on recent NVIDIA GPUs).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -54,8 +62,10 @@ def batched_features(features_fn, images: np.ndarray, batch_size: int,
                      mesh=None) -> np.ndarray:
   """φ(x) for (N, ...) images in fixed-size jitted batches (split over ``mesh``)."""
   from uatmc_jax.longtail.attacks import batching
+  from uatmc_jax.core.parallel import precision
   fn = batching.on_mesh(jax.jit(lambda x, _: (features_fn(x),)), mesh, 1)
-  (out,) = batching.map_in_fixed_batches(fn, [images], batch_size)
+  with precision.evaluation_precision():
+    (out,) = batching.map_in_fixed_batches(fn, [images], batch_size)
   return out
 
 
@@ -96,6 +106,82 @@ def markdown_report(blocks: Dict[str, dict], results: dict) -> str:
   return "\n".join(lines)
 
 
+# The RobustEvalConfig fields each attack's numbers depend on (besides the images).
+_ATTACK_FIELDS = {
+    "clean": (),
+    "pgd20": ("epsilon", "step_size", "pgd_steps", "seed", "batch_size"),
+    "cw": ("epsilon", "step_size", "cw_steps", "seed", "batch_size"),
+    "autoattack": ("epsilon", "apgd_iterations", "fab_iterations", "square_queries",
+                   "n_target_classes", "seed", "batch_size"),
+    "autoattack_apgd": ("epsilon", "apgd_iterations", "n_target_classes", "seed",
+                        "batch_size"),
+}
+
+
+def images_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+  """A short content hash of (images, labels): which test points a block ran on."""
+  h = hashlib.sha1()
+  for a in (np.ascontiguousarray(np.asarray(images, np.float32)),
+            np.ascontiguousarray(np.asarray(labels, np.int64))):
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def block_settings(config: robust_accuracy.RobustEvalConfig, attack: str, *,
+                   images_fp: str, test_set_fp: str, n_test: int) -> dict:
+  """The settings one attack block was computed under (stored with the block)."""
+  out = {k: getattr(config, k) for k in _ATTACK_FIELDS[attack]}
+  out.update(images=images_fp, test_set=test_set_fp, n_test=int(n_test))
+  return out
+
+
+def _settings_diff(old: Optional[dict], new: dict) -> str:
+  if not isinstance(old, dict):
+    return "it records no settings"
+  diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new
+           if k != "images" and old.get(k) != new[k]]
+  return ", ".join(diffs)
+
+
+def _plan_keep_existing(path: str, attacks: Sequence[str], config, test_set_fp: str,
+                        subset_fps: Mapping[str, str], n_tests: Mapping[str, int],
+                        log: Callable[[str], None]) -> tuple[dict, list]:
+  """Which blocks of an earlier eval_results.json can be kept, and which attacks this
+  run must redo because their stored settings differ from this run's.
+
+  A block is kept only when its own settings (attack budget, seed, batch size, the test
+  set it was drawn from and, when this run gives that attack its own subset, that
+  subset) equal this run's; a block on a seeded subset of the same test set is kept as
+  such. Returns ({name: old block}, [attacks to rerun])."""
+  if not os.path.exists(path):
+    return {}, []
+  old = reporting.read_json(path)
+  kept, rerun = {}, []
+  for name, block in old.items():
+    if (name not in _ATTACK_FIELDS or name == "clean" or name in attacks
+        or not isinstance(block, dict) or "per_class" not in block):
+      continue
+    old_settings = block.get("settings")
+    want = block_settings(config, name, images_fp="", test_set_fp=test_set_fp,
+                          n_test=n_tests.get(name, 0))
+    same = isinstance(old_settings, dict) and all(
+        old_settings.get(k) == v for k, v in want.items() if k not in ("images", "n_test"))
+    if same and name in subset_fps:
+      same = old_settings.get("images") == subset_fps[name]
+    if same:
+      kept[name] = block
+      companion = f"clean_{name}_subset"
+      if isinstance(old.get(companion), dict):
+        kept[companion] = old[companion]
+    else:
+      diff = _settings_diff(old_settings, {k: v for k, v in want.items() if k != "n_test"})
+      log(f"keep_existing: {name} in {path} was computed under other settings "
+          f"({diff}); rerunning it under this run's settings")
+      rerun.append(name)
+  return kept, rerun
+
+
 def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.ndarray,
                         images: np.ndarray, labels: np.ndarray, train_counts: np.ndarray,
                         attacks: Sequence[str], config: robust_accuracy.RobustEvalConfig,
@@ -117,21 +203,35 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
                         f"{robust_accuracy.ATTACK_NAMES[1:]}")
   attack_subsets = dict(attack_subsets or {})
   for a in attack_subsets:
-    if a not in attacks:
+    if a not in attacks and not keep_existing:
       raise ConfigError(f"attack_subsets: {a!r} is not among the attacks {list(attacks)}")
+  test_set_fp = images_fingerprint(images, labels)
+  subset_fps = {a: images_fingerprint(*sub) for a, sub in attack_subsets.items()}
+  kept_blocks: dict = {}
+  if keep_existing and out_dir is not None:
+    kept_blocks, rerun = _plan_keep_existing(
+        os.path.join(out_dir, "eval_results.json"), attacks, config, test_set_fp,
+        subset_fps, {a: len(sub[1]) for a, sub in attack_subsets.items()}, log)
+    attacks = list(attacks) + rerun
+  # A subset given for an attack that is neither run nor rerun is not used.
+  attack_subsets = {a: sub for a, sub in attack_subsets.items() if a in attacks}
   names = ["clean"] + [a for a in attacks if a != "clean" and a not in attack_subsets]
   evaluator = evaluator or robust_accuracy.RobustEvaluator(logits_fn, config, mesh=mesh)
   blocks, outcomes = robust_accuracy.evaluate_robustness(
       logits_fn, images, labels, train_counts, names, config, log=log, mesh=mesh,
       evaluator=evaluator)
-  for block in blocks.values():
+  for name, block in blocks.items():
     block["n_test"] = int(len(labels))
+    block["settings"] = block_settings(config, name, images_fp=test_set_fp,
+                                       test_set_fp=test_set_fp, n_test=len(labels))
   for a, (sub_images, sub_labels) in attack_subsets.items():
     sub_blocks, sub_outcomes = robust_accuracy.evaluate_robustness(
         logits_fn, sub_images, sub_labels, train_counts, ["clean", a], config, log=log,
         mesh=mesh, evaluator=evaluator)
-    for block in sub_blocks.values():
+    for name, block in sub_blocks.items():
       block["n_test"] = int(len(sub_labels))
+      block["settings"] = block_settings(config, name, images_fp=subset_fps[a],
+                                         test_set_fp=test_set_fp, n_test=len(sub_labels))
     blocks[a], outcomes[a] = sub_blocks[a], sub_outcomes[a]
     blocks[f"clean_{a}_subset"] = sub_blocks["clean"]
   num_classes = len(train_counts)
@@ -163,7 +263,8 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
       "geometry_features": "test set", "device": jax.devices()[0].platform,
       "devices": 1 if mesh is None else int(mesh.size), "processes": jax.process_count()}
   if keep_existing and out_dir is not None:
-    _carry_over_existing(os.path.join(out_dir, "eval_results.json"), blocks, results)
+    _carry_over_existing(os.path.join(out_dir, "eval_results.json"), blocks, results,
+                         kept_blocks)
   if out_dir is not None and jax.process_index() == 0:
     reporting.write_json(os.path.join(out_dir, "eval_results.json"), results)
     md = markdown_report(blocks, results)
@@ -175,8 +276,8 @@ def evaluate_classifier(logits_fn: Callable, features_fn: Callable, weight: np.n
   return results
 
 
-def _carry_over_existing(path: str, blocks: dict, results: dict) -> None:
-  """Adds the attack blocks of an earlier eval_results.json that this run did not redo.
+def _carry_over_existing(path: str, blocks: dict, results: dict, kept_blocks: dict) -> None:
+  """Adds the earlier blocks that ``_plan_keep_existing`` found compatible.
 
   Only if the earlier clean block is this run's (same images and model), else the
   numbers would mix two evaluations."""
@@ -189,10 +290,9 @@ def _carry_over_existing(path: str, blocks: dict, results: dict) -> None:
   if not same:
     raise ConfigError(f"{path}: its clean accuracy differs from this evaluation's (another "
                       f"model or other test images); rerun without --keep_existing")
-  kept = [n for n, b in old.items() if n not in blocks and isinstance(b, dict)
-          and "per_class" in b]
+  kept = [n for n in kept_blocks if n not in blocks]
   for n in kept:
-    blocks[n] = results[n] = old[n]
+    blocks[n] = results[n] = kept_blocks[n]
   results["settings"]["n_test_per_attack"] = {
       n: b.get("n_test") for n, b in blocks.items()}
   results["settings"]["kept_from_previous_run"] = kept
@@ -261,6 +361,15 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
                         f"--attacks (got {list(attacks)})")
     sub_images, sub_labels, _ = load_test_set(run, autoattack_per_class)
     attack_subsets = {a: (sub_images, sub_labels) for a in aa}
+  elif keep_existing and os.path.exists(os.path.join(workdir, "eval_results.json")):
+    # An earlier AutoAttack block on a seeded k-per-class subsample: if it has to be
+    # rerun (other settings), rerun it on the same subsample, not on the full test set.
+    old = reporting.read_json(os.path.join(workdir, "eval_results.json"))
+    for a in ("autoattack", "autoattack_apgd"):
+      n_old = (old.get(a) or {}).get("n_test") if isinstance(old.get(a), dict) else None
+      if a not in attacks and n_old and n_old < len(labels) and class_names:
+        sub_images, sub_labels, _ = load_test_set(run, int(n_old) // len(class_names))
+        attack_subsets[a] = (sub_images, sub_labels)
   config = robust_accuracy.RobustEvalConfig(
       epsilon=epsilon, step_size=step_size, batch_size=batch_size, seed=seed,
       apgd_iterations=apgd_iterations, square_queries=square_queries)

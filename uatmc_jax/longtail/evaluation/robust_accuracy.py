@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uatmc_jax.core.parallel import precision
 from uatmc_jax.longtail.attacks import autoattack
 from uatmc_jax.longtail.attacks import batching
 from uatmc_jax.longtail.attacks import pgd_attacks
@@ -91,6 +92,8 @@ class RobustEvaluator:
           key=jax.random.fold_in(jax.random.fold_in(base_key, 1), batch_index))
       return xa, jnp.argmax(logits_fn(xa), -1) == y
 
+    # The un-meshed batch programs, for ``lower`` (the same functions run wraps).
+    self._programs = {"clean": (predict, 2), "pgd20": (pgd, 3), "cw": (cw, 3)}
     # One trace per attack whatever the number of batches (tests assert it).
     self.trace_counts: dict = {}
     self._batch_fns = {"clean": batching.on_mesh(
@@ -111,11 +114,27 @@ class RobustEvaluator:
     return self.autoattack.local_rows + sum(getattr(f, "local_rows", 0)
                                             for f in self._batch_fns.values())
 
+  def lower(self, attack: str, images: np.ndarray, labels: np.ndarray):
+    """The lowered (not compiled) batch program of ``clean`` / ``pgd20`` / ``cw`` on one
+    batch, under the precision ``run`` uses (its text shows the matmul precision)."""
+    fn, n_data = self._programs[attack]
+    args = [jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)]
+    args += [jnp.zeros(len(labels), jnp.int32)] * (n_data - 2) + [jnp.int32(0)]
+    with precision.evaluation_precision():
+      return jax.jit(fn).lower(*args)
+
   def run(self, attack: str, images: np.ndarray, labels: np.ndarray,
           log: Optional[Callable[[str], None]] = None) -> AttackOutcome:
-    """Attacks (N, H, W, C) images in [0, 1]; returns per-example correctness."""
+    """Attacks (N, H, W, C) images in [0, 1]; returns per-example correctness.
+
+    Every program runs with float32 matmuls / convolutions at full precision
+    (``precision.evaluation_precision``: "highest"), whatever the training used."""
     if attack not in ATTACK_NAMES:
       raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACK_NAMES}")
+    with precision.evaluation_precision():
+      return self._run(attack, images, labels, log)
+
+  def _run(self, attack, images, labels, log) -> AttackOutcome:
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
     start = time.time()

@@ -8,12 +8,18 @@ out of the body and the loop's convolutions then run on a slow path: on the 2-co
 EPYC, a PGD-10 input-gradient loop of ``SmallCNN(16, 32, 64, 128)`` at batch 128 took
 2.98 s as a loop vs 0.70 s fully unrolled (one thread, jax 0.10.2; docs/design.md, XLA:CPU pitfalls).
 
-The fix is a ``custom_vjp`` whose backward pass writes the input gradient as an ordinary
+The fix is a ``custom_jvp`` whose tangent in the input is the same convolution written
+with the kernel pre-transposed (``HWOI`` array) and the kernel dimension numbers swapped
+accordingly. JAX's transpose of that tangent (reverse mode is linearise + transpose)
+swaps the dimension numbers back, so the input gradient comes out as an ordinary
 ``HWIO`` convolution of the cotangent with an explicitly flipped, ``I<->O``-transposed
 kernel (input dilation = the forward stride, padding ``k - 1 - lo`` / the remainder),
 which XLA keeps on its fast path in and out of loops (the same loop: 0.62 s). The
-kernel gradient is JAX's own rule. Values equal ``lax.conv_general_dilated``'s gradients
-up to float rounding (tests/test_conv_ops.py). Cases outside the rewrite (dilations,
+kernel's tangent is the plain convolution, so the kernel gradient is JAX's own rule.
+Being a ``custom_jvp`` (not a ``custom_vjp``), the rule serves both modes: ``jax.jvp``,
+``jacfwd`` and forward-over-reverse work through every model that uses it. Values
+equal ``lax.conv_general_dilated``'s values, gradients and directional derivatives up
+to float rounding (tests/test_conv_ops.py). Cases outside the rewrite (dilations,
 grouped convolutions, other layouts, padding wider than the kernel) call
 ``lax.conv_general_dilated`` unchanged.
 
@@ -82,30 +88,33 @@ def _plain(x, w, strides, pads, precision):
                                   precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+# The input tangent's kernel is an ``HWOI`` array: spatial dims 0, 1, output features at
+# 2, input features at 3. JAX's transpose rule swaps the rhs spec's I and O entries, so the
+# transposed (input-gradient) convolution sees the standard ``HWIO`` spec.
+_NHWC_HWOI = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 1),
+                                      out_spec=(0, 3, 1, 2))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _conv_nhwc(x, w, strides, pads, precision):
   return _plain(x, w, strides, pads, precision)
 
 
-def _conv_fwd(x, w, strides, pads, precision):
-  return _plain(x, w, strides, pads, precision), (x, w)
-
-
-def _input_grad_pads(in_size: int, out_size: int, k: int, s: int, lo: int):
-  lo_t = k - 1 - lo
-  hi_t = in_size + k - 2 - (out_size - 1) * s - lo_t
-  return lo_t, hi_t
-
-
-def _conv_bwd(strides, pads, precision, res, g):
-  x, w = res
-  w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
-  pads_t = tuple(_input_grad_pads(x.shape[1 + d], g.shape[1 + d], w.shape[d], strides[d],
-                                  pads[d][0]) for d in range(2))
-  dx = lax.conv_general_dilated(g, w_t, (1, 1), pads_t, lhs_dilation=strides,
-                                dimension_numbers=_NHWC, precision=precision)
-  dw = jax.vjp(lambda w_: _plain(x, w_, strides, pads, precision), w)[1](g)[0]
-  return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-_conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
+@functools.partial(_conv_nhwc.defjvp, symbolic_zeros=True)
+def _conv_jvp(strides, pads, precision, primals, tangents):
+  x, w = primals
+  x_dot, w_dot = tangents
+  y = _plain(x, w, strides, pads, precision)
+  zero = jax.custom_derivatives.SymbolicZero
+  terms = []
+  if not isinstance(x_dot, zero):
+    # The same linear map as _plain(x_dot, w); only its transpose's layout differs.
+    w_oi = jnp.transpose(w, (0, 1, 3, 2))
+    terms.append(lax.conv_general_dilated(x_dot, w_oi, strides, pads,
+                                          dimension_numbers=_NHWC_HWOI, precision=precision))
+  if not isinstance(w_dot, zero):
+    terms.append(_plain(x, w_dot, strides, pads, precision))
+  if not terms:
+    return y, jnp.zeros_like(y)
+  t = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+  return y, t.astype(y.dtype)

@@ -353,21 +353,9 @@ def _window(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c)
 
 
-@jax.custom_vjp
-def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
-  return _window(x).max(axis=(2, 4))
-
-
-def _max_pool_2x2_fwd(x):
-  y = _max_pool_2x2_even(x)
-  return y, (x, y)
-
-
-def _max_pool_2x2_bwd(res, g):
-  # Route each window's cotangent to its FIRST maximal element in row-major window
-  # order -- exactly select-and-scatter's choice (XLA's `ge` select keeps the first
-  # max) -- so gradients equal nnx.max_pool's bit for bit, ties included.
-  x, y = res
+def _first_max_mask(x: jax.Array, y: jax.Array) -> jax.Array:
+  """(b, h/2, 2, w/2, 2, c) bool: each window's FIRST maximal element in row-major window
+  order -- exactly select-and-scatter's choice (XLA's `ge` select keeps the first max)."""
   hit = _window(x) == y[:, :, None, :, None, :]
   taken = jnp.zeros_like(y, dtype=bool)
   rows = []
@@ -376,20 +364,34 @@ def _max_pool_2x2_bwd(res, g):
     for j in range(2):
       first = hit[:, :, i, :, j, :] & ~taken
       taken = taken | first
-      cols.append(jnp.where(first, g, jnp.zeros_like(g)))
+      cols.append(first)
     rows.append(jnp.stack(cols, axis=3))  # (b, h/2, w/2, 2, c)
-  grad = jnp.stack(rows, axis=2)  # (b, h/2, 2, w/2, 2, c)
-  return (grad.reshape(x.shape),)
+  return jnp.stack(rows, axis=2)  # (b, h/2, 2, w/2, 2, c)
 
 
-_max_pool_2x2_even.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+@jax.custom_jvp
+def _max_pool_2x2_even(x: jax.Array) -> jax.Array:
+  return _window(x).max(axis=(2, 4))
+
+
+@_max_pool_2x2_even.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+  # The tangent is the tangent of each window's first maximal element; its transpose
+  # (reverse mode) routes each window's cotangent to that element only, so gradients
+  # equal nnx.max_pool's bit for bit, ties included.
+  (x,), (x_dot,) = primals, tangents
+  y = _max_pool_2x2_even(x)
+  mask = _first_max_mask(x, y)
+  t = jnp.sum(jnp.where(mask, _window(x_dot), jnp.zeros((), x_dot.dtype)), axis=(2, 4))
+  return y, t
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2 on NHWC ``x``: ``nnx.max_pool(x, (2, 2), strides=(2, 2))``
   without XLA's select-and-scatter backward, which is slow on CPU.
 
-  Forward: a reshape + max (same values, VALID padding). Backward (custom VJP): each
+  Forward: a reshape + max (same values, VALID padding). Derivative (a custom JVP, so
+  forward and reverse mode both work; reverse mode is its transpose): each
   window's cotangent goes to its first maximal element in row-major window order, the
   element select-and-scatter picks, so gradients equal ``nnx.max_pool``'s exactly, ties
   included (a plain ``jnp.max`` gradient would split ties, which changes PGD's sign steps
