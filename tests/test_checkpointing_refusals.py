@@ -84,3 +84,25 @@ def test_best_is_written_before_the_epoch_checkpoint(tmp_path, monkeypatch):
   store.save(0, _state(), {"epoch": 0}, is_best=True)
   assert order == ["best", "latest"]
   store.close()
+
+
+def test_manifest_digests_read_remote_trees_like_local_ones(tmp_path, monkeypatch):
+  """The corruption manifest walks a remote (gs://) tree as it walks a local one: epath,
+  no os.walk / abspath (an in-memory filesystem stands in for GCS)."""
+  from etils import epath
+  from etils.epath import backend
+  from fsspec.implementations.memory import MemoryFileSystem
+  from uatmc_jax.core import checkpointing
+
+  files = {"a.bin": b"\x00\x01" * 1000, "d/b.json": b'{"x": 1}', "d/e/c": b""}
+  for name, data in files.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(data)
+  mem = MemoryFileSystem()
+  monkeypatch.setattr(backend._FileSystemSpecBackend, "fs", lambda self, path: mem)
+  for name, data in files.items():
+    mem.pipe(f"gs://bucket/ck/{name}", data)
+  local = checkpointing._file_digests(epath.Path(tmp_path))
+  remote = checkpointing._file_digests(epath.Path("gs://bucket/ck"))
+  assert local == remote and sorted(local) == sorted(files)
+  assert local["a.bin"][0] == 2000

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from uatmc_jax.core.errors import ConfigError
 
@@ -53,11 +54,12 @@ class CheckpointStore:
 
   def __init__(self, directory: str, max_to_keep: int = 2,
                fingerprint: Mapping[str, Any] | None = None):
-    self.directory = os.path.abspath(directory)
+    # Remote directories (``gs://...``) are kept as given; local ones made absolute.
+    self.directory = str(directory) if "://" in str(directory) else os.path.abspath(directory)
     # Normalised through JSON so tuples/lists and numpy scalars compare as stored.
     self.fingerprint = (None if fingerprint is None
                         else json.loads(json.dumps(dict(fingerprint), default=str)))
-    os.makedirs(self.directory, exist_ok=True)
+    epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     # Handlers given up front, so the stored array metadata (shapes) can be read before
     # any restore (the shape check below).
@@ -90,30 +92,30 @@ class CheckpointStore:
     self._write_manifest(self._latest, "latest", epoch)
 
   # -- file manifests (corruption check) ---------------------------------------
-  def _manifest_path(self, kind: str, step: int) -> str:
-    return os.path.join(self.directory, "manifests", f"{kind}_{step}.json")
+  def _manifest_path(self, kind: str, step: int) -> epath.Path:
+    return epath.Path(self.directory) / "manifests" / f"{kind}_{step}.json"
 
   def _write_manifest(self, manager, kind: str, step: int) -> None:
     """Size and SHA-1 of every file of the step's checkpoint (process 0 writes it)."""
     if jax.process_index() != 0:
       return
-    os.makedirs(os.path.join(self.directory, "manifests"), exist_ok=True)
+    folder = epath.Path(self.directory) / "manifests"
+    folder.mkdir(parents=True, exist_ok=True)
     path = self._manifest_path(kind, step)
-    with open(path + ".tmp", "w") as f:
-      json.dump(_file_digests(os.path.join(str(manager.directory), str(step))), f)
-    os.replace(path + ".tmp", path)
+    tmp = folder / (path.name + ".tmp")
+    tmp.write_text(json.dumps(_file_digests(epath.Path(str(manager.directory)) / str(step))))
+    tmp.rename(path)
     keep = {f"{kind}_{s}.json" for s in manager.all_steps()}
-    for name in os.listdir(os.path.join(self.directory, "manifests")):
-      if name.startswith(kind + "_") and name.endswith(".json") and name not in keep:
-        os.remove(os.path.join(self.directory, "manifests", name))
+    for old in folder.iterdir():
+      if old.name.startswith(kind + "_") and old.name.endswith(".json") and old.name not in keep:
+        old.unlink()
 
   def _verify_manifest(self, manager, kind: str, step: int, where: str) -> None:
     path = self._manifest_path(kind, step)
-    if not os.path.exists(path):
+    if not path.exists():
       return  # written by an older version: orbax's own read errors still apply
-    with open(path) as f:
-      want = json.load(f)
-    have = _file_digests(where)
+    want = json.loads(path.read_text())
+    have = _file_digests(epath.Path(where))
     bad = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if bad:
       raise ConfigError(
@@ -231,15 +233,19 @@ def _dict_diff(old: Any, new: Any) -> str:
   return "; ".join(diffs[:4]) + more
 
 
-def _file_digests(root: str) -> dict[str, list]:
-  """{relative path: [size, sha1]} of every file under ``root``."""
+def _file_digests(root: epath.Path) -> dict[str, list]:
+  """{relative path: [size, sha1]} of every file under ``root`` (local or remote)."""
   out = {}
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      full = os.path.join(dirpath, name)
-      h = hashlib.sha1()
-      with open(full, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-          h.update(chunk)
-      out[os.path.relpath(full, root)] = [os.path.getsize(full), h.hexdigest()]
+  pending, files = [root], []
+  while pending:  # a walk by iterdir: epath's rglob refuses remote trees
+    for entry in pending.pop().iterdir():
+      (pending if entry.is_dir() else files).append(entry)
+  for full in files:
+    h = hashlib.sha1()
+    size = 0
+    with full.open("rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+        size += len(chunk)
+    out[os.path.relpath(str(full), str(root))] = [size, h.hexdigest()]
   return out
