@@ -451,6 +451,7 @@ def test_remote_paths_not_made_local(tmp_path, monkeypatch):
   import types
   from etils.epath import backend
   from fsspec.implementations.memory import MemoryFileSystem
+  from uatmc_jax.core import reporting
   from uatmc_jax.recsys import experiment as uatmc
   from uatmc_jax.recsys import report
 
@@ -465,13 +466,13 @@ def test_remote_paths_not_made_local(tmp_path, monkeypatch):
   monkeypatch.setattr(os.path, "abspath", abspath)
   monkeypatch.chdir(tmp_path)
   root = "gs://bucket/run"
-  assert uatmc.is_remote(root) and not uatmc.is_remote(str(tmp_path))
+  assert reporting.is_remote_path(root) and not reporting.is_remote_path(str(tmp_path))
   uatmc._makedirs(root)
-  uatmc._write_json(uatmc._join(root, "seed_1", "vanilla", "train_results.json"),
+  reporting.write_json(uatmc._join(root, "seed_1", "vanilla", "train_results.json"),
                     {"x": float("nan"), "y": np.float32(2.0)})
   assert uatmc.saved_json(f"{root}/seed_1/vanilla/train_results.json") == {"x": None, "y": 2.0}
   assert uatmc.saved_json(f"{root}/seed_1/apr/train_results.json") is None
-  uatmc.write_text(f"{root}/results.md", "table")
+  reporting.write_text(f"{root}/results.md", "table")
   assert mem.cat(f"{root}/results.md") == b"table"
   per_seed, _ = _two_seed_inputs()
   cfg = types.SimpleNamespace(attack={"k": 50, "epsilon": 0.05}, sweep="")

@@ -61,6 +61,16 @@ def is_remote_path(path: Any) -> bool:
   return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)) is not None
 
 
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to a local or remote path (process 0 only), making its folder."""
+  if _process_index() != 0:
+    return
+  from etils import epath
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  target.write_text(text)
+
+
 def read_json(path: str) -> Any:
   if is_remote_path(path):
     from etils import epath

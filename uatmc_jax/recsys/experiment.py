@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 import types
 from typing import Any
@@ -66,7 +65,8 @@ from jax.experimental import multihost_utils
 from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.core.metric_writer import ScalarWriter
 from uatmc_jax.core.parallel import mesh as mesh_lib
-from uatmc_jax.core.reporting import std_header, write_json
+from uatmc_jax.core.reporting import (is_remote_path, read_json, std_header, write_json,
+                                     write_text)
 from uatmc_jax.recsys import report
 from uatmc_jax.recsys.attacks import protocol, user_groups
 from uatmc_jax.recsys.attacks.mismatch import per_target_mean
@@ -104,10 +104,6 @@ def _json_plain(x: Any) -> Any:
 # library the checkpoints (orbax) use; remote paths are never made absolute or local.
 
 
-def is_remote(path: str) -> bool:
-  return "://" in str(path)
-
-
 def _join(*parts: str) -> str:
   return os.path.join(*[str(p) for p in parts])
 
@@ -116,34 +112,8 @@ def _exists(path: str) -> bool:
   return epath.Path(path).exists()
 
 
-def _read_json(path: str) -> Any:
-  return json.loads(epath.Path(path).read_text())
-
-
-def _write_json(path: str, obj: Any) -> None:
-  """``reporting.write_json`` (process 0, atomic); a remote path gets its bytes copied."""
-  if not is_remote(path):
-    write_json(path, obj)
-    return
-  if jax.process_index() != 0:
-    return
-  with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, "out.json")
-    write_json(local, obj, all_processes=True)
-    write_text(path, epath.Path(local).read_text())
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes ``text`` to a local or remote path (process 0 only), making its folder."""
-  if jax.process_index() != 0:
-    return
-  p = epath.Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  p.write_text(text)
-
-
 def _makedirs(path: str) -> None:
-  if jax.process_index() == 0 or not is_remote(path):
+  if jax.process_index() == 0 or not is_remote_path(path):
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
@@ -171,7 +141,7 @@ def primary_decides(value: Any) -> Any:
 def saved_json(path: str) -> Any:
   """The JSON at ``path`` as process 0 reads it (None when absent there), on every process."""
   if jax.process_index() == 0:
-    value = _read_json(path) if _exists(path) else None
+    value = read_json(path) if _exists(path) else None
   else:
     value = None
   return primary_decides(value)
@@ -275,7 +245,7 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh,
           "use a new --workdir or the original arguments")
     if popularity is not None and BELOW_KEY not in metrics:
       _flag_popularity(stage_dir, metrics, popularity, train_cfg, model_name)
-      _write_json(path, metrics)  # older stage files gain the verdict once
+      write_json(path, metrics)  # older stage files gain the verdict once
     else:
       _warn_below(stage_dir, metrics.get(BELOW_KEY))
   else:
@@ -290,7 +260,7 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh,
                if record["history"] else None,
                "config": {k: v for k, v in train_cfg.items() if k != "ks"}}
     _flag_popularity(stage_dir, metrics, popularity, train_cfg, model_name)
-    _write_json(path, metrics)
+    write_json(path, metrics)
   model = trainer.model
   trainer.store.close()
   return model, metrics
@@ -463,7 +433,7 @@ def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names,
     out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} "
                        f"anchors, K={a['k']} (objective and Hit@K), ε={eps:g}, ranks over "
                        "all items (train items not masked, the reference's)")
-    _write_json(_join(stage_dir, attack_file(eps)), out)
+    write_json(_join(stage_dir, attack_file(eps)), out)
     saved[eps] = out
   return saved
 
@@ -489,7 +459,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   t_start = time.perf_counter()
   workdir = str(workdir)
   _makedirs(workdir)
-  _write_json(_join(workdir, "config.json"), _plain(cfg))
+  write_json(_join(workdir, "config.json"), _plain(cfg))
   data = load_experiment_data({"dataset": cfg.dataset})
   _say(data.summary())
   n_data = int(cfg.mesh_data)
@@ -500,7 +470,7 @@ def run_experiment(cfg, workdir: str) -> dict:
   popularity = popularity_baseline(data, mesh)
   _say(f"most-popular baseline: valid {POPULARITY_METRIC} {popularity[POPULARITY_METRIC]:.4f} "
        "(a stage at or below it is flagged below_popularity)")
-  if is_remote(workdir):
+  if is_remote_path(workdir):
     _say("TensorBoard stage summaries are written for local workdirs only "
          f"({workdir} is remote)")
   per_seed: dict[int, dict] = {}
@@ -574,7 +544,7 @@ def run_experiment(cfg, workdir: str) -> dict:
                  "(ddof 1) over seeds",
   }
   results["seconds"] = time.perf_counter() - t_start
-  _write_json(_join(workdir, "results.json"), results)
+  write_json(_join(workdir, "results.json"), results)
   if jax.process_index() != 0:  # the Markdown table and the plots: process 0 only
     return results
   table = report.markdown(results)
@@ -600,7 +570,7 @@ def write_stage_summary(workdir: str, stage: str, seed: int, metrics: dict, by_e
   ``attack/eps<ε>/avg_rank_change/<attacker>``. Process 0 only; local workdirs only
   (the writer makes its folder with ``os.makedirs``).
   """
-  if is_remote(workdir):
+  if is_remote_path(workdir):
     return
   scalars = {f"clean/{m}": metrics["test"][m] for m in ("recall@20", "ndcg@10", "ndcg@20")}
   scalars[f"valid/{POPULARITY_METRIC}"] = metrics["valid"][POPULARITY_METRIC]
