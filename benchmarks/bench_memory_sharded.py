@@ -5,7 +5,10 @@ The recommender at catalogue scale — 10M users x 1M items, VBPR-MLP with embed
 on one 16-80 GB device once Adam's moments are counted (~17 GB of tables and
 moments, plus a dense table-sized gradient). Sharded over a ``(data, model)`` mesh
 (tables and item features split by rows over ``model``, batch over ``data``) each
-device holds a fraction.
+device holds a fraction. Tables (and split features) are padded to a multiple of the
+model axis, as ``build_sharded_recommender`` pads them, so real catalogue sizes (Baby's
+19,445 x 7,050, TikTok's 9,308 x 6,710) split too; ``--replicate_features`` keeps the
+item features whole on every device, as ``RecsysTrainer`` does.
 
 Nothing is allocated: the model is built with ``nnx.eval_shape``, inputs are
 ``jax.ShapeDtypeStruct`` with shardings, and the jitted BPR train step (the vanilla
@@ -47,10 +50,12 @@ GIB = 1024 ** 3
 RULES = sharding_rules.RECSYS_TABLE_RULES + (("features", "model,None"),)
 
 
-def build_abstract(n_users: int, n_items: int, feature_dims: dict[str, int], emb: int):
-  """(graphdef, abstract params, abstract rest, optimiser) without allocating tables."""
+def build_abstract(n_users: int, n_items: int, feature_dims: dict[str, int], emb: int,
+                   row_multiple: int = 1):
+  """(graphdef, abstract params, abstract rest) without allocating tables; the ID tables
+  padded to a multiple of ``row_multiple`` (the model axis), as the trainer builds them."""
   model = nnx.eval_shape(lambda: VBPRMLP(n_users, n_items, feature_dims, embedding_dim=emb,
-                                         rngs=nnx.Rngs(0)))
+                                         row_multiple=row_multiple, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params, rest
 
@@ -70,9 +75,18 @@ def make_train_step(graphdef, tx, reg_weight: float = 1e-4):
   return step
 
 
-def compile_step(n_users, n_items, feature_dims, emb, batch_per_device, mesh, rules):
-  """Lowers + compiles the step for ``mesh``; returns (compiled, seconds)."""
-  graphdef, params, rest = build_abstract(n_users, n_items, feature_dims, emb)
+def compile_step(n_users, n_items, feature_dims, emb, batch_per_device, mesh, rules,
+                 shard_features: bool = True):
+  """Lowers + compiles the step for ``mesh``; returns (compiled, seconds).
+
+  ID tables are padded to a multiple of the model axis (``row_multiple``); with
+  ``shard_features`` the item-feature matrices are padded alike and split over
+  ``model`` too, else they are replicated (what ``RecsysTrainer`` does).
+  """
+  multiple = int(mesh.shape[mesh_lib.MODEL_AXIS])
+  if not shard_features:
+    rules = tuple(r for r in rules if r[0] != "features")
+  graphdef, params, rest = build_abstract(n_users, n_items, feature_dims, emb, multiple)
   tx = optax.adam(1e-3)
   opt_state = jax.eval_shape(tx.init, params)
   state = {"params": params, "opt_state": opt_state}
@@ -83,7 +97,8 @@ def compile_step(n_users, n_items, feature_dims, emb, batch_per_device, mesh, ru
   batch = {k: jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=data_sh)
            for k in ("users", "pos", "neg")}
   batch["mask"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=data_sh)
-  features = {m: jax.ShapeDtypeStruct((n_items, d), jnp.float32) for m, d in
+  feature_rows = -(-n_items // multiple) * multiple if shard_features else n_items
+  features = {m: jax.ShapeDtypeStruct((feature_rows, d), jnp.float32) for m, d in
               feature_dims.items()}
   feat_sh = sharding_rules.tree_shardings({"features": features}, mesh, rules)["features"]
   features = sharding_rules.abstract_tree(features, feat_sh)
@@ -97,6 +112,26 @@ def compile_step(n_users, n_items, feature_dims, emb, batch_per_device, mesh, ru
   t0 = time.perf_counter()
   compiled = jitted.lower(state["params"], state["opt_state"], rest, batch, features).compile()
   return compiled, time.perf_counter() - t0
+
+
+def compile_startup(n_users, n_items, feature_dims, emb, mesh, rules):
+  """Per-device memory of start-up: the jitted model init (tables padded to the model
+  axis, created on their shardings, as ``build_sharded_recommender``) and the jitted
+  Adam init (moments on their shardings, as ``RecsysTrainer``). Returns
+  ((output bytes, temp bytes) of the model init, same of the Adam init)."""
+  multiple = int(mesh.shape[mesh_lib.MODEL_AXIS])
+  create = lambda: nnx.state(VBPRMLP(n_users, n_items, feature_dims, embedding_dim=emb,
+                                     row_multiple=multiple, rngs=nnx.Rngs(0)), nnx.Param)
+  abstract = jax.eval_shape(create)
+  init = jax.jit(create, out_shardings=sharding_rules.tree_shardings(abstract, mesh, rules))
+  model_ma = init.lower().compile().memory_analysis()
+  tx = optax.adam(1e-3)
+  params = sharding_rules.abstract_tree(
+      abstract, sharding_rules.tree_shardings(abstract, mesh, rules))
+  opt_sh = sharding_rules.tree_shardings(jax.eval_shape(tx.init, abstract), mesh, rules)
+  adam_ma = jax.jit(tx.init, out_shardings=opt_sh).lower(params).compile().memory_analysis()
+  return ((model_ma.output_size_in_bytes, model_ma.temp_size_in_bytes),
+          (adam_ma.output_size_in_bytes, adam_ma.temp_size_in_bytes))
 
 
 def table_bytes(n_users, n_items, feature_dims, emb) -> dict[str, int]:
@@ -119,6 +154,9 @@ def main(argv=None) -> int:
   ap.add_argument("--batch_per_device", type=int, default=2048)
   ap.add_argument("--meshes", default="2x4,1x8", help="data x model meshes over 8 devices")
   ap.add_argument("--no_single", action="store_true", help="skip the 1-device contrast")
+  ap.add_argument("--replicate_features", action="store_true",
+                  help="replicate the item features (as RecsysTrainer does) instead of "
+                       "splitting them (padded) over the model axis")
   ap.add_argument("--eval_widths", default="64,1024",
                   help="excluded-list widths of the evaluation batches to compile (one "
                        "device, 2048 users per batch, held-out width 64)")
@@ -146,7 +184,8 @@ def main(argv=None) -> int:
     configs.append((spec, mesh_lib.make_mesh(d, m)))
   for name, mesh in configs:
     compiled, secs = compile_step(args.users, args.items, dims, args.embedding_dim,
-                                  args.batch_per_device, mesh, RULES)
+                                  args.batch_per_device, mesh, RULES,
+                                  shard_features=not args.replicate_features)
     ma = compiled.memory_analysis()
     arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
     alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
@@ -154,6 +193,13 @@ def main(argv=None) -> int:
     peak = arg + out - alias + temp
     print(f"{name:>20} {mesh.devices.size:>7} {arg / GIB:>12.3f} {out / GIB:>10.3f} "
           f"{alias / GIB:>9.3f} {temp / GIB:>8.3f} {peak / GIB:>15.3f} {secs:>9.1f}", flush=True)
+  for name, mesh in configs:
+    (m_out, m_tmp), (a_out, a_tmp) = compile_startup(
+        args.users, args.items, dims, args.embedding_dim, mesh, sharding_rules.RECSYS_TABLE_RULES)
+    print(f"start-up {name:>5}: model init output {m_out / GIB:.4f} GiB temp "
+          f"{m_tmp / GIB:.4f} GiB; Adam init output {a_out / GIB:.4f} GiB temp "
+          f"{a_tmp / GIB:.4f} GiB; resident after start-up {(m_out + a_out) / GIB:.4f} "
+          "GiB/device", flush=True)
   for width in (int(w) for w in args.eval_widths.split(",") if w):
     ma = compile_eval(args.users, args.items, 2 * args.embedding_dim, width).memory_analysis()
     peak = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes

@@ -323,3 +323,58 @@ def test_vbpr_mlp_default_info_nce_weight_is_the_protocol_default():
   assert build_recommender("vbpr_mlp", data, {}, nnx.Rngs(0)).align_weight == protocol
   cfg = recsys_config.get_config("model=vbpr_mlp,dataset=../shared/data/tiktok")
   assert cfg.model_config["align_weight"] == protocol
+
+
+@pytest.mark.parametrize("name", ["vbpr", "vbpr_mlp", "mmgcn"])
+def test_padded_id_tables_give_the_unpadded_model(name):
+  """row_multiple pads the ID tables with zero rows after the real ones; vectors, scores,
+  the BPR objective and its gradient on the real rows are those of the unpadded model."""
+  data = tiny_data()  # 7 users, 11 items (18 MMGCN nodes): none a multiple of 8
+  plain = build_recommender(name, data, {"embedding_dim": 8}, nnx.Rngs(4))
+  padded = build_recommender(name, data, {"embedding_dim": 8}, nnx.Rngs(4), row_multiple=8)
+  tables = ({"id_embedding": 18, "preferences": 7} if name == "mmgcn"
+            else {"user_embedding": 7, "item_embedding": 11})
+  flat = {sharding_path(p): x for p, x in
+          jax.tree_util.tree_flatten_with_path(nnx.state(padded, nnx.Param))[0]}
+  ref = {sharding_path(p): x for p, x in
+         jax.tree_util.tree_flatten_with_path(nnx.state(plain, nnx.Param))[0]}
+  n_padded = 0
+  for path, x in flat.items():
+    rows = next((n for t, n in tables.items() if path.startswith(t)), None)
+    if rows is None:
+      np.testing.assert_array_equal(x, ref[path], err_msg=path)
+      continue
+    n_padded += 1
+    assert x.shape[0] == -(-rows // 8) * 8, path
+    np.testing.assert_array_equal(x[:rows], ref[path], err_msg=path)
+    np.testing.assert_array_equal(x[rows:], 0.0, err_msg=path)
+  assert n_padded == len(data.features) + 1 if name == "mmgcn" else n_padded == 2
+  feats = jfeats(data)
+  (_, (u0, i0)), (_, (u1, i1)) = project_and_encode(plain, feats), project_and_encode(padded,
+                                                                                        feats)
+  assert u1.shape == u0.shape == (7, u0.shape[1]) and i1.shape == i0.shape
+  np.testing.assert_allclose(u1, u0, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(i1, i0, rtol=1e-6, atol=1e-6)
+  batch = {"users": jnp.array([0, 6, 3]), "pos": jnp.array([10, 2, 5]),
+           "neg": jnp.array([1, 9, 0]), "mask": jnp.ones(3)}
+
+  def objective(model):
+    return losses.bpr_objective(model, batch, feats, jax.random.key(0), reg_weight=0.1)[0]
+
+  l0, g0 = nnx.value_and_grad(objective)(plain)
+  l1, g1 = nnx.value_and_grad(objective)(padded)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  g1 = {sharding_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(g1)[0]}
+  g0 = {sharding_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(g0)[0]}
+  for path, g in g1.items():
+    rows = g0[path].shape[0] if g0[path].ndim else None
+    if rows is not None and g.shape != g0[path].shape:
+      np.testing.assert_allclose(g[:rows], g0[path], rtol=1e-5, atol=1e-7, err_msg=path)
+      np.testing.assert_array_equal(g[rows:], 0.0, err_msg=path)  # padding never trains
+    else:
+      np.testing.assert_allclose(g, g0[path], rtol=1e-5, atol=1e-7, err_msg=path)
+
+
+def sharding_path(path):
+  from uatmc_jax.core.parallel.sharding_rules import path_string
+  return path_string(path)

@@ -67,11 +67,18 @@ def test_mmgcn_preference_vectors_match_the_default_rules():
   assert flat["edge_dst/value"] == P()  # integer graph buffers stay replicated
 
 
-def test_indivisible_table_is_replicated_not_an_error():
+def test_indivisible_table_is_an_error_and_a_padded_one_splits():
   mesh = mesh_lib.make_mesh(2, 4)
   params = nnx.state(_model(n_users=10), nnx.Param)  # 10 rows do not split over 4
-  specs = sharding_rules.partition_specs(params, RULES, mesh)
-  assert specs["user_embedding"].get_value() == P()
+  with pytest.raises(ConfigError, match=r"user_embedding/value of shape \(10, 16\) cannot "
+                                        r"be split as P\('model',\) over mesh"):
+    sharding_rules.partition_specs(params, RULES, mesh)
+  # the same model with its tables padded to a multiple of the model axis splits
+  padded = nnx.state(VBPRMLP(10, 8, DIMS, embedding_dim=8, row_multiple=4,
+                             rngs=nnx.Rngs(0)), nnx.Param)
+  specs = sharding_rules.partition_specs(padded, RULES, mesh)
+  assert padded["user_embedding"][...].shape == (12, 16)
+  assert specs["user_embedding"].get_value() == P("model")
   assert specs["item_embedding"].get_value() == P("model")
 
 

@@ -27,8 +27,13 @@ Speed: one jitted ``lax.scan`` runs a whole epoch (no per-step dispatch), with t
 parameters and optimiser state donated; a background thread samples the next epoch's
 batches while the device runs the current one, and each process samples only its own
 batch columns. Data parallelism: the epoch's batch columns
-are sharded over the mesh ``data`` axis, parameters and features are replicated; XLA
-inserts the gradient all-reduce.
+are sharded over the mesh ``data`` axis, features and small parameters are replicated;
+XLA inserts the gradient all-reduce. Model axis: the ID tables and their Adam moments
+are split by rows over the mesh ``model`` axis (``param_sharding`` rules,
+``core/parallel/sharding_rules.py``); :func:`train_and_evaluate` builds the model with
+its tables padded to a multiple of that axis and created sharded
+(``build_sharded_recommender``), the Adam moments are created on their shardings, and a
+table that cannot split as asked is a ConfigError (docs/scale.md).
 
 Reproducibility and resume: every random draw is a function of (seed, epoch, step)
 (host-side negatives from ``np.random.default_rng((seed, epoch))``, loss keys from
@@ -62,6 +67,8 @@ from uatmc_jax.recsys.defences.registry import DEFENCES, make_defence_loss
 from uatmc_jax.recsys.losses import LossFn, make_bpr_objective
 from uatmc_jax.recsys.metrics import DEFAULT_KS, RankingEvaluator
 
+# Config keys a resumed run may change (everything else must match the checkpoint's).
+RESUMABLE_CHANGES = ("log", "eval_batch_size", "epochs", "patience", "ks")
 TRAIN_DEFAULTS = dict(
     loss="bpr", reg_weight=1e-4, learning_rate=1e-3, batch_size=2048, epochs=1000,
     patience=20, seed=999, selection_metric="recall@20", eval_batch_size=2048,
@@ -181,12 +188,17 @@ class RecsysTrainer:
     self.tx = _adam(float(self.config["learning_rate"]))
     replicate = lambda t: mesh_lib.replicate(t, self.mesh)
     # Placement from config: user/item tables (and their Adam moments) split by rows over
-    # the mesh `model` axis, the rest replicated (uatmc_jax.core.parallel.sharding_rules).
+    # the mesh `model` axis, the rest replicated (uatmc_jax.core.parallel.sharding_rules);
+    # a table that does not split as asked raises ConfigError. A model created sharded
+    # (build_sharded_recommender) is kept where it is.
     rules = self.config.get("param_sharding", sharding_rules.RECSYS_TABLE_RULES)
     place = lambda t: sharding_rules.shard_tree(t, self.mesh, rules)
     self.params = place(params)
     self.rest = place(rest)
-    self.opt_state = place(self.tx.init(params))
+    # Adam's moments are created on their shardings: no device holds a whole moment.
+    opt_shardings = sharding_rules.tree_shardings(
+        jax.eval_shape(self.tx.init, self.params), self.mesh, rules)
+    self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.params)
     self.features = replicate({m: jnp.asarray(x, jnp.float32) for m, x in data.features.items()})
     self._epoch_sharding = NamedSharding(self.mesh, P(None, mesh_lib.DATA_AXIS))
 
@@ -195,7 +207,11 @@ class RecsysTrainer:
     self.evaluators = {s: RankingEvaluator(data, s, ks, eval_bs, mesh=self.mesh)
                        for s in ("valid", "test")}
     self._static = (self.mesh, self.graphdef, self.tx, self.loss_fn)
-    self.store = CheckpointStore(f"{workdir}/checkpoints") if workdir else None
+    # The settings the saved state depends on: a resume under others is refused
+    # (core/checkpointing.py). Stopping rule, metric cut-offs and logging may change.
+    fingerprint = {k: v for k, v in self.config.items() if k not in RESUMABLE_CHANGES}
+    self.store = (CheckpointStore(f"{workdir}/checkpoints", fingerprint=fingerprint)
+                  if workdir else None)
     self.workdir = workdir
     self.logger = ProgressLogger(f"{data.name}/{type(model).__name__}",
                                  enabled=bool(self.config["log"]))
@@ -424,15 +440,19 @@ def _plain(config: Any) -> dict:
 
 
 def _build(config: Mapping[str, Any], data: InteractionData, workdir: str | None):
-  from uatmc_jax.recsys.models.registry import RECOMMENDERS, build_recommender
+  from uatmc_jax.recsys.models.registry import RECOMMENDERS, build_sharded_recommender
   if config["model"] not in RECOMMENDERS:
     raise ConfigError(f"model {config['model']!r} is unknown; expected one of "
                       f"{list(RECOMMENDERS)}")
   train_cfg = dict(config.get("train") or {})
-  model = build_recommender(config["model"], data, config.get("model_config"),
-                            nnx.Rngs(int(train_cfg.get("seed", TRAIN_DEFAULTS["seed"]))))
   mesh = mesh_lib.make_mesh(data=int(config.get("mesh_data", -1)),
                             model=int(config.get("mesh_model", 1)))
+  # Tables padded to a multiple of the model axis (none when it is 1) and created on
+  # their shardings; with mesh_model 1 the values equal build_recommender's.
+  model = build_sharded_recommender(
+      config["model"], data, config.get("model_config"),
+      int(train_cfg.get("seed", TRAIN_DEFAULTS["seed"])), mesh,
+      train_cfg.get("param_sharding", sharding_rules.RECSYS_TABLE_RULES))
   return RecsysTrainer(model, data, train_cfg, workdir=workdir, mesh=mesh)
 
 

@@ -16,8 +16,11 @@ replicated (``P()``). Because optimiser states (optax) mirror the parameter tree
 same rules place Adam's moments next to their parameters.
 
 A spec that does not fit a leaf (more entries than dimensions, or a dimension that the
-named mesh axes do not divide) falls back to replicated for that leaf with a warning:
-``NamedSharding`` needs divisible shards.
+named mesh axes do not divide) is a ``ConfigError`` naming the leaf's path, its shape,
+the spec and the mesh: a requested split never turns itself into replication.
+Recommenders pad their ID tables to a multiple of the ``model`` axis
+(``row_multiple``, uatmc_jax/recsys/models/base.py ``padded_table``) so their tables
+always split.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from uatmc_jax.core.errors import ConfigError
@@ -116,10 +118,14 @@ def partition_specs(tree: Any, rules: Rules | None,
     tree: pytree of arrays or ``jax.ShapeDtypeStruct`` (e.g. ``nnx.split(model)[1]``,
       an optax state, or ``jax.eval_shape`` of either).
     rules: ``((regex, spec), ...)`` as described in the module docstring.
-    mesh: when given, specs that do not divide a leaf's shape fall back to ``P()``.
+    mesh: when given, every spec is checked against the leaf's shape and the mesh.
 
   Returns:
     A pytree with the structure of ``tree`` and a ``PartitionSpec`` per leaf.
+
+  Raises:
+    ConfigError: a rule's spec does not fit the leaf it matches (a dimension the named
+      mesh axes do not divide, or more entries than dimensions).
   """
   compiled = parse_rules(rules)
 
@@ -130,10 +136,14 @@ def partition_specs(tree: Any, rules: Rules | None,
       if pattern.search(name):
         if _fits(shape, spec, mesh):
           return spec
-        logging.warning("sharding: %s of shape %s does not split as %s over mesh %s; "
-                        "replicating it", name, shape, spec,
-                        dict(mesh.shape) if mesh is not None else None)
-        return P()
+        raise ConfigError(
+            f"param_sharding: {name} of shape {shape} cannot be split as {spec} over mesh "
+            f"{dict(mesh.shape) if mesh is not None else None} (rule {pattern.pattern!r}): "
+            "every sharded dimension must be a multiple of its mesh axes' size and the "
+            "spec may not have more entries than the leaf has dimensions. Pad the leaf "
+            "(recommenders: row_multiple = the model axis size, which "
+            "build_sharded_recommender / the train_recsys launcher use) or change the "
+            "rule or the mesh")
     return P()
 
   return jax.tree_util.tree_map_with_path(spec_of, tree)
@@ -152,11 +162,15 @@ def place_tree(tree: Any, shardings: Any) -> Any:
   Every process must hold the same values (e.g. parameters initialised from the same
   seed); each process then keeps only the shards its devices own, through
   ``jax.make_array_from_callback`` (``device_put`` cannot target other hosts' devices).
+  Arrays already global (e.g. from :func:`sharded_init`) are resharded on device, and
+  arrays already on their sharding are kept as they are (no copy).
   """
   if jax.process_count() == 1:
     return jax.device_put(tree, shardings)
 
   def place(x, sharding):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)
     host = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 

@@ -129,6 +129,32 @@ def xavier_normal_table(key: jax.Array, n: int, d: int) -> jax.Array:
   return jax.nn.initializers.glorot_normal()(key, (n, d), jnp.float32)
 
 
+def padded_rows(n: int, multiple: int) -> int:
+  """``n`` rounded up to a multiple of ``multiple`` (``n`` itself when ``multiple`` is 1)."""
+  multiple = max(int(multiple), 1)
+  return -(-int(n) // multiple) * multiple
+
+
+def padded_table(key: jax.Array, n: int, d: int, multiple: int = 1) -> jax.Array:
+  """An ID table of ``n`` real rows padded with zero rows to a multiple of ``multiple``.
+
+  Tables split by rows over the mesh ``model`` axis need a row count the axis divides
+  (docs/scale.md). The real rows are exactly :func:`xavier_normal_table` of ``(n, d)``
+  (the padding does not change Xavier's fan), so a padded model starts from the values
+  of the unpadded one. Padding rows are never sampled, gathered or ranked: every model
+  reads its tables through :func:`real_rows` or by real ids, so they keep a zero
+  gradient and zero Adam moments. ``multiple`` 1 gives the plain ``(n, d)`` table.
+  """
+  table = xavier_normal_table(key, n, d)
+  pad = padded_rows(n, multiple) - n
+  return jnp.pad(table, ((0, pad), (0, 0))) if pad else table
+
+
+def real_rows(table: jax.Array, n: int) -> jax.Array:
+  """The first ``n`` rows of a (possibly padded, :func:`padded_table`) table."""
+  return table if table.shape[0] == n else table[:n]
+
+
 def gather_rows(features: Features, item_ids: jax.Array) -> dict[str, jax.Array]:
   """{m: features[m][item_ids]}."""
   return {m: jnp.take(x, item_ids, axis=0) for m, x in features.items()}

@@ -96,6 +96,11 @@ class MMGCN(base.RecommenderBase):
     train: int (n, 2) train (user, item) pairs: the graph.
     embedding_dim: D, the width of every branch and of the ID part.
     num_layers: graph layers per branch (MMRec default 2).
+    row_multiple: pad the ID table (``n_users + n_items`` rows) and the preference
+      vectors (``n_users`` rows) with zero rows to a multiple of this (the mesh ``model``
+      axis size; 1 = no padding; ``base.padded_table``). Padding rows sit after the
+      real ones, so node ids are unchanged; read the tables through :meth:`id_table`
+      and :meth:`preference_table`.
     rngs: NNX random streams.
   """
 
@@ -104,7 +109,7 @@ class MMGCN(base.RecommenderBase):
 
   def __init__(self, n_users: int, n_items: int, feature_dims: dict[str, int],
                train: np.ndarray, *, embedding_dim: int = 64, num_layers: int = 2,
-               rngs: nnx.Rngs):
+               row_multiple: int = 1, rngs: nnx.Rngs):
     self.modalities = base.ordered_modalities(feature_dims)
     self.is_graph = True
     self.n_users, self.n_items = int(n_users), int(n_items)
@@ -116,15 +121,26 @@ class MMGCN(base.RecommenderBase):
     self.edge_src = GraphBuffer(jnp.asarray(src))
     self.edge_weight = GraphBuffer(jnp.asarray(weight))
     n_nodes = n_users + n_items
-    self.id_embedding = nnx.Param(base.xavier_normal_table(rngs.params(), n_nodes, embedding_dim))
+    self.row_multiple = int(row_multiple)
+    self.id_embedding = nnx.Param(
+        base.padded_table(rngs.params(), n_nodes, embedding_dim, self.row_multiple))
     self.preferences = nnx.Dict({
-        m: nnx.Param(base.xavier_normal_table(rngs.params(), n_users, embedding_dim))
+        m: nnx.Param(base.padded_table(rngs.params(), n_users, embedding_dim,
+                                       self.row_multiple))
         for m in self.modalities})
     self.feature_proj = nnx.Dict({
         m: nnx.Linear(int(feature_dims[m]), embedding_dim, rngs=rngs) for m in self.modalities})
     self.branches = nnx.Dict({
         m: nnx.List([MMGCNLayer(embedding_dim, rngs=rngs) for _ in range(num_layers)])
         for m in self.modalities})
+
+  def id_table(self) -> jax.Array:
+    """The ID embeddings of the real nodes, (n_users + n_items, D) (padding dropped)."""
+    return base.real_rows(self.id_embedding[...], self.n_users + self.n_items)
+
+  def preference_table(self, modality: str) -> jax.Array:
+    """The users' preference vectors of ``modality``, (n_users, D) (padding dropped)."""
+    return base.real_rows(self.preferences[modality][...], self.n_users)
 
   def project(self, features: base.Features) -> dict[str, jax.Array]:
     """proj_m(x^m) = x^m W_m + b_m, {m: (n, D)} (row-wise)."""
@@ -141,9 +157,9 @@ class MMGCN(base.RecommenderBase):
     needed for the aggregate): the BPR loss needs just the batch's users and items.
     """
     base.check_features(projected_all, self.modalities, self.n_items)
-    id_embedding = self.id_embedding[...]
+    id_embedding = self.id_table()
     dst, src, w = self.edge_dst[...], self.edge_src[...], self.edge_weight[...]
-    xs = [base.l2_normalize(jnp.concatenate([self.preferences[m][...], projected_all[m]],
+    xs = [base.l2_normalize(jnp.concatenate([self.preference_table(m), projected_all[m]],
                                             axis=0)) for m in self.modalities]
     n_layers = len(self.branches[self.modalities[0]])
     ids = id_embedding

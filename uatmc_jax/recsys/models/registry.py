@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 from flax import nnx
 
 from uatmc_jax.core.errors import ConfigError
+from uatmc_jax.core.parallel import mesh as mesh_lib
+from uatmc_jax.core.parallel import sharding_rules
 from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.models.mmgcn import MMGCN
 from uatmc_jax.recsys.models.vbpr import VBPR
@@ -16,7 +19,7 @@ MODEL_CLASSES = {"vbpr": VBPR, "vbpr_mlp": VBPRMLP, "mmgcn": MMGCN}
 
 
 def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any] | None,
-                      rngs: nnx.Rngs):
+                      rngs: nnx.Rngs, row_multiple: int = 1):
   """Builds a recommender for ``data``'s users, items and feature widths.
 
   Args:
@@ -27,6 +30,8 @@ def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any
       vbpr_mlp: ``wide_threshold`` (1024), ``align_weight`` (InfoNCE weight, 1.0),
       ``init_temperature`` (0.2); mmgcn: ``num_layers`` (2). Other keys are ignored.
     rngs: NNX random streams (``params`` is used).
+    row_multiple: ID tables padded with zero rows to a multiple of this (the mesh
+      ``model`` axis size, see :func:`build_sharded_recommender`); 1 = unpadded.
   """
   cfg = dict(config or {})
   dims = {m: int(f.shape[1]) for m, f in data.features.items()}
@@ -36,13 +41,56 @@ def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any
   emb = int(cfg.get("embedding_dim", 64))
   if name == "vbpr":
     return VBPR(data.n_users, data.n_items, dims, embedding_dim=emb,
-                item_bias=bool(cfg.get("item_bias", False)), rngs=rngs)
+                item_bias=bool(cfg.get("item_bias", False)), row_multiple=row_multiple,
+                rngs=rngs)
   if name == "vbpr_mlp":
     return VBPRMLP(data.n_users, data.n_items, dims, embedding_dim=emb,
                    wide_threshold=int(cfg.get("wide_threshold", 1024)),
                    align_weight=float(cfg.get("align_weight", 1.0)),
-                   init_temperature=float(cfg.get("init_temperature", 0.2)), rngs=rngs)
+                   init_temperature=float(cfg.get("init_temperature", 0.2)),
+                   row_multiple=row_multiple, rngs=rngs)
   if name == "mmgcn":
     return MMGCN(data.n_users, data.n_items, dims, data.train, embedding_dim=emb,
-                 num_layers=int(cfg.get("num_layers", 2)), rngs=rngs)
+                 num_layers=int(cfg.get("num_layers", 2)), row_multiple=row_multiple,
+                 rngs=rngs)
   raise ConfigError(f"model {name!r} is unknown; expected one of {list(RECOMMENDERS)}")
+
+
+def sharded_recommender_init(name: str, data: InteractionData,
+                             config: Mapping[str, Any] | None, seed: int,
+                             mesh: jax.sharding.Mesh,
+                             rules: sharding_rules.Rules | None = None):
+  """The jitted program that creates a recommender straight into its shardings.
+
+  The ID tables are padded to a multiple of the mesh ``model`` axis (none when it is 1)
+  and every leaf is an output of one ``jit`` with ``out_shardings`` from ``rules``
+  (default ``sharding_rules.RECSYS_TABLE_RULES``), so each device computes and holds
+  only its rows of every table (docs/scale.md); the values equal those of
+  :func:`build_recommender` with the same seed (partitionable threefry).
+
+  Returns:
+    (graphdef, init: jitted ``() -> state``, shardings of the state).
+
+  Raises:
+    ConfigError: a rule names a leaf that cannot be split as it asks.
+  """
+  rules = sharding_rules.RECSYS_TABLE_RULES if rules is None else rules
+  multiple = int(mesh.shape[mesh_lib.MODEL_AXIS])
+
+  def create():
+    return build_recommender(name, data, config, nnx.Rngs(int(seed)), row_multiple=multiple)
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(create))
+  shardings = sharding_rules.tree_shardings(abstract, mesh, rules)
+  init = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)
+  return graphdef, init, shardings
+
+
+def build_sharded_recommender(name: str, data: InteractionData,
+                              config: Mapping[str, Any] | None, seed: int,
+                              mesh: jax.sharding.Mesh,
+                              rules: sharding_rules.Rules | None = None):
+  """:func:`build_recommender` created sharded over ``mesh`` from the start (no device
+  ever holds a whole table): see :func:`sharded_recommender_init`."""
+  graphdef, init, _ = sharded_recommender_init(name, data, config, seed, mesh, rules)
+  return nnx.merge(graphdef, init())

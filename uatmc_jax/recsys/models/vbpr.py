@@ -33,21 +33,26 @@ class VBPR(base.RecommenderBase):
     feature_dims: {modality: d_m} of the raw features.
     embedding_dim: ID / projected item width (64); users get 2x (128).
     item_bias: add a learned per-item bias beta_i (zero-initialised) to the score.
+    row_multiple: pad the user and item ID tables with zero rows to a multiple of this
+      (the mesh ``model`` axis size, so the tables split by rows; 1 = no padding;
+      ``base.padded_table``). Vectors and scores cover the real rows only.
     rngs: NNX random streams.
   """
 
   shared_projected_space = False
 
   def __init__(self, n_users: int, n_items: int, feature_dims: dict[str, int], *,
-               embedding_dim: int = 64, item_bias: bool = False, rngs: nnx.Rngs):
+               embedding_dim: int = 64, item_bias: bool = False, row_multiple: int = 1,
+               rngs: nnx.Rngs):
     self.modalities = base.ordered_modalities(feature_dims)
     self.is_graph = False
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim = embedding_dim
+    self.row_multiple = int(row_multiple)
     self.user_embedding = nnx.Param(
-        base.xavier_normal_table(rngs.params(), n_users, 2 * embedding_dim))
+        base.padded_table(rngs.params(), n_users, 2 * embedding_dim, self.row_multiple))
     self.item_embedding = nnx.Param(
-        base.xavier_normal_table(rngs.params(), n_items, embedding_dim))
+        base.padded_table(rngs.params(), n_items, embedding_dim, self.row_multiple))
     in_dim = sum(int(feature_dims[m]) for m in self.modalities)
     self.item_linear = nnx.Linear(in_dim, embedding_dim, rngs=rngs)
     self.item_bias = (nnx.Param(jnp.zeros((n_items, 1), jnp.float32)) if item_bias
@@ -68,7 +73,7 @@ class VBPR(base.RecommenderBase):
 
   def user_vectors(self) -> jax.Array:
     """theta_u (n_users, 2*embedding_dim), plus a constant 1 column with ``item_bias``."""
-    users = self.user_embedding[...]
+    users = base.real_rows(self.user_embedding[...], self.n_users)
     if self.item_bias is None:
       return users
     return jnp.concatenate([users, jnp.ones((users.shape[0], 1), users.dtype)], axis=-1)

@@ -59,21 +59,25 @@ class VBPRMLP(base.RecommenderBase):
     align_weight: weight of the InfoNCE auxiliary loss (0 disables it); 1.0, the
       protocol default of ``experiments/configs/recsys.py`` (0 on synthetic data).
     init_temperature: initial InfoNCE temperature (learnable, kept in [1/64, 100]).
+    row_multiple: pad the user and item ID tables with zero rows to a multiple of this
+      (the mesh ``model`` axis size; 1 = no padding; ``base.padded_table``).
     rngs: NNX random streams.
   """
 
   def __init__(self, n_users: int, n_items: int, feature_dims: dict[str, int], *,
                embedding_dim: int = 64, wide_threshold: int = 1024,
-               align_weight: float = 1.0, init_temperature: float = 0.2, rngs: nnx.Rngs):
+               align_weight: float = 1.0, init_temperature: float = 0.2,
+               row_multiple: int = 1, rngs: nnx.Rngs):
     self.modalities = base.ordered_modalities(feature_dims)
     self.is_graph = False
     self.n_users, self.n_items = int(n_users), int(n_items)
     self.embedding_dim = embedding_dim
     self.align_weight = float(align_weight)
+    self.row_multiple = int(row_multiple)
     self.user_embedding = nnx.Param(
-        base.xavier_normal_table(rngs.params(), n_users, 2 * embedding_dim))
+        base.padded_table(rngs.params(), n_users, 2 * embedding_dim, self.row_multiple))
     self.item_embedding = nnx.Param(
-        base.xavier_normal_table(rngs.params(), n_items, embedding_dim))
+        base.padded_table(rngs.params(), n_items, embedding_dim, self.row_multiple))
     self.projectors = nnx.Dict({
         m: ProjectionMLP(int(feature_dims[m]),
                          projection_hidden(int(feature_dims[m]), wide_threshold),
@@ -94,7 +98,7 @@ class VBPRMLP(base.RecommenderBase):
     return jnp.concatenate([ids, content], axis=-1)
 
   def user_vectors(self) -> jax.Array:
-    return self.user_embedding[...]
+    return base.real_rows(self.user_embedding[...], self.n_users)
 
   def temperature(self) -> jax.Array:
     lower = math.log(1.0 / base.UNIT_LOGIT_BOUND)  # keeps |logits| <= 64 (unit_info_nce)
