@@ -281,3 +281,28 @@ def test_targets_together_equal_each_alone(setup):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b[0], atol=1e-6),
                  together["delta"], alone["delta"])
   assert all(n == 1 for n in runner.trace_counts.values())
+
+
+def test_local_path_cache_of_a_padded_mmgcn_equals_the_unpadded_one():
+  """MMGCN built for a model axis (ID and preference tables padded after the real rows):
+  the local attack's clean cache reads the real rows only, so every layer's activations
+  and the final vectors equal the unpadded model's (padding would shift item nodes)."""
+  from flax import nnx
+  from uatmc_jax.recsys.data.interactions import InteractionData
+  from uatmc_jax.recsys.models.registry import build_recommender
+
+  rng = np.random.default_rng(3)
+  pairs = np.unique(np.stack([rng.integers(0, 7, 40), rng.integers(0, 11, 40)], 1), axis=0)
+  feats = {"image": rng.standard_normal((11, 12)).astype(np.float32),
+           "audio": rng.standard_normal((11, 5)).astype(np.float32)}
+  data = InteractionData("t", 7, 11, pairs, pairs[:2], pairs[2:4], feats)
+  plain = build_recommender("mmgcn", data, {"embedding_dim": 8}, nnx.Rngs(4))
+  padded = build_recommender("mmgcn", data, {"embedding_dim": 8}, nnx.Rngs(4), row_multiple=8)
+  assert padded.id_embedding[...].shape[0] > plain.id_embedding[...].shape[0]
+  projected = plain.project({m: jnp.asarray(x) for m, x in feats.items()})
+  a = graph_local.clean_activations(plain, projected)
+  b = graph_local.clean_activations(padded, projected)
+  for m in a.x:
+    np.testing.assert_allclose(b.x[m], a.x[m], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(b.users, a.users, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(b.items, a.items, rtol=1e-6, atol=1e-6)

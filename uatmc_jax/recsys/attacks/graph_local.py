@@ -258,12 +258,12 @@ def neighbourhoods_of(model, growth: int = 4, user_growth: int = 4) -> GraphNeig
 def clean_activations(model, projected_all: base.Features) -> GraphCache:
   """Every layer's clean activations of an MMGCN (the same maths as ``model.encode``)."""
   base.check_features(projected_all, model.modalities, model.n_items)
-  ids = model.id_embedding[...]
+  ids = model.id_table()
   n = model.n_users + model.n_items
   dst, src, w = _edges(model)
   xs, aggs, finals = {}, {}, [ids]
   for m in model.modalities:
-    x = base.l2_normalize(jnp.concatenate([model.preferences[m][...], projected_all[m]], 0))
+    x = base.l2_normalize(jnp.concatenate([model.preference_table(m), projected_all[m]], 0))
     x_m, agg_m = [x], []
     for layer in model.branches[m]:
       agg_m.append(_aggregate(layer, x, dst, src, w, n))
