@@ -340,3 +340,16 @@ def test_prefetched_epochs_equal_fresh_sampling():
   for k in fresh:
     np.testing.assert_array_equal(second[k], fresh[k])
   assert not np.array_equal(first["neg"], second["neg"])
+
+
+def test_resume_under_other_settings_is_refused_but_a_longer_run_resumes(tmp_path):
+  """A checkpoint stores the trainer config it depends on: resuming with another learning
+  rate (same shapes, so nothing else would notice) is refused naming the key; more
+  epochs or another patience resume."""
+  data = tiny_data()
+  make_trainer(data, workdir=str(tmp_path), epochs=2).fit(max_new_epochs=1)
+  other_lr = make_trainer(data, workdir=str(tmp_path), epochs=2, learning_rate=0.5)
+  with pytest.raises(ConfigError, match="learning_rate"):
+    other_lr.fit()
+  longer = make_trainer(data, workdir=str(tmp_path), epochs=3, patience=7)
+  assert longer.restore("latest")
