@@ -21,6 +21,9 @@ to a direction {m: (d_m,)} on which the attack takes its sign step:
   probe gradient ∇_{x̂} L does not depend on how x̂ is reached (use
   ``"cosine_pushforward"`` there). It can act only where the score is curved in x̂:
   smooth or graph models (MMGCN, whose user and item vectors both move with x̂).
+  With the attacker's smooth surrogate (``PromotionAttack(surrogate="softplus")``, the
+  hinge replaced by τ·softplus(x/τ)) L is curved in x̂ on VBPR-MLP too, and the reward
+  has a gradient there (tests/test_surrogate.py).
 * ``"cosine_pushforward"`` (this project's variant for raw-feature attacks): the same
   J, but each modality's gradient enters the cosine as the projected-space displacement
   its raw ascent step causes, v^m = J_m ∇_{δ^m} L with J_m the Jacobian of the lift

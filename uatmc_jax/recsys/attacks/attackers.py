@@ -6,6 +6,8 @@ Reference settings:
         (absolute), no random start, margin 1.
 The ascent direction is chosen by name (``alignment``; "none" = naive; see
 ``uatmc_jax.recsys.attacks.alignment``) so aligned PGD (A.6) is one field of the config.
+The hinge of the objective is ``surrogate`` ("relu", A.4; "softplus", a smooth
+surrogate with temperature τ, see ``objective``), for the naive and every aligned attacker.
 ``run_attack`` is pure: the runner vmaps it over targets.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 
 from uatmc_jax.core import errors
 from uatmc_jax.recsys.attacks import alignment as alignment_lib
+from uatmc_jax.recsys.attacks import objective as objective_lib
 
 @dataclasses.dataclass(frozen=True)
 class PromotionAttack:
@@ -36,6 +39,10 @@ class PromotionAttack:
     alignment: ascent direction name ("none", "cosine", "pcgrad_groups", ...).
     align_weight: λ_align of the cosine reward.
     group_temperature: τ of "shared_groups".
+    surrogate: the hinge of the objective, "relu" (A.4) or "softplus" (τ·softplus(x/τ),
+      a smooth surrogate under which A.6's cosine reward has a gradient on models
+      linear in the projected features; see ``objective``). Hit@K is unchanged.
+    temperature: τ of the softplus surrogate (> 0).
   """
   method: str = "pgd"
   epsilon: float = 0.05
@@ -48,8 +55,11 @@ class PromotionAttack:
   alignment: str = "none"
   align_weight: float = 1.0
   group_temperature: float = 0.1
+  surrogate: str = "relu"
+  temperature: float = 0.1
 
   def __post_init__(self):
+    objective_lib.check_surrogate(self.surrogate, self.temperature)
     if self.method not in ("fgsm", "pgd"):
       raise errors.ConfigError(f"attack method must be 'fgsm' or 'pgd', got {self.method!r}")
     if self.budget not in ("relative", "absolute"):

@@ -14,6 +14,15 @@ o_1 ≥ ... ≥ o_K the K highest scores of the *other* items (computed once per
 
 exactly: t above o_{K-1} leaves o_{K-1} K-th; between them it is K-th itself; below
 o_K, o_K stays K-th. Graph models move more than one item; ``views`` handles them.
+
+Smooth surrogate (an option of the attacker, not part of A.4). With the hinge
+ReLU(x), x = s(u,t) − s_K(u) + margin, the objective is piecewise linear in the
+target's projected rows on a model whose score is linear in them (VBPR, VBPR-MLP), so
+the gradient of any function of ∇L (A.6's cosine reward) is zero almost everywhere.
+``surrogate="softplus"`` replaces the hinge by τ·softplus(x/τ) (temperature τ > 0),
+smooth and with ReLU(x) ≤ τ·softplus(x/τ) ≤ ReLU(x) + τ·log 2, so it tends to the hinge
+as τ → 0. It changes only the ascent objective; Hit@K and ranks are computed from
+scores as before.
 """
 from __future__ import annotations
 
@@ -21,7 +30,28 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from uatmc_jax.core import errors
+
 METRIC_KS = (10, 20, 50, 100)
+SURROGATES = ("relu", "softplus")
+
+
+def check_surrogate(surrogate: str, temperature: float) -> None:
+  """ConfigError unless ``surrogate`` is known and (softplus) the temperature is > 0."""
+  if surrogate not in SURROGATES:
+    raise errors.ConfigError(f"attack surrogate must be one of {list(SURROGATES)}, "
+                             f"got {surrogate!r}")
+  if surrogate == "softplus" and not temperature > 0:
+    raise errors.ConfigError(f"attack temperature (softplus surrogate) must be > 0, "
+                             f"got {temperature}")
+
+
+def hinge(x: jax.Array, surrogate: str = "relu", temperature: float = 0.1) -> jax.Array:
+  """ReLU(x), or its smooth surrogate τ·softplus(x/τ) (module docstring)."""
+  if surrogate == "relu":
+    return jax.nn.relu(x)
+  check_surrogate(surrogate, temperature)
+  return temperature * jax.nn.softplus(x / temperature)
 
 
 # ----------------------------------------------------------------------------------
@@ -48,15 +78,22 @@ def kth_score_with_target(target_scores: jax.Array, other_topk: jax.Array) -> ja
 
 
 def promotion_per_user_loss(target_scores: jax.Array, other_topk: jax.Array,
-                            margin: float) -> jax.Array:
-  """ℓ_u = ReLU(s(u,t) − s_K(u) + margin), (n,); K = other_topk.shape[1]."""
-  return jax.nn.relu(target_scores - kth_score_with_target(target_scores, other_topk) + margin)
+                            margin: float, surrogate: str = "relu",
+                            temperature: float = 0.1) -> jax.Array:
+  """ℓ_u = ReLU(s(u,t) − s_K(u) + margin), (n,); K = other_topk.shape[1].
+
+  ``surrogate`` / ``temperature``: "relu" (A.4) or "softplus" (τ·softplus(x/τ)).
+  """
+  x = target_scores - kth_score_with_target(target_scores, other_topk) + margin
+  return hinge(x, surrogate, temperature)
 
 
 def promotion_objective(target_scores: jax.Array, other_topk: jax.Array,
-                        margin: float) -> jax.Array:
+                        margin: float, surrogate: str = "relu",
+                        temperature: float = 0.1) -> jax.Array:
   """L = mean_u ReLU(s(u,t) − s_K(u) + margin) (A.4), a scalar to maximise."""
-  return jnp.mean(promotion_per_user_loss(target_scores, other_topk, margin))
+  return jnp.mean(promotion_per_user_loss(target_scores, other_topk, margin, surrogate,
+                                          temperature))
 
 
 def others_topk_without_target(topk_values: jax.Array, topk_indices: jax.Array,

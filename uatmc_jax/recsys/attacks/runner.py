@@ -179,6 +179,11 @@ class PromotionAttackRunner:
             f"alignment {attack.alignment!r} compares modality gradients in a shared "
             "projected space, which this model does not have (shared_projected_space="
             "False, e.g. VBPR); use alignment 'none' or a group-level one")
+      if local is not None and attack.surrogate != "relu":
+        raise errors.ConfigError(
+            f"surrogate {attack.surrogate!r}: the exact local graph path skips anchors "
+            "whose hinge is provably zero, which a smooth surrogate is not; use "
+            "graph_path='full' for graph models with this surrogate")
       surface, ks, with_mismatch = self.surface, self.ks, self.with_mismatch
       counts = self.trace_counts
 

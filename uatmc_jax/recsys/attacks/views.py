@@ -339,7 +339,8 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
     if view.per_user_loss is not None:
       return view.per_user_loss(delta, eta, attack.margin)
     s, others = view.scores_fn(delta, eta)
-    return promotion_per_user_loss(s, others, attack.margin)
+    return promotion_per_user_loss(s, others, attack.margin, attack.surrogate,
+                                   attack.temperature)
 
   probe = None
   if surface.space != "projected":  # compare modalities in the shared projected space
