@@ -16,7 +16,14 @@ from uatmc_jax.recsys.defences.registry import DEFENCES, defence_hyperparameters
 from uatmc_jax.recsys.models import base as base
 from uatmc_jax.recsys.models.registry import build_recommender
 
-jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  """Full float32 dots for these closed-form comparisons, for this module's tests only
+  (a module-level ``jax.config.update`` would change every later test of the process)."""
+  with jax.default_matmul_precision("highest"):
+    yield
 
 REG = 1e-3
 
