@@ -430,6 +430,7 @@ def test_resume_decided_on_primary_and_followed(tmp_path, monkeypatch):
 
 def test_single_process_decides_alone(tmp_path, monkeypatch):
   from jax.experimental import multihost_utils
+  from uatmc_jax.core.parallel import multihost
   from uatmc_jax.recsys import experiment as uatmc
 
   def refuse(*a, **k):
@@ -440,7 +441,7 @@ def test_single_process_decides_alone(tmp_path, monkeypatch):
   assert uatmc.saved_json(str(path)) is None
   path.write_text('{"a": [1, 2]}')
   assert uatmc.saved_json(str(path)) == {"a": [1, 2]}
-  assert uatmc.primary_decides({"b": None}) == {"b": None}
+  assert multihost.broadcast_from_primary({"b": None}) == {"b": None}
 
 
 # ----------------------------------------------------------------------------------

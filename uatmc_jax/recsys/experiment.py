@@ -60,11 +60,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.core.metric_writer import ScalarWriter
 from uatmc_jax.core.parallel import mesh as mesh_lib
+from uatmc_jax.core.parallel import multihost
 from uatmc_jax.core.reporting import (is_remote_path, read_json, std_header, write_json,
                                      write_text)
 from uatmc_jax.recsys import report
@@ -117,34 +117,13 @@ def _makedirs(path: str) -> None:
     epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def primary_decides(value: Any) -> Any:
-  """``value`` as process 0 computed it, on every process (a JSON-able value).
-
-  Resume decisions read the workdir; processes that do not share a disk (or see a
-  remote one at different moments) could decide differently and then wait on each
-  other's collectives forever. Process 0's reading is broadcast
-  (``multihost_utils.broadcast_one_to_all``) as JSON bytes: first the length, then the
-  bytes. On one process the value is returned unchanged.
-  """
-  if jax.process_count() == 1:
-    return value
-  primary = jax.process_index() == 0
-  raw = json.dumps(value).encode() if primary else b""
-  n = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(len(raw), np.int32))))
-  buf = np.zeros(n, np.int32)
-  if primary:
-    buf[:] = np.frombuffer(raw, np.uint8)
-  got = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
-  return json.loads(got.tobytes().decode())
-
-
 def saved_json(path: str) -> Any:
   """The JSON at ``path`` as process 0 reads it (None when absent there), on every process."""
   if jax.process_index() == 0:
     value = read_json(path) if _exists(path) else None
   else:
     value = None
-  return primary_decides(value)
+  return multihost.broadcast_from_primary(value)
 
 
 # ----------------------------------------------------------------------------------
@@ -166,15 +145,8 @@ def below_popularity(metrics: dict, popularity: dict | None, train_cfg: dict | N
   """
   if popularity is None or "valid" not in metrics:
     return None
-  verdict = getattr(trainer_lib, "below_popularity", None)
-  if verdict is not None:
-    return verdict(metrics["valid"], popularity, POPULARITY_METRIC, train_cfg, model_name)
-  model, pop = float(metrics["valid"][POPULARITY_METRIC]), float(popularity[POPULARITY_METRIC])
-  if model > pop:
-    return None
-  return {"split": "valid", "metric": POPULARITY_METRIC, "model": model, "most_popular": pop,
-          "advice": "the model learned less than ranking by train popularity (collapse or "
-                    "too few updates): check learning_rate, reg_weight, epochs / patience"}
+  return trainer_lib.below_popularity(metrics["valid"], popularity, POPULARITY_METRIC,
+                                      train_cfg, model_name)
 
 
 def _flag_popularity(stage_dir: str, metrics: dict, popularity: dict | None,

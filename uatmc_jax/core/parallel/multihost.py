@@ -20,6 +20,7 @@ With one process each reduces to the obvious ``device_put`` / ``np.asarray``.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -110,3 +111,24 @@ def gather_process_local(tree: Any) -> Any:
     return jax.tree.map(np.asarray, tree)
   return jax.tree.map(
       lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True)), tree)
+
+
+def broadcast_from_primary(value: Any) -> Any:
+  """``value`` as process 0 computed it, on every process (a JSON-able value).
+
+  Decisions that read a workdir (resume or not): processes that do not share a disk
+  (or see a remote one at different moments) could decide differently and then wait on
+  each other's collectives forever. Process 0's reading is broadcast
+  (``multihost_utils.broadcast_one_to_all``) as JSON bytes: first the length, then the
+  bytes. On one process the value is returned unchanged.
+  """
+  if jax.process_count() == 1:
+    return value
+  primary = jax.process_index() == 0
+  raw = json.dumps(value).encode() if primary else b""
+  n = int(np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(len(raw), np.int32))))
+  buf = np.zeros(n, np.int32)
+  if primary:
+    buf[:] = np.frombuffer(raw, np.uint8)
+  got = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8)
+  return json.loads(got.tobytes().decode())
