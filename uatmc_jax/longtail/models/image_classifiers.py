@@ -222,6 +222,13 @@ def _residual_stages(make_block, in_features: int, widths: Sequence[int],
   return nnx.List(blocks), in_f
 
 
+def _check_stages(name: str, stage_blocks: Sequence[int], width: int) -> None:
+  """ConfigError unless a CIFAR ResNet gets 4 positive stage sizes and a positive width."""
+  if len(stage_blocks) != 4 or min(stage_blocks) < 1 or width < 1:
+    raise ConfigError(f"{name}: stage_blocks must be 4 positive ints and width >= 1, "
+                      f"got stage_blocks={tuple(stage_blocks)}, width={width}")
+
+
 class ResNet(ImageClassifier):
   """ResNet with the CIFAR stem: 3x3 conv (stride 1), no max-pool (METHODS.md B.2).
 
@@ -233,9 +240,7 @@ class ResNet(ImageClassifier):
                stage_blocks: Sequence[int] = (2, 2, 2, 2), dtype: Dtype = jnp.float32,
                use_bias: bool = True, head: str = "linear", cosine_scale: float = 16.0,
                input_mean=None, input_std=None):
-    if len(stage_blocks) != 4 or min(stage_blocks) < 1 or width < 1:
-      raise ConfigError(f"resnet: stage_blocks must be 4 positive ints and width >= 1, "
-                        f"got stage_blocks={tuple(stage_blocks)}, width={width}")
+    _check_stages("resnet", stage_blocks, width)
     self.dtype = dtype
     self.stem_conv = _conv(3, width, 3, 1, dtype, rngs)
     self.stem_bn = _bn(width, dtype, rngs)
@@ -294,9 +299,7 @@ class PreActResNet(ImageClassifier):
                stage_blocks: Sequence[int] = (2, 2, 2, 2), dtype: Dtype = jnp.float32,
                use_bias: bool = True, head: str = "linear", cosine_scale: float = 16.0,
                input_mean=None, input_std=None):
-    if len(stage_blocks) != 4 or min(stage_blocks) < 1 or width < 1:
-      raise ConfigError(f"preact_resnet: stage_blocks must be 4 positive ints and width "
-                        f">= 1, got stage_blocks={tuple(stage_blocks)}, width={width}")
+    _check_stages("preact_resnet", stage_blocks, width)
     self.dtype = dtype
     self.stem_conv = _conv(3, width, 3, 1, dtype, rngs)
     self.blocks, in_f = _residual_stages(
