@@ -212,12 +212,12 @@ def main(argv=None) -> int:
 def compile_eval(n_users: int, n_items: int, dim: int, width: int, batch: int = 2048):
   """The full-ranking evaluation batch (recsys/metrics.py) compiled from shapes alone:
   user and item tables, one batch of ``batch`` users with ``width`` excluded ids."""
-  from uatmc_jax.recsys.metrics import DEFAULT_KS, _user_batch_sums
+  from uatmc_jax.recsys.metrics import DEFAULT_KS, _add_user_batch_sums, zero_totals
   sds = jax.ShapeDtypeStruct
   b = {"users": sds((batch,), jnp.int32), "excluded": sds((batch, width), jnp.int32),
        "relevant": sds((batch, 64), jnp.int32), "weight": sds((batch,), jnp.float32)}
-  return _user_batch_sums.lower(sds((n_users, dim), jnp.float32),
-                                sds((n_items, dim), jnp.float32), b, DEFAULT_KS).compile()
+  return _add_user_batch_sums.lower(zero_totals(DEFAULT_KS), sds((n_users, dim), jnp.float32),
+                                    sds((n_items, dim), jnp.float32), b, DEFAULT_KS).compile()
 
 
 if __name__ == "__main__":

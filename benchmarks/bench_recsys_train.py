@@ -133,7 +133,8 @@ def bench(model_name: str, data, epochs: int, eval_repeats: int, max_batches: in
       trainer.rest, trainer.features, jax.tree.map(lambda x: x[:1], batches),
       jax.random.key(0))
   users, items = trainer.vectors()
-  eval_flops = throughput.flops_of(ranking_metrics._user_batch_sums, users, items,
+  eval_flops = throughput.flops_of(ranking_metrics._add_user_batch_sums,
+                                   ranking_metrics.zero_totals(ev.ks), users, items,
                                    ev._batches[0], ev.ks)
   return {"epoch_flops": step_flops and step_flops * n_steps * scale,
           "eval_flops": eval_flops and eval_flops * len(ev._batches),

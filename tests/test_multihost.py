@@ -17,6 +17,7 @@ process must attack only its half and only process 0 writes the reports.
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def _start(out, *args):
   # dominates these tiny runs (the same flags in every process, so the same numerics).
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
   log = open(out / f"log_{len(list(out.glob('log_*')))}.txt", "w")
-  return subprocess.Popen([sys.executable, str(DRIVER), "--out", str(out), *args],
+  return subprocess.Popen([sys.executable, "-X", "faulthandler", str(DRIVER), "--out", str(out),
+                           *args],
                           stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env), log
 
 
@@ -63,11 +65,17 @@ def _wait_all(procs, out):
     pass
   finally:
     for p, log in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+      if p.poll() is None:  # hung: SIGABRT makes faulthandler print every thread's stack
+        p.send_signal(signal.SIGABRT)
+        try:
+          p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+          p.kill()
+          p.wait()
       log.close()
-  logs = "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(out.glob("log_*")))
+  done = sorted(f.name for f in out.glob("*_p*.json"))
+  logs = "\n".join(f"--- {f.name}\n{f.read_text()[-4000:]}" for f in sorted(out.glob("log_*")))
+  logs = f"jobs finished: {done}\n{logs}"
   failed = [p.returncode for p, _ in procs if p.returncode != 0]
   assert not failed, f"driver exit codes {[p.returncode for p, _ in procs]}:\n{logs}"
 

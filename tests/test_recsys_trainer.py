@@ -311,7 +311,8 @@ def test_matmul_precision_of_training_follows_config_and_ranking_is_highest():
   evaluator = recsys_metrics.RankingEvaluator(data, "valid", ks=(5, 20), batch_size=8)
   users, items = make_trainer(data, "vbpr").vectors()
   batch = evaluator._device_batch(evaluator._batches[0])
-  text = recsys_metrics._user_batch_sums.lower(users, items, batch, (5, 20)).as_text()
+  text = recsys_metrics._add_user_batch_sums.lower(
+      recsys_metrics.zero_totals((5, 20)), users, items, batch, (5, 20)).as_text()
   assert precisions(text) == {"HIGHEST"}
 
 

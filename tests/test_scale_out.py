@@ -358,7 +358,10 @@ def _train_recsys_subprocess(workdir, n_devices):
   out = subprocess.run([sys.executable, "-m", "experiments.train_recsys", f"--config={config}",
                         f"--workdir={workdir}", "--compilation_cache_dir="], env=env, cwd=root,
                        capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
+  # XLA's own fatal lines (e.g. a collective rendezvous timeout) come before Python's
+  # traceback: both are shown
+  xla_lines = [line for line in out.stderr.splitlines() if ".cc:" in line][:10]
+  assert out.returncode == 0, "\n".join(xla_lines + [out.stderr[-3000:]])
   with open(os.path.join(workdir, "results.json")) as f:
     return json.load(f)
 

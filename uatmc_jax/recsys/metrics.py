@@ -108,11 +108,24 @@ def batch_metric_sums(user_rows: jax.Array, item_vecs: jax.Array, excluded: jax.
   return {k: jnp.sum(v * weight) for k, v in per_user.items()}
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _user_batch_sums(user_vecs, item_vecs, batch, ks):
+@functools.partial(jax.jit, static_argnums=4, donate_argnums=0)
+def _add_user_batch_sums(totals, user_vecs, item_vecs, batch, ks):
+  """``totals`` plus one batch's metric sums.
+
+  The running totals are an input, so batch i+1's program waits for batch i's: the
+  evaluation is one dependency chain. Independent multi-device programs left in flight
+  together on the CPU backend deadlocked in their collectives (a 2-process evaluation
+  hung after ~50 back-to-back evaluations on a loaded 2-core host; docs/scale.md).
+  """
   rows = jnp.take(user_vecs, batch["users"], axis=0)
-  return batch_metric_sums(rows, item_vecs, batch["excluded"], batch["relevant"],
+  sums = batch_metric_sums(rows, item_vecs, batch["excluded"], batch["relevant"],
                            batch["weight"], ks)
+  return {k: totals[k] + v for k, v in sums.items()}
+
+
+def zero_totals(ks: Sequence[int]) -> dict[str, np.ndarray]:
+  """Float32 zero of every metric@K: the start of ``_add_user_batch_sums``' chain."""
+  return {f"{m}@{k}": np.zeros((), np.float32) for m in METRICS for k in ks}
 
 
 def padded_item_lists(pairs: np.ndarray, users: np.ndarray, n_items: int) -> np.ndarray:
@@ -250,12 +263,14 @@ class RankingEvaluator:
       if not on_mesh:
         user_vecs = mesh_lib.replicate(user_vecs, self.mesh)
       item_vecs = mesh_lib.replicate(item_vecs, self.mesh)
-    totals = None
-    for batch in self._batches:
-      sums = _user_batch_sums(user_vecs, item_vecs, self._device_batch(batch), self.ks)
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
     order = [f"{m}@{k}" for m in METRICS for k in self.ks]
+    totals = zero_totals(self.ks)
+    totals = (mesh_lib.replicate(totals, self.mesh) if self.mesh is not None
+              else jax.tree.map(jnp.asarray, totals))
+    for batch in self._batches:
+      totals = _add_user_batch_sums(totals, user_vecs, item_vecs, self._device_batch(batch),
+                                    self.ks)
+    totals = jax.device_get(totals)
     return {name: float(totals[name]) / self.n_users for name in order}
 
 
