@@ -129,3 +129,31 @@ def test_softplus_is_refused_on_the_exact_local_graph_path():
   with pytest.raises(ConfigError, match="graph_path='full'"):
     runner.chunk_function(pgd_attack(0.1, surrogate="softplus"), LocalGraphSpec(None, 4))
   runner.chunk_function(pgd_attack(0.1), LocalGraphSpec(None, 4))  # ReLU: accepted
+
+
+def test_attack_launcher_config_passes_and_records_the_surrogate(tmp_path):
+  """attack.py's surrogate / temperature reach every attacker and the results' protocol."""
+  from flax import nnx
+  from experiments.configs import attack as attack_config
+  from uatmc_jax.recsys import attack_eval
+  from uatmc_jax.recsys.attacks import protocol
+  from uatmc_jax.recsys.data import mmrec
+  from uatmc_jax.recsys.data.synthetic import SyntheticConfig, write_synthetic
+  from uatmc_jax.recsys.models.registry import build_recommender
+  mods = ("audio", "image")
+  assert attack_config.get_config("").surrogate == "relu"
+  cfg = attack_config.get_config("targets=2,seeds=1,attack=pgd+pgd_aligned,k=3,"
+                                 "anchor_share=0.5,surrogate=softplus,temperature=0.05")
+  for name in protocol.attacker_names(mods):
+    a = protocol.make_attacker(name, 0.1, cfg, mods)
+    assert (a.surrogate, a.temperature) == ("softplus", 0.05), name
+  with pytest.raises(ConfigError, match="surrogate"):
+    protocol.make_attacker("pgd", 0.1, attack_config.get_config("surrogate=hinge"), mods)
+  data = mmrec.load_mmrec(write_synthetic(tmp_path / "syn", SyntheticConfig(
+      n_users=40, n_items=30, mean_interactions=8, name="tiny")))
+  model = build_recommender("vbpr_mlp", data, {"embedding_dim": 4}, nnx.Rngs(0))
+  results, runs, _ = attack_eval.run_attacks(cfg, model, data)
+  assert results["protocol"]["surrogate"] == "softplus"
+  assert results["protocol"]["temperature"] == 0.05
+  relu = attack_config.get_config("targets=2,seeds=1,attack=pgd,k=3,anchor_share=0.5")
+  assert "temperature" not in attack_eval.run_attacks(relu, model, data)[0]["protocol"]

@@ -22,6 +22,10 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``;`` or ``+``):
   n_groups: k-means groups (4).
   align_weight: λ_align of the cosine reward (1.0).
   group_temperature: τ of pgd_shared_groups (0.1).
+  surrogate: the objective's hinge for every attacker: relu (A.4, the reference) |
+    softplus (τ·softplus(margin/τ): the cosine reward of pgd_aligned has a gradient on
+    models linear in the projected features; row-wise models and graph_path=full only).
+  temperature: τ of the softplus surrogate (0.1; relu is its τ → 0 limit).
   chunk_size: targets per vmapped chunk (64; graph models on the full path use
     min(chunk_size, 4), on the local path a memory cap per neighbourhood size bucket).
   graph_path: graph models (MMGCN): local (exact neighbourhood-local recomputation, the
@@ -39,8 +43,8 @@ from experiments.configs import common
 
 DEFAULTS = dict(targets=100, seeds=3, epsilon=0.05, attack=None, target_set="random",
                 anchor_share=0.4, k=50, space="projected", groups="auto", n_groups=4,
-                align_weight=1.0, group_temperature=0.1, chunk_size=64, graph_path="local", mismatch=True,
-                mesh_data=-1, runlocal=False)
+                align_weight=1.0, group_temperature=0.1, surrogate="relu", temperature=0.1,
+                chunk_size=64, graph_path="local", mismatch=True, mesh_data=-1, runlocal=False)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -62,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.n_groups = int(a["n_groups"])
   cfg.align_weight = float(a["align_weight"])
   cfg.group_temperature = float(a["group_temperature"])
+  cfg.surrogate = str(a["surrogate"])
+  cfg.temperature = float(a["temperature"])
   cfg.chunk_size = int(a["chunk_size"])
   cfg.graph_path = str(a["graph_path"])
   cfg.mismatch = bool(a["mismatch"])

@@ -170,6 +170,8 @@ def run_attacks(cfg, model, data, mesh=None):
       "fgsm": "one sign step, eps_m = eps*||x_t^m||_2, margin 10",
       "pgd": "10 sign steps of 1.25*eps/10, ||delta^m||_inf <= eps, no random start, margin 1",
       "align_weight": cfg.align_weight, "group_temperature": cfg.group_temperature,
+      "surrogate": cfg.get("surrogate", "relu"),
+      **({"temperature": cfg.temperature} if cfg.get("surrogate", "relu") != "relu" else {}),
       "chunk_size": runner.chunk_size, "chunk_targets": runner.targets_per_chunk,
       "graph_path": ("local (exact neighbourhood recomputation)" if runner.uses_local_graph_path
                      else "full re-encode" if surface.is_graph else "n/a (row-wise model)"),

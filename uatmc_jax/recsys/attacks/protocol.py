@@ -56,10 +56,14 @@ def make_attacker(name: str, epsilon: float, settings: Any,
                   modalities: Sequence[str]) -> PromotionAttack:
   """fgsm | pgd | pgd_aligned | pgd_<alignment> | fgsm_<m> | pgd_<m> at budget ε.
 
-  ``settings`` has attributes ``k``, ``align_weight`` and ``group_temperature``.
+  ``settings`` has attributes ``k``, ``align_weight`` and ``group_temperature``, and
+  optionally ``surrogate`` ("relu", A.4's hinge; "softplus", the smooth surrogate of
+  ``objective``) with its ``temperature`` τ, applied to every attacker.
   """
   common = dict(k=settings.k, align_weight=settings.align_weight,
-                group_temperature=settings.group_temperature)
+                group_temperature=settings.group_temperature,
+                surrogate=getattr(settings, "surrogate", "relu"),
+                temperature=getattr(settings, "temperature", 0.1))
   method, _, rest = name.partition("_")
   if method not in ("fgsm", "pgd"):
     raise errors.ConfigError(f"attack {name!r}: expected one of {attacker_names(modalities)}")
