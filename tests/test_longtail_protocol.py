@@ -103,6 +103,16 @@ def test_runlocal_learns_above_chance_and_writes_tensorboard_scalars(tmp_path):
       if on_disk[block][k] is not None:
         ((step, value),) = scalars[f"test/{block}/{k}"]
         assert step == epoch_ends[-1] and math.isclose(value, on_disk[block][k], rel_tol=1e-6)
+  # the per-epoch mechanism diagnostics (on by default) are in results.json and TensorBoard
+  assert [e["epoch"] for e in on_disk["diagnostics"]] == [0, 1, 2, 3]
+  assert on_disk["diagnostics"][-1]["inner_source"] == "monitor batch"
+  assert [s for s, _ in scalars["diag/geometry/nc1"]] == epoch_ends
+  assert math.isclose(scalars["diag/inner/ce"][-1][1], on_disk["diagnostics"][-1]["inner"]["ce"],
+                      rel_tol=1e-6)
+  off = longtail_config.get_config("runlocal=True,diagnostics=False")
+  assert off.diagnostics is False and longtail_config.get_config("").diagnostics is True
+  with pytest.raises(ConfigError, match="diagnostics_in_step"):
+    longtail_config.get_config("diagnostics_in_step=maybe")
 
 
 def test_scalar_writer_round_trip_and_skips_non_finite(tmp_path):

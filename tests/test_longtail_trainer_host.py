@@ -42,27 +42,33 @@ def _per_step_sync_reference(trainer, pipe):
   history = []
   for epoch in range(trainer.config.num_epochs):
     flags = trainer.step_flags(epoch)
-    sums, class_sums, n = {}, {"adv_correct": 0, "seen": 0}, 0
+    sums, diag_sums, class_sums, n = {}, {}, {"adv_correct": 0, "seen": 0}, 0
     for step, batch in enumerate(pipe.epoch(epoch)):
       dev = mesh_lib.shard_batch(batch, trainer.mesh)
       state, metrics = trainer.train_step(state, dev, trainer.step_key(epoch, step),
                                           flags=flags)
       per_class = multihost.to_host(metrics.pop("per_class"))
+      for k, v in multihost.to_host(metrics.pop("diag")).items():
+        diag_sums[k] = diag_sums.get(k, 0.0) + float(v)
       for k in class_sums:
         class_sums[k] = class_sums[k] + np.asarray(per_class[k], np.int64)
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + float(v)
       n += 1
-    history.append(({k: v / n for k, v in sums.items()}, class_sums))
+    history.append(({k: v / n for k, v in sums.items()}, class_sums,
+                    {k: v / n for k, v in diag_sums.items()}))
   return state, history
 
 
 def test_fit_without_per_step_sync_equals_the_per_step_loop(tmp_path):
-  trainer, pipe = _tiny(epochs=2)
+  trainer, pipe = _tiny(epochs=2, diagnostics_in_step=True)
   ref_state, ref_hist = _per_step_sync_reference(trainer, pipe)
   state, info = trainer.fit(pipe, str(tmp_path / "w"), progress_every_seconds=0.0)
   assert info["last_epoch_metrics"] == ref_hist[-1][0]  # exact: same float64 sums
   assert set(info["last_epoch_metrics"]) >= {"loss", "adv_train_acc"}
+  # the attack diagnostics: epoch means of the step values, like the metrics
+  assert [e["inner"] for e in info["diagnostics"]] == [h[2] for h in ref_hist]
+  assert set(ref_hist[-1][2]) == {"ce"}
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]),
                jax.device_get(ref_state["params"]))
   # every step ran: the epoch's per-class counts cover the whole training set

@@ -45,6 +45,10 @@ Arguments (``k=v`` joined by ``,``):
   epochs, batch_size, lr, schedule (cosine | step), warmup_epochs (linear warm-up, may
     be fractional; 0), weight_decay, pgd_steps (training), pgd_step_size (training PGD
     step, 2/255), eval_pgd_steps (20).
+  diagnostics (True), diagnostics_batch_size (64), diagnostics_in_step (False): the
+    per-epoch record of what MCAT's terms do (uatmc_jax/longtail/diagnostics.py), in
+    results.json "diagnostics", diagnostics.json and TensorBoard diag/*; in_step takes the
+    attack's numbers from every training step (slower) instead of the monitor batch.
   latent_dim (128), manifold_hidden (1024), latent_steps (T_z, 5), latent_step_size
     (0.01), manifold_refresh (every_step | frozen), manifold_warmup_epochs (5),
     manifold_fit_steps (1), manifold_lr (1e-3): MCAT's manifold models.
@@ -74,7 +78,7 @@ DEFAULTS = dict(
     manifold_lr=1e-3, test_per_class=None, monitor_every=0, monitor_per_class=20,
     monitor_pgd_steps=10, seed=0, data_seed=0, eval_robust="", cache_dir=None,
     widths=None, compute_dtype="float32", matmul_precision="default", mesh_data=-1,
-    runlocal=False)
+    diagnostics=True, diagnostics_batch_size=64, diagnostics_in_step=False, runlocal=False)
 
 # B.4's paper settings, by name: ResNet-18 (CIFAR stem), 200 epochs, cosine, SGD 0.9,
 # wd 5e-4, batch 128, lr 0.1, PGD-10 train (step 2/255) / PGD-20 eval. GPU scale.
@@ -104,6 +108,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   runlocal = common.as_bool(explicit.get("runlocal", False), "runlocal")
   a = {**DEFAULTS, **PRESETS[preset], **(RUNLOCAL if runlocal else {}), **explicit}
   a["runlocal"] = runlocal
+  for k in ("diagnostics", "diagnostics_in_step"):
+    a[k] = common.as_bool(a[k], k)
   cfg = ml_collections.ConfigDict()
   for k, v in a.items():
     if v is not None:

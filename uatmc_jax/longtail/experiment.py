@@ -86,7 +86,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       manifold_fit_steps=int(cfg.manifold_fit_steps),
       manifold_learning_rate=float(cfg.manifold_lr), seed=int(cfg.seed),
       compute_dtype=str(cfg.compute_dtype),
-      matmul_precision=str(cfg.get("matmul_precision", "default")))
+      matmul_precision=str(cfg.get("matmul_precision", "default")),
+      diagnostics=bool(cfg.get("diagnostics", True)),
+      diagnostics_batch_size=int(cfg.get("diagnostics_batch_size", 64)),
+      diagnostics_in_step=bool(cfg.get("diagnostics_in_step", False)))
   batch_size = min(config.batch_size, len(train))
   pipe = TrainPipeline(train.images, train.labels, batch_size=batch_size,
                        seed=int(cfg.seed))
@@ -127,6 +130,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       "cpu_seconds": _cpu_seconds(),
       "monitor": info["monitor"],
       "last_epoch_metrics": info["last_epoch_metrics"],
+      "diagnostics": info["diagnostics"],
       "runlocal": bool(cfg.runlocal),
       **blocks,
   }

@@ -21,6 +21,14 @@ one line per method (mean over seeds). A run that overrode a method weight is it
 row, e.g. ``mcat (manifold_weight=0)`` (MCAT without the manifold term); the long table's
 ``test images`` column gives each evaluation's test-set size (eval_robust's
 ``--autoattack_per_class`` runs AutoAttack on fewer images).
+
+Runs that wrote ``diagnostics.json`` (``longtail.diagnostics``) add a third table, what
+the MCAT terms did in the last epoch (mean ± std over the seeds that have the number;
+"n/a" where the method has no such term): the median per-example ratio
+‖∇_δ λ_man·d_My‖ / ‖∇_δ CE‖ in MS-PGD, the share of sign flips it causes, the mean L2
+distance between MS-PGD's and PGD's x' (the L∞ distance of sign-PGD iterates is nearly
+always 2ε) and the share of differing predictions on the monitor batch,
+‖∇_W λ_geom·L_ETF‖ / ‖∇_W CE‖, the ETF distance of W and NC1.
 """
 from __future__ import annotations
 
@@ -56,6 +64,17 @@ def expand_workdirs(patterns: Sequence[str]) -> List[str]:
 
 
 _OVERRIDABLE = ("etf_weight", "manifold_weight", "beta")
+DIAGNOSTICS_FILE = "diagnostics.json"
+# (group, key, column label) of a diagnostics entry shown in the third table.
+DIAGNOSTIC_COLUMNS = (
+    ("inner", "grad_ratio_median", "∇man/∇CE (median)"),
+    ("inner", "sign_flip_share", "sign flips"),
+    ("ms_pgd_vs_pgd", "l2", "L2(x'_MS − x'_PGD)"),
+    ("ms_pgd_vs_pgd", "pred_differs", "pred. differs"),
+    ("outer", "grad_ratio_w", "∇_W ETF/∇_W CE"),
+    ("geometry", "etf_distance", "ETF dist. of W"),
+    ("geometry", "nc1", "NC1 (monitor)"),
+)
 
 
 def method_label(run: dict) -> str:
@@ -96,9 +115,15 @@ def load_run(workdir: str) -> dict:
     settings = ev.get("settings")
     n_eval = settings.get("n_test") if isinstance(settings, dict) else None
     blocks.update({k: sized(ev[k], n_eval) for k in EVALS if isinstance(ev.get(k), dict)})
+  diagnostics = None
+  diag_path = os.path.join(workdir, DIAGNOSTICS_FILE)
+  if os.path.exists(diag_path):
+    history = reporting.read_json(diag_path)
+    diagnostics = history[-1] if history else None
   return {"workdir": workdir, "ir": float(run["imbalance_ratio"]), "method": method_label(run),
           "seed": int(run["seed"]), "class_counts": list(run["class_counts"]),
-          "class_names": run.get("class_names"), "blocks": blocks, "settings": settings}
+          "class_names": run.get("class_names"), "blocks": blocks, "settings": settings,
+          "diagnostics": diagnostics}
 
 
 def _mean_std_or_none(values: Sequence[Optional[float]]) -> Optional[dict]:
@@ -141,6 +166,12 @@ def aggregate(runs: Sequence[dict]) -> Dict[tuple, dict]:
       pc = np.array([[np.nan if v is None else v for v in b["per_class"]] for b in have])
       entry["per_class"] = np.nanmean(pc, axis=0) if pc.size else None
       agg[e] = entry
+    diags = [r["diagnostics"] for r in rs if r.get("diagnostics")]
+    if diags:
+      agg["diagnostics"] = {
+          "n": len(diags),
+          **{f"{g}/{k}": _mean_std_or_none([(d.get(g) or {}).get(k) for d in diags])
+             for g, k, _ in DIAGNOSTIC_COLUMNS}}
     out[key] = agg
   return out
 
@@ -175,7 +206,27 @@ def markdown(agg: Dict[tuple, dict]) -> str:
   note = (f"Accuracy in %, {reporting.std_header(seeds)} (column seeds). Groups from "
           "the training counts: Many > 100, Medium 20–100, Few < 20 images, Tail = rarest "
           "30% of classes; — = empty group.")
-  return "\n\n".join([note, compact, long])
+  parts = [note, compact, long]
+  if any("diagnostics" in a for a in agg.values()):
+    rows = []
+    for (ir, method), a in agg.items():
+      d = a.get("diagnostics")
+      if d is None:
+        continue
+      rows.append([f"{ir:g}", method, d["n"]] +
+                  [_num(d[f"{g}/{k}"]) for g, k, _ in DIAGNOSTIC_COLUMNS])
+    parts.append(f"What the MCAT terms did in the last epoch "
+                 f"({reporting.std_header(seeds)}; longtail.diagnostics):")
+    parts.append(reporting.markdown_table(
+        ["IR", "method", "seeds"] + [label for _, _, label in DIAGNOSTIC_COLUMNS], rows))
+  return "\n\n".join(parts)
+
+
+def _num(v: Optional[dict]) -> str:
+  """mean ± std with 3 significant digits ("n/a": the method has no such term)."""
+  if v is None:
+    return "n/a"
+  return f"{v['mean']:.3g} ± {v['std']:.2g}"
 
 
 def per_class_plot(path: str, agg: Dict[tuple, dict]) -> Dict[float, str]:

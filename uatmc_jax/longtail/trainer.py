@@ -23,7 +23,10 @@ their combinations) runs through ``LongTailTrainer``:
 * no host sync per step: the step metrics stay on device and are fetched once per
   epoch, and the next batch is copied to the devices while the current step runs;
 * the step's float32 matmuls run at ``matmul_precision`` (default: the backend's
-  choice); the test / monitor evaluation at "highest" (``core.parallel.precision``).
+  choice); the test / monitor evaluation at "highest" (``core.parallel.precision``);
+* with ``diagnostics`` (default on) every epoch also records what the MCAT terms do
+  (``longtail.diagnostics``): attack-term numbers from inside the step, and MS-PGD vs
+  PGD, outer-loss gradients on W and the B.5 geometry on a fixed monitor batch.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import functools
 import json
 import os
 import time
+from collections import Counter
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -47,7 +51,9 @@ from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import multihost
 from uatmc_jax.core.parallel import precision
 from uatmc_jax.core.progress import StepProgress
+from uatmc_jax.core import reporting
 from uatmc_jax.core.reporting import ProgressLogger
+from uatmc_jax.longtail import diagnostics as diag_lib
 from uatmc_jax.longtail import losses as cl
 from uatmc_jax.longtail import manifold as manifold_lib
 from uatmc_jax.longtail import methods as methods
@@ -57,6 +63,10 @@ from uatmc_jax.longtail.evaluation import class_accuracy
 from uatmc_jax.longtail.models import image_classifiers as ic
 
 TRAINER_CONFIG_FILE = "trainer_config.json"
+DIAGNOSTICS_FILE = "diagnostics.json"
+# LongTailTrainConfig fields that do not change the trained state (left out of the
+# checkpoint fingerprint).
+DIAGNOSTICS_FIELDS = ("diagnostics", "diagnostics_batch_size", "diagnostics_in_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +103,13 @@ class LongTailTrainConfig:
   # (precision.MATMUL_PRECISIONS: default | high | highest; "default" = the backend's
   # choice, e.g. TF32 on recent NVIDIA GPUs). Evaluation always runs at "highest".
   matmul_precision: str = precision.DEFAULT_TRAIN_MATMUL_PRECISION
+  # Per-epoch mechanism diagnostics (longtail.diagnostics): on/off, and the size of the
+  # fixed monitor batch of training images they use (a multiple of the data-axis size).
+  diagnostics: bool = True
+  diagnostics_batch_size: int = 64
+  # The attack's "inner" numbers from every training step (epoch means; the MS-PGD step
+  # costs ~1/3 more: one more backward per PGD step) instead of from the monitor batch.
+  diagnostics_in_step: bool = False
 
   def validate(self) -> None:
     precision.check_matmul_precision(self.matmul_precision)
@@ -103,6 +120,9 @@ class LongTailTrainConfig:
                         f"{self.manifold_refresh!r}")
     if self.num_epochs < 1 or self.batch_size < 1 or self.attack_steps < 0:
       raise ConfigError("num_epochs, batch_size must be >= 1 and attack_steps >= 0")
+    if self.diagnostics and self.diagnostics_batch_size < 1:
+      raise ConfigError(f"diagnostics_batch_size: expected >= 1 with diagnostics on, got "
+                        f"{self.diagnostics_batch_size}")
     if not 0 <= self.warmup_epochs < self.num_epochs:
       raise ConfigError(f"warmup_epochs: expected 0 <= warmup_epochs < num_epochs "
                         f"({self.num_epochs}), got {self.warmup_epochs}")
@@ -166,6 +186,10 @@ class LongTailTrainer:
     self.graphdef, _, _ = ic.split_classifier(model)
     self._counts_f32 = jnp.asarray(self.class_counts, jnp.float32)
     self._steps: dict[StepFlags, Callable] = {}
+    self._monitors: dict[bool, Callable] = {}
+    # How often each jitted function was traced, by (name, flags): a second trace of
+    # the same key is a silent recompile (tests check it stays at one).
+    self.trace_counts: Counter = Counter()
 
   # --- model and state ------------------------------------------------------------------
   def model_kwargs(self) -> dict:
@@ -210,20 +234,26 @@ class LongTailTrainer:
   def classify(self, params, batch_stats, phi):
     return ic.apply_classify(self.graphdef, params, batch_stats, phi)
 
-  def adversarial_examples(self, state: dict, x, y, key, *, attack_with_manifold: bool):
-    """The method's inner maximisation (PGD-10 or MS-PGD), BN in inference mode."""
-    cfg, method = self.config, self.method
+  def attack_objective(self, state: dict, x, y):
+    """(φ with BN in inference mode, the method's per-example head loss of φ)."""
     params, stats = state["params"], state["batch_stats"]
     feats = functools.partial(self.features_eval, params, stats)
     clean_logits = None
-    if method.inner_loss == "kl":
+    if self.method.inner_loss == "kl":
       clean_logits = jax.lax.stop_gradient(self.classify(params, stats, feats(x)))
 
     def head_loss(phi):
-      return methods.attack_head_loss(method, adv_logits=self.classify(params, stats, phi),
+      return methods.attack_head_loss(self.method,
+                                      adv_logits=self.classify(params, stats, phi),
                                       labels=y, clean_logits=clean_logits,
                                       class_counts=self._counts_f32)
 
+    return feats, head_loss
+
+  def adversarial_examples(self, state: dict, x, y, key, *, attack_with_manifold: bool):
+    """The method's inner maximisation (PGD-10 or MS-PGD), BN in inference mode."""
+    cfg, method = self.config, self.method
+    feats, head_loss = self.attack_objective(state, x, y)
     if attack_with_manifold:
       loss_fn = manifold_pgd.manifold_constrained_loss(
           features_fn=feats, head_loss_fn=head_loss, labels=y,
@@ -236,8 +266,27 @@ class LongTailTrainer:
                            num_steps=cfg.attack_steps, key=key,
                            random_start=method.attack_start)
 
+  def outer_objective(self, params, batch_stats, x, x_adv, y):
+    """The method's outer loss with BN in training mode.
+
+    Returns ``(loss, (new_batch_stats, parts, adv_logits))``.
+    """
+    method = self.method
+    stats = batch_stats
+    clean_logits = None
+    if method.needs_clean_logits:
+      clean_logits, stats = ic.apply_logits(self.graphdef, params, stats, x, train=True)
+    adv_logits, stats = ic.apply_logits(self.graphdef, params, stats, x_adv, train=True)
+    weight = ic.classifier_weight_of(self.graphdef, params, stats)
+    loss, parts = methods.outer_loss(method, adv_logits=adv_logits, labels=y,
+                                     clean_logits=clean_logits,
+                                     class_counts=self._counts_f32,
+                                     classifier_weight=weight)
+    return loss, (stats, parts, adv_logits)
+
   def _train_step(self, state: dict, batch: dict, key: jax.Array, *, flags: StepFlags):
-    cfg, method = self.config, self.method
+    self.trace_counts[("train_step", flags)] += 1
+    cfg = self.config
     x, y = batch["image"], batch["label"]
     metrics = {}
     state = dict(state)
@@ -251,21 +300,15 @@ class LongTailTrainer:
           fit, phi_clean, y, num_steps=cfg.manifold_fit_steps,
           learning_rate=cfg.manifold_learning_rate)
       state["manifold"] = fit._asdict()
-    x_adv = self.adversarial_examples(state, x, y, key,
-                                      attack_with_manifold=flags.attack_with_manifold)
+    if cfg.diagnostics and cfg.diagnostics_in_step:
+      x_adv, metrics["diag"] = diag_lib.inner_attack(
+          self, state, x, y, key, attack_with_manifold=flags.attack_with_manifold)
+    else:
+      x_adv = self.adversarial_examples(state, x, y, key,
+                                        attack_with_manifold=flags.attack_with_manifold)
 
     def loss_fn(params):
-      stats = state["batch_stats"]
-      clean_logits = None
-      if method.needs_clean_logits:
-        clean_logits, stats = ic.apply_logits(self.graphdef, params, stats, x, train=True)
-      adv_logits, stats = ic.apply_logits(self.graphdef, params, stats, x_adv, train=True)
-      weight = ic.classifier_weight_of(self.graphdef, params, stats)
-      loss, parts = methods.outer_loss(method, adv_logits=adv_logits, labels=y,
-                                       clean_logits=clean_logits,
-                                       class_counts=self._counts_f32,
-                                       classifier_weight=weight)
-      return loss, (stats, parts, adv_logits)
+      return self.outer_objective(params, state["batch_stats"], x, x_adv, y)
 
     (loss, (stats, parts, adv_logits)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state["params"])
@@ -285,8 +328,9 @@ class LongTailTrainer:
     """One jitted, state-donating step (compiled once per ``flags``).
 
     Returns ``(state, metrics)``: scalar batch means (``loss``, ``adv_train_acc``, the
-    method's loss parts) and ``metrics["per_class"]``, the (C,) int counts
-    ``adv_correct`` / ``seen`` of the batch's labels.
+    method's loss parts), ``metrics["per_class"]``, the (C,) int counts
+    ``adv_correct`` / ``seen`` of the batch's labels, and with ``diagnostics``
+    ``metrics["diag"]``, the attack's diagnostic scalars (``diagnostics`` "inner").
     """
     with precision.matmul_precision(self.config.matmul_precision):
       return self._step_fn(flags)(state, batch, key)
@@ -303,6 +347,21 @@ class LongTailTrainer:
     shows the matmul precision)."""
     with precision.matmul_precision(self.config.matmul_precision):
       return self._step_fn(flags).lower(state, batch, key)
+
+  # --- mechanism diagnostics -----------------------------------------------------------
+  def monitor_fn(self, attack_with_manifold: bool) -> Callable:
+    """``diagnostics.monitor_outputs`` jitted (once per ``attack_with_manifold``), its
+    outputs replicated."""
+    if attack_with_manifold not in self._monitors:
+
+      def monitor(state, x, y, key):
+        self.trace_counts[("monitor", attack_with_manifold)] += 1
+        return diag_lib.monitor_outputs(self, state, x, y, key,
+                                        attack_with_manifold=attack_with_manifold)
+
+      self._monitors[attack_with_manifold] = jax.jit(
+          monitor, out_shardings=mesh_lib.replicated(self.mesh))
+    return self._monitors[attack_with_manifold]
 
   # --- evaluation -----------------------------------------------------------------------
   def inference_logits(self, params, batch_stats, x):
@@ -358,6 +417,14 @@ class LongTailTrainer:
             "class_counts": self.class_counts.tolist(),
             "model_kwargs": self.model_kwargs()}
 
+  def checkpoint_fingerprint(self) -> dict:
+    """``run_info`` and the steps per epoch, less the diagnostics settings: they only
+    add records (the trained state is the same with them on or off, tested), so a run
+    may resume with them switched, and checkpoints from before they existed resume."""
+    info = self.run_info()
+    config = {k: v for k, v in info["config"].items() if k not in DIAGNOSTICS_FIELDS}
+    return dict(info, config=config, steps_per_epoch=self.steps_per_epoch)
+
   def save_config(self, workdir: str) -> None:
     info = self.run_info()
     os.makedirs(workdir, exist_ok=True)
@@ -390,19 +457,27 @@ class LongTailTrainer:
     and ``monitor_every`` = k > 0, every k-th epoch and the last one are also evaluated
     clean and under PGD-``monitor_pgd_steps``: ``monitor/clean/*``,
     ``monitor/pgd<k>/*`` (same keys); ``info["monitor"]`` holds the history.
+    With ``config.diagnostics``, ``info["diagnostics"]`` is the per-epoch list of
+    ``diagnostics.epoch_diagnostics`` entries (each with its ``epoch``), also written to
+    ``workdir/diagnostics.json`` after every epoch, kept in the checkpoints' meta (so a
+    resumed run has the whole history) and logged as ``diag/<group>/<name>``.
     """
     store = CheckpointStore(os.path.join(workdir, "checkpoints"),
-                            fingerprint=dict(self.run_info(),
-                                             steps_per_epoch=self.steps_per_epoch))
+                            fingerprint=self.checkpoint_fingerprint())
     state = self.init_state()
     start_epoch, train_seconds = 0, 0.0
     # Refused (ConfigError) before trainer_config.json is overwritten: a checkpoint of
     # another config, or a corrupt one.
     restored = store.restore_latest(state)
     self.save_config(workdir)
+    diag_hist = []
     if restored is not None:
       state, meta = restored
       start_epoch, train_seconds = meta["epoch"] + 1, meta["train_seconds"]
+      diag_hist = list(meta.get("diagnostics") or [])
+    monitor = None
+    if self.config.diagnostics:
+      monitor = diag_lib.make_monitor(self, pipeline.images, pipeline.labels)
     primary = mesh_lib.is_primary_process()
     logger = logger or ProgressLogger(f"longtail:{self.method.name}", enabled=primary)
     spe, epochs = self.steps_per_epoch, self.config.num_epochs
@@ -425,7 +500,7 @@ class LongTailTrainer:
         step_metrics.append(metrics)
         progress.update(epoch * spe + step + 1, epoch, loss=_OnPrint(metrics["loss"]),
                         adv_train_acc=_OnPrint(metrics["adv_train_acc"]))
-      sums, class_sums, n = _epoch_sums(multihost.to_host(step_metrics))
+      sums, class_sums, diag_sums, n = _epoch_sums(multihost.to_host(step_metrics))
       seconds = time.perf_counter() - t0
       train_seconds += seconds
       metrics_hist = {k: v / max(n, 1) for k, v in sums.items()}
@@ -448,16 +523,25 @@ class LongTailTrainer:
           scalars.update(group_scalars(f"monitor/{name}", block))
         logger.log(epoch, **{f"monitor_{name}_balanced": b["balanced"]
                              for name, b in blocks.items()})
+      if monitor is not None:
+        entry = {"epoch": epoch, **diag_lib.epoch_diagnostics(
+            self, state, monitor, attack_with_manifold=flags.attack_with_manifold,
+            inner=({k: v / max(n, 1) for k, v in diag_sums.items()}
+                   if self.config.diagnostics_in_step else None))}
+        diag_hist.append(entry)
+        scalars.update(diag_lib.flatten(entry))
+        if primary:
+          reporting.write_json(os.path.join(workdir, DIAGNOSTICS_FILE), diag_hist)
       writer.write(global_step, scalars)
       writer.flush()
       store.save(epoch, state, {"epoch": epoch, "train_seconds": train_seconds,
-                                "metrics": metrics_hist})
+                                "metrics": metrics_hist, "diagnostics": diag_hist})
       if stop_after_epoch is not None and epoch >= stop_after_epoch:
         break
     writer.close()
     store.close()
     return state, {"train_seconds": train_seconds, "last_epoch_metrics": metrics_hist,
-                   "monitor": monitor_hist}
+                   "monitor": monitor_hist, "diagnostics": diag_hist}
 
 
   def _device_batches(self, host_batches):
@@ -486,19 +570,23 @@ class _OnPrint:
   __str__ = lambda self: format(self, ".4f")
 
 
-def _epoch_sums(step_metrics: list) -> tuple[dict, dict, int]:
-  """Per-step host metrics -> (sum of each scalar, per-class count sums, steps), summed
-  in the order of the steps (float64 sums of the float32 step values)."""
+def _epoch_sums(step_metrics: list) -> tuple[dict, dict, dict, int]:
+  """Per-step host metrics -> (sum of each scalar, per-class count sums, sum of each
+  diagnostic scalar, steps), summed in the order of the steps (float64 sums of the
+  float32 step values)."""
   sums: dict[str, float] = {}
+  diag_sums: dict[str, float] = {}
   class_sums = {"adv_correct": 0, "seen": 0}
   for metrics in step_metrics:
     metrics = dict(metrics)
     per_class = metrics.pop("per_class")
     for k in class_sums:
       class_sums[k] = class_sums[k] + np.asarray(per_class[k], np.int64)
+    for k, v in metrics.pop("diag", {}).items():
+      diag_sums[k] = diag_sums.get(k, 0.0) + float(v)
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + float(v)
-  return sums, class_sums, len(step_metrics)
+  return sums, class_sums, diag_sums, len(step_metrics)
 
 
 def group_scalars(prefix: str, block: dict) -> dict[str, float]:
