@@ -5,7 +5,10 @@
     --workdir=runs/recsys
 
 Arguments (``k=v`` joined by ``,``):
-  model: vbpr | vbpr_mlp | mmgcn (vbpr_mlp).
+  model: vbpr | vbpr_mlp | mmgcn | mmgcn_mmrec (vbpr_mlp). ``mmgcn_mmrec`` is MMRec's
+    MMGCN architecture (three layers, mean aggregation, the visual branch projected to
+    ``latent_dim`` first; uatmc_jax/recsys/models/mmgcn_mmrec.py), for like-with-like
+    comparisons with MMRec.
   dataset: ``synthetic`` (embedded generator) or the path of an MMRec-layout folder.
   random_features: extra random features for interactions-only folders, e.g.
     ``image:4096+text:384`` (None).
@@ -23,6 +26,8 @@ Arguments (``k=v`` joined by ``,``):
     larger reg collapses every vector to zero with BPR stuck at log 2 unless the InfoNCE
     term is strong enough), but 0.01 on ``synthetic`` (see ``DATASET_REG_WEIGHT``).
   embedding_dim (64), wide_threshold (1024), num_layers (2, MMGCN).
+  latent_modality (image), latent_dim (256): mmgcn_mmrec only, the modality projected
+    to latent_dim before its first layer (``none``: every branch on raw features).
   item_bias: VBPR only: add the original paper's per-item bias beta_i to the score
     (False: MMRec's VBPR has none).
   align_weight: VBPR-MLP's cross-modal InfoNCE weight; default per dataset (see
@@ -49,7 +54,7 @@ from experiments.configs import common
 DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, seed=999,
                 epochs=1000, patience=20, batch_size=2048, lr=None, reg_weight=None,
                 embedding_dim=64, item_bias=False, align_weight=None, wide_threshold=1024,
-                num_layers=2,
+                num_layers=2, latent_modality="image", latent_dim=256,
                 loss="bpr", mesh_data=-1, mesh_model=1, compute_dtype="float32",
                 matmul_precision="default",
                 eval_batch_size=2048, runlocal=False)
@@ -62,7 +67,7 @@ DEFAULTS = dict(model="vbpr_mlp", dataset="synthetic", random_features=None, see
 # 2.0/1.0 -> .0665 (seed 1: .0678; test .0608/.0639 vs popularity .0597), 2.0/2.0 -> .063,
 # 2.5/1.5, 3.0/1.0 and 3.0/2.0 collapse. VBPR on TikTok: 2.0 is also the valid optimum of
 # 1e-5..4.
-DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 2.0, "mmgcn": 0.0}
+DEFAULT_REG_WEIGHT = {"vbpr": 2.0, "vbpr_mlp": 2.0, "mmgcn": 0.0, "mmgcn_mmrec": 0.0}
 # Per (model, dataset name) exceptions. The synthetic generator's smoke settings (a few
 # epochs) need the weak regulariser: with 1.0 VBPR-MLP is still leaving the collapsed
 # start after runlocal's 5 epochs (test Recall@20 .053 against .137 with 0.01).
@@ -132,7 +137,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           align_weight=float(a["align_weight"]),
                           item_bias=common.as_bool(a["item_bias"], "item_bias"),
                           wide_threshold=int(a["wide_threshold"]),
-                          num_layers=int(a["num_layers"]))
+                          num_layers=int(a["num_layers"]),
+                          latent_modality=str(a["latent_modality"]),
+                          latent_dim=int(a["latent_dim"]))
   cfg.train = dict(loss=str(a["loss"]), seed=int(a["seed"]), epochs=int(a["epochs"]),
                    patience=int(a["patience"]), batch_size=int(a["batch_size"]),
                    learning_rate=float(a["lr"]), reg_weight=float(a["reg_weight"]),

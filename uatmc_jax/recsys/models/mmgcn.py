@@ -24,7 +24,9 @@ Deviations from MMRec's MMGCN (docs/deviations.md): the ID embeddings and the
 preference vectors are trained (MMRec leaves them as untrained tensors); aggregation is
 symmetric-normalised rather than an unnormalised sum, which keeps activations bounded
 on high-degree nodes; the final representation is the per-modality concatenation
-rather than the mean, per the score definition above.
+rather than the mean, per the score definition above. MMRec's own architecture (three
+layers, wider first layers, mean aggregation, mean of the branches) is the separate
+model ``mmgcn_mmrec`` (``uatmc_jax.recsys.models.mmgcn_mmrec``).
 """
 from __future__ import annotations
 
@@ -63,12 +65,21 @@ def bipartite_edges(train: np.ndarray, n_users: int, n_items: int):
 
 
 class MMGCNLayer(nnx.Module):
-  """One MMGCN layer: normalised aggregation, ID-aware self signal, combination."""
+  """One MMGCN layer: normalised aggregation, ID-aware self signal, combination.
 
-  def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.conv = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
-    self.self_linear = nnx.Linear(dim, dim, rngs=rngs)
-    self.combine = nnx.Linear(2 * dim, dim, rngs=rngs)
+  Args:
+    dim: D, the output width (the ID width).
+    in_dim: width of the layer's input (default D). MMRec's first layer runs at its
+      input's width: ``conv`` is (in_dim, in_dim), ``self_linear`` (in_dim, D) and
+      ``combine`` (in_dim + D, D) (``mmgcn_mmrec.MMGCNMMRec``).
+    rngs: NNX random streams.
+  """
+
+  def __init__(self, dim: int, *, in_dim: int | None = None, rngs: nnx.Rngs):
+    in_dim = dim if in_dim is None else int(in_dim)
+    self.conv = nnx.Linear(in_dim, in_dim, use_bias=False, rngs=rngs)
+    self.self_linear = nnx.Linear(in_dim, dim, rngs=rngs)
+    self.combine = nnx.Linear(in_dim + dim, dim, rngs=rngs)
 
   def __call__(self, x, id_embedding, dst, src, weight, n_nodes):
     """The layer on any edge list (``dst`` sorted): Â (x W_conv) by segment sums."""

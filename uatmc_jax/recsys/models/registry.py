@@ -11,11 +11,12 @@ from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import sharding_rules
 from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.models.mmgcn import MMGCN
+from uatmc_jax.recsys.models.mmgcn_mmrec import MMREC_LATENT_DIM, MMREC_NUM_LAYERS, MMGCNMMRec
 from uatmc_jax.recsys.models.vbpr import VBPR
 from uatmc_jax.recsys.models.vbpr_mlp import VBPRMLP
 
-RECOMMENDERS = ("vbpr", "vbpr_mlp", "mmgcn")
-MODEL_CLASSES = {"vbpr": VBPR, "vbpr_mlp": VBPRMLP, "mmgcn": MMGCN}
+RECOMMENDERS = ("vbpr", "vbpr_mlp", "mmgcn", "mmgcn_mmrec")
+MODEL_CLASSES = {"vbpr": VBPR, "vbpr_mlp": VBPRMLP, "mmgcn": MMGCN, "mmgcn_mmrec": MMGCNMMRec}
 
 
 def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any] | None,
@@ -28,7 +29,11 @@ def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any
     config: optional mapping with ``embedding_dim`` (64), and per model:
       vbpr: ``item_bias`` (False);
       vbpr_mlp: ``wide_threshold`` (1024), ``align_weight`` (InfoNCE weight, 1.0),
-      ``init_temperature`` (0.2); mmgcn: ``num_layers`` (2). Other keys are ignored.
+      ``init_temperature`` (0.2); mmgcn: ``num_layers`` (2); mmgcn_mmrec (MMRec's
+      MMGCN architecture, ``mmgcn_mmrec.MMGCNMMRec``): ``latent_modality`` ("image", the
+      modality projected to ``latent_dim`` before its first layer; None or "none" = every
+      branch on raw features), ``latent_dim`` (256); its depth is MMRec's fixed 3 layers
+      (``num_layers`` is mmgcn's key and is not read). Other keys are ignored.
     rngs: NNX random streams (``params`` is used).
     row_multiple: ID tables padded with zero rows to a multiple of this (the mesh
       ``model`` axis size, see :func:`build_sharded_recommender`); 1 = unpadded.
@@ -53,6 +58,24 @@ def build_recommender(name: str, data: InteractionData, config: Mapping[str, Any
     return MMGCN(data.n_users, data.n_items, dims, data.train, embedding_dim=emb,
                  num_layers=int(cfg.get("num_layers", 2)), row_multiple=row_multiple,
                  rngs=rngs)
+  if name == "mmgcn_mmrec":
+    latent = cfg.get("latent_modality", "image")
+    latent = None if latent is None or str(latent).lower() in ("", "none") else str(latent)
+    if latent is not None and latent not in dims:
+      raise ConfigError(
+          f"model mmgcn_mmrec: latent_modality {latent!r} is not a modality of dataset "
+          f"{data.name!r} (it has {sorted(dims)}); set latent_modality to its visual "
+          "modality, or to none for raw features in every branch")
+    try:
+      latent_dim = int(cfg.get("latent_dim", MMREC_LATENT_DIM))
+    except (TypeError, ValueError):
+      latent_dim = 0
+    if latent_dim < 1:
+      raise ConfigError(f"model mmgcn_mmrec: latent_dim must be an integer >= 1, got "
+                        f"{cfg.get('latent_dim')!r} (MMRec: {MMREC_LATENT_DIM})")
+    return MMGCNMMRec(data.n_users, data.n_items, dims, data.train, embedding_dim=emb,
+                      latent_modality=latent, latent_dim=latent_dim,
+                      num_layers=MMREC_NUM_LAYERS, row_multiple=row_multiple, rngs=rngs)
   raise ConfigError(f"model {name!r} is unknown; expected one of {list(RECOMMENDERS)}")
 
 
