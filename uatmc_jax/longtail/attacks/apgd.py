@@ -109,8 +109,25 @@ def _per_example(v, x):
   return v.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
+def is_key_batch(key) -> bool:
+  """True when ``key`` holds one PRNG key per example: (B, 2) raw uint32 keys or a (B,)
+  array of typed keys (a single key is (2,) or a scalar typed key)."""
+  key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.ndim == 1
+  return key.ndim == 2
+
+
+def per_example_uniform(key, shape, dtype, minval, maxval):
+  """Uniform draws of ``shape`` (B, ...): from one key, or row b from its own key b when
+  ``key`` is a batch of keys (then a row's draw does not depend on the other rows)."""
+  if is_key_batch(key):
+    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:], dtype, minval, maxval))(key)
+  return jax.random.uniform(key, shape, dtype, minval, maxval)
+
+
 def _apgd_random_start(key, x, epsilon, clip_min, clip_max):
-  t = jax.random.uniform(key, x.shape, x.dtype, minval=-1., maxval=1.)
+  t = per_example_uniform(key, x.shape, x.dtype, -1., 1.)
   t_max = jnp.max(jnp.abs(t.reshape(t.shape[0], -1)), axis=1)
   x0 = x + epsilon * t / (_per_example(t_max, x) + 1e-12)
   return jnp.clip(x0, clip_min, clip_max)
@@ -139,7 +156,9 @@ def apgd_attack(logits_fn: LogitsFn,
     epsilon: L∞ radius.
     loss_fn: (logits, labels) -> (B,) loss to maximise (CE for APGD-CE; a
       `targeted_dlr_loss` partial for APGD-T, see `apgd_targeted_attack`).
-    key: PRNG key of the random start (needed when random_start).
+    key: PRNG key of the random start (needed when random_start), or one key per
+      example ((B, 2) raw keys): each start then depends on its own key only, not on
+      the batch it runs in (AutoAttack keys rows by (point, target)).
     num_iterations: N (static); the checkpoints scale with it.
     rho: oscillation threshold of condition (1).
     momentum: α of the momentum step (the first step uses 1).

@@ -12,12 +12,22 @@ Versions (`SUITES`):
 
 Each attack runs only on the points still robust (correct and not yet fooled): a
 work queue (`batching.run_until_fooled`) packs the pending (point, target class)
-pairs of a stage, whatever their target, into full fixed-size jitted batches (only a
-stage's last batch is padded; the target rank is a per-row input; with fewer points
-than a batch, rows that would be padding run the same points' next targets ahead of
-time, each point keeping its lowest successful target), so every stage compiles once
-whatever the data set size, and a point leaves the queue at its first success. With a `log`, each stage prints a progress line per batch (runs done /
-total, robust so far, seconds, ETA) and a summary line. APGD uses the original
+pairs of a stage, whatever their target, into full fixed-size jitted batches (the
+target rank is a per-row input), and a point leaves the queue at its first success.
+A batch the queue cannot fill runs at the smallest of the bucket shapes
+`batching.bucket_sizes(batch_size, min_bucket_rows)` (128 → 16, 32, 64, 128 rows)
+that holds it, its free rows running the same points' next targets ahead of time
+(each point keeps its lowest successful target): a stage compiles at most once per
+bucket whatever the data set size, and the last few robust points of a stage (Square's
+5000 queries above all) run at their own size, not padded to the full batch.
+`min_bucket_rows >= batch_size` gives the single full-batch shape.
+
+Randomness (APGD's random start, Square's stripes, windows and signs) is drawn per
+row from a key of (seed, stage, point index, target rank), so a point's result does
+not depend on which batch, bucket or row it runs in: bucketed and full-batch runs
+give the same per-point outcomes (tests/test_autoattack_buckets.py). With a `log`,
+each stage prints a progress line per batch (runs done / total, robust so far,
+seconds, ETA) and a summary line. APGD uses the original
 100-iteration schedule (not a 10-step shortcut). Targets of APGD-T / FAB-T are the
 ranks 2 … n_target_classes + 1 of the clean logits, one run each, like the authors.
 With fewer than 4 classes APGD-T is skipped (targeted DLR needs z_π4). A point counts
@@ -61,6 +71,7 @@ class AutoAttackConfig:
   square_queries: int = 5000
   square_p_init: float = 0.8
   batch_size: int = 128
+  min_bucket_rows: int = 16
   seed: int = 0
 
   def attacks(self):
@@ -75,12 +86,19 @@ class AutoAttackResult(NamedTuple):
   clean_correct: (N,) bool.
   x_adv: (N, ...) adversarial examples (the clean x where none was found).
   robust_after: attack name -> number of robust points after that stage.
-  seconds: attack name -> wall seconds of that stage (incl. compilation)."""
+  seconds: attack name -> wall seconds of that stage (incl. compilation).
+  fooled_by: (N,) str: the stage whose example fooled the point ("clean" for a clean
+    error, "" for a robust point).
+  stage_stats: attack name -> {"points_in", "points_out", "batches", "rows" (batch
+    rows run, padding included), "pair_rows" (rows that were real (point, target)
+    runs)}."""
   robust: np.ndarray
   clean_correct: np.ndarray
   x_adv: np.ndarray
   robust_after: Dict[str, int]
   seconds: Dict[str, float]
+  fooled_by: Optional[np.ndarray] = None
+  stage_stats: Optional[Dict[str, dict]] = None
 
 
 class AutoAttack:
@@ -101,59 +119,63 @@ class AutoAttack:
     config.attacks()  # validates the version
     base_key = jax.random.PRNGKey(config.seed)
 
-    def stage_key(stage, batch_index, rank=None):
-      # One queue per stage serves every target rank, so the batch index alone tells
-      # the batches of a stage apart (``rank`` is a per-row vector there).
-      del rank
-      return jax.random.fold_in(jax.random.fold_in(base_key, stage), batch_index)
+    def row_keys(stage, ids, run):
+      # One key per row from (stage, point index, run): a point's draws do not depend
+      # on the batch, bucket or row it runs in.
+      stage_key = jax.random.fold_in(base_key, stage)
+      return jax.vmap(lambda i, r: jax.random.fold_in(jax.random.fold_in(stage_key, i), r))(
+          ids, run)
 
-    def apgd_ce(x, y, batch_index, rank, eps):
+    def apgd_ce(x, y, keys, rank, eps):
       res = apgd.apgd_attack(logits_fn, x, y, epsilon=eps,
-                             loss_fn=attack_losses.cross_entropy_loss,
-                             key=stage_key(0, batch_index, rank),
+                             loss_fn=attack_losses.cross_entropy_loss, key=keys,
                              num_iterations=config.apgd_iterations)
       return res.x_adv, res.robust
 
-    def apgd_t(x, y, batch_index, rank, eps):
+    def apgd_t(x, y, keys, rank, eps):
       res = apgd.apgd_targeted_attack(logits_fn, x, y, epsilon=eps, target_rank=rank,
-                                      key=stage_key(1, batch_index, rank),
-                                      num_iterations=config.apgd_iterations)
+                                      key=keys, num_iterations=config.apgd_iterations)
       return res.x_adv, res.robust
 
-    def fab_t(x, y, batch_index, rank, eps):
-      del batch_index
+    def fab_t(x, y, keys, rank, eps):
+      del keys  # FAB-T without restarts is deterministic
       res = fab.fab_targeted_attack(logits_fn, x, y, target_rank=rank,
                                     num_iterations=config.fab_iterations)
       robust = res.distance > eps
       return jnp.where(robust.reshape((-1,) + (1,) * (x.ndim - 1)), x, res.x_adv), robust
 
-    def square_stage(x, y, batch_index, rank, eps):
-      res = square.square_attack(logits_fn, x, y, epsilon=eps,
-                                 key=stage_key(3, batch_index, rank),
+    def square_stage(x, y, keys, rank, eps):
+      res = square.square_attack(logits_fn, x, y, epsilon=eps, key=keys,
                                  num_queries=config.square_queries,
                                  p_init=config.square_p_init,
                                  rescale_schedule=False)  # the authors' AutoAttack
       return res.x_adv, res.robust
 
-    # Batches are padded to one shape and ε / target rank are traced, so each stage
-    # should trace once; `trace_counts` records it (tests assert it stays at 1).
+    # ε and the target rank are traced and batches are padded to a bucket shape, so
+    # each stage traces once per bucket it meets; `trace_counts` records it (tests
+    # assert 1 when batch_size <= min_bucket_rows, i.e. a single shape).
     self.trace_counts: Dict[str, int] = {}
 
-    def queued(fn, targeted):
-      # The work queue's signature: (x, y, run (B,) int32, batch_index, eps); run r of
-      # a targeted stage attacks the target of rank r + 2.
-      def staged(x, y, run, batch_index, eps):
+    def queued(fn, stage, targeted):
+      # The work queue's signature: (x, y, run (B,) int32, ids (B,) int32, batch_index,
+      # eps); run r of a targeted stage attacks the target of rank r + 2.
+      def staged(x, y, run, ids, batch_index, eps):
+        del batch_index  # randomness comes from (point, run), not the batch
         rank = run + 2 if targeted else jnp.int32(0)
-        return fn(x, y, batch_index, rank, eps)
+        return fn(x, y, row_keys(stage, ids, run), rank, eps)
       return staged
 
-    self._stages = {name: batching.counted_jit(self.trace_counts, name, queued(fn, t))
-                    for name, fn, t in (("apgd-ce", apgd_ce, False), ("apgd-t", apgd_t, True),
-                                        ("fab-t", fab_t, True),
-                                        ("square", square_stage, False))}
+    self._stages = {name: batching.counted_jit(self.trace_counts, name,
+                                               queued(fn, stage, t))
+                    for stage, (name, fn, t) in enumerate((
+                        ("apgd-ce", apgd_ce, False), ("apgd-t", apgd_t, True),
+                        ("fab-t", fab_t, True), ("square", square_stage, False)))}
     self._predict = jax.jit(lambda x, _: (jnp.argmax(logits_fn(x), axis=-1),))
-    # On a mesh: (x, y, run) batches split over its devices; each process attacks its rows.
-    self._stages = {k: batching.on_mesh(f, mesh, 3) for k, f in self._stages.items()}
+    # On a mesh: (x, y, run, ids) batches split over its devices; each process attacks
+    # its rows. Buckets stay divisible by the device count.
+    self._stages = {k: batching.on_mesh(f, mesh, 4) for k, f in self._stages.items()}
+    self.buckets = batching.bucket_sizes(
+        config.batch_size, config.min_bucket_rows, 1 if mesh is None else mesh.size)
     self._predict = batching.on_mesh(self._predict, mesh, 1)
     for f in (self._predict, *self._stages.values()):
       if isinstance(f, batching.OnMesh):
@@ -193,6 +215,8 @@ class AutoAttack:
     robust = clean_correct.copy()
     x_adv = images.copy()
     robust_after, seconds = {"clean": int(robust.sum())}, {}
+    fooled_by = np.where(clean_correct, "", "clean").astype(object)
+    stage_stats = {}
     suite = dataclasses.replace(cfg, version=version).attacks() if version else cfg.attacks()
     if log is not None:
       log(f"autoattack clean: robust {robust.sum()}/{len(robust)}; stages {list(suite)}")
@@ -204,16 +228,27 @@ class AutoAttack:
         if log is not None:
           log(f"autoattack apgd-t: skipped, the targeted DLR loss needs >= 4 classes")
       idx = np.flatnonzero(robust)
+      stats = {"points_in": int(idx.size), "batches": 0, "rows": 0, "pair_rows": 0}
+
+      def count(rows, real, stats=stats):
+        stats["batches"] += 1
+        stats["rows"] += rows
+        stats["pair_rows"] += real
+
       if idx.size and n_runs:
         unit = "point x target runs" if n_runs > 1 else "points"
         progress = batching.StageProgress(f"autoattack {name}", idx.size * n_runs,
                                           len(robust), log, unit=unit)
         still, adv = batching.run_until_fooled(
             self._stages[name], images, labels, idx, n_runs, cfg.batch_size,
-            np.float32(eps), progress=progress, robust_before=int(robust.sum()))
+            np.float32(eps), progress=progress, robust_before=int(robust.sum()),
+            buckets=self.buckets, with_ids=True, on_batch=count)
         robust[idx[~still]] = False
         x_adv[idx[~still]] = adv[~still]
+        fooled_by[idx[~still]] = name
       seconds[name] = time.time() - start
+      stats["points_out"] = int(robust.sum())
+      stage_stats[name] = stats
       robust_after[name] = int(robust.sum())
       if log is not None:
         log(f"autoattack {name}: robust {robust.sum()}/{len(robust)} "
@@ -228,5 +263,7 @@ class AutoAttack:
       misclassified = self.predict(x_adv) != labels
       robust = clean_correct & ~(misclassified & in_ball)
       x_adv = np.where(robust.reshape((-1,) + (1,) * (images.ndim - 1)), images, x_adv)
+      fooled_by[robust] = ""
     return AutoAttackResult(robust=robust, clean_correct=clean_correct, x_adv=x_adv,
-                            robust_after=robust_after, seconds=seconds)
+                            robust_after=robust_after, seconds=seconds,
+                            fooled_by=fooled_by.astype(str), stage_stats=stage_stats)

@@ -6,9 +6,13 @@ shape and never recompiles; padded rows are dropped from the outputs.
 `run_until_fooled` is the work queue of the evaluation attacks: each point runs an
 attack up to ``n_runs`` times (AutoAttack's target classes), stops at its first
 success, and the still-robust (point, run) pairs of any run number are packed into
-full fixed-size batches, so only a stage's very last batch is padded.
+full fixed-size batches, so only a stage's very last batch is padded. With
+``buckets`` (e.g. ``bucket_sizes(128, 16)`` = 16, 32, 64, 128 rows) a batch that the
+queue cannot fill runs at the smallest bucket that holds it instead of the full batch
+(a few compiled shapes per attack instead of one, and little padding: the last few
+robust points of a 5000-query Square stage no longer run as 128 rows).
 `StageProgress` prints its progress line; `counted_jit` counts traces (one per
-attack is the contract the tests check).
+attack and batch shape is the contract the tests check).
 """
 
 import time
@@ -101,10 +105,27 @@ class StageProgress:
              f"{elapsed:.1f}s, ETA {eta:.0f}s")
 
 
+def bucket_sizes(batch_size: int, min_rows: int, multiple: int = 1) -> Tuple[int, ...]:
+  """Batch shapes batch_size, batch_size/2, batch_size/4, ... down to ``min_rows``
+  (ascending; halving stops at an odd size or one not divisible by ``multiple``, e.g.
+  a mesh's device count). ``bucket_sizes(128, 16) == (16, 32, 64, 128)``;
+  ``min_rows >= batch_size`` gives ``(batch_size,)``, a single shape."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  sizes = [int(batch_size)]
+  while (sizes[-1] % 2 == 0 and sizes[-1] // 2 >= max(int(min_rows), 1)
+         and (sizes[-1] // 2) % multiple == 0):
+    sizes.append(sizes[-1] // 2)
+  return tuple(sorted(sizes))
+
+
 def run_until_fooled(fn: Callable, images: np.ndarray, labels: np.ndarray,
                      points: np.ndarray, n_runs: int, batch_size: int, *extra_args,
                      progress: Optional[StageProgress] = None,
-                     robust_before: Optional[int] = None
+                     robust_before: Optional[int] = None,
+                     buckets: Optional[Sequence[int]] = None,
+                     with_ids: bool = False,
+                     on_batch: Optional[Callable[[int, int], None]] = None
                      ) -> Tuple[np.ndarray, np.ndarray]:
   """Runs an attack on ``points`` (indices into images) until each is fooled.
 
@@ -120,9 +141,22 @@ def run_until_fooled(fn: Callable, images: np.ndarray, labels: np.ndarray,
   Returns (still_robust (P,), x_adv (P, ...)): x_adv is the first fooling example
   where fooled, else that of the point's last run. ``robust_before``: robust points
   of the whole data set before this stage, for the progress line (default P).
+
+  ``buckets``: allowed batch shapes (ascending, the largest ``batch_size``; default
+  ``(batch_size,)``). A batch the queue cannot fill takes the smallest bucket that
+  holds its pending pairs, and only that bucket's free rows get later runs ahead of
+  time. ``with_ids``: call ``fn(x, y, run, ids, batch_index, *extra_args)`` with ids
+  (B,) int32 the rows' indices into ``images`` (padding repeats row 0), so that an
+  attack can draw each row's randomness from (point, run) alone and give the same
+  per-point result whatever batch, bucket or row the point lands in.
+  ``on_batch(rows, real_rows)``: called after each batch (its shape and the rows that
+  were not padding), e.g. to count the work.
   """
   points = np.asarray(points, np.int64)
   n = len(points)
+  buckets = tuple(sorted(int(b) for b in buckets)) if buckets else (int(batch_size),)
+  if buckets[-1] != batch_size:
+    raise ValueError(f"buckets {buckets} must end with batch_size {batch_size}")
   still = np.ones(n, bool)
   adv = np.array(images[points], copy=True)
   queue_pos = np.arange(n)             # positions into `points`
@@ -132,9 +166,10 @@ def run_until_fooled(fn: Callable, images: np.ndarray, labels: np.ndarray,
   while len(queue_pos):
     pos, run = queue_pos[:batch_size], queue_run[:batch_size]
     queue_pos, queue_run = queue_pos[batch_size:], queue_run[batch_size:]
-    if len(pos) < batch_size:  # the whole queue fits: fill the rest with later runs
+    size = next(bk for bk in buckets if bk >= len(pos))
+    if len(pos) < size:  # the whole queue fits: fill the rest with later runs
       extra_pos, extra_run = [pos], [run]
-      free = batch_size - len(pos)
+      free = size - len(pos)
       for ahead in range(1, n_runs):  # a loop over runs (<= 9), not rows
         later = np.flatnonzero(run + ahead < n_runs)[:free]
         if not later.size or not free:
@@ -144,8 +179,13 @@ def run_until_fooled(fn: Callable, images: np.ndarray, labels: np.ndarray,
         free -= later.size
       pos, run = np.concatenate(extra_pos), np.concatenate(extra_run).astype(np.int32)
     rows = points[pos]
-    batch = pad_rows([images[rows], labels[rows], run], batch_size)
+    if with_ids:
+      batch = pad_rows([images[rows], labels[rows], run, rows.astype(np.int32)], size)
+    else:
+      batch = pad_rows([images[rows], labels[rows], run], size)
     x_out, ok = fn(*batch, b, *extra_args)
+    if on_batch is not None:
+      on_batch(size, len(pos))
     x_out, ok = np.asarray(x_out)[:len(pos)], np.asarray(ok, bool)[:len(pos)]
     # Per point of this batch (its rows are consecutive runs): the lowest fooling run,
     # else its highest run, which decides the next one.

@@ -30,6 +30,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from uatmc_jax.longtail.attacks import apgd
 from uatmc_jax.longtail.attacks import attack_losses
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -83,14 +84,26 @@ def square_attack(logits_fn: LogitsFn,
 
   `early_stop` ends the loop once every example is fooled (results unchanged);
   turn it off only to time the full query budget.
+
+  `key`: one PRNG key for the batch, or one key per example ((B, 2) raw keys): each
+  example's stripes, windows and signs then come from its own key only, so its result
+  does not depend on the batch it runs in.
   """
   chex.assert_rank(x, 4)
   batch, height, width, channels = x.shape
   chex.assert_shape(labels, (batch,))
   if height < 2 or width < 2:
     raise ValueError(f"square_attack needs images at least 2x2, got {x.shape}")
-  init_key, loop_key = jax.random.split(key)
-  stripes = jax.random.rademacher(init_key, (batch, 1, width, channels), x.dtype)
+  per_row = apgd.is_key_batch(key)
+  if per_row:  # one key per example: its windows and signs ignore the other rows
+    chex.assert_shape(key, (batch,) + key.shape[1:])
+    keys = jax.vmap(jax.random.split)(key)
+    init_key, loop_key = keys[:, 0], keys[:, 1]
+    stripes = jax.vmap(lambda k: jax.random.rademacher(k, (1, width, channels), x.dtype))(
+        init_key)
+  else:
+    init_key, loop_key = jax.random.split(key)
+    stripes = jax.random.rademacher(init_key, (batch, 1, width, channels), x.dtype)
   x_best = jnp.clip(x + epsilon * stripes, clip_min, clip_max)
   margin = _margin(logits_fn, x_best, labels)
   rows = jnp.arange(height)[None, :, None, None]
@@ -104,13 +117,21 @@ def square_attack(logits_fn: LogitsFn,
 
   def body(carry):
     i, x_best, margin, queries = carry
-    k_h, k_w, k_s = jax.random.split(jax.random.fold_in(loop_key, i), 3)
     p = square_p_schedule(i, num_queries, p_init, rescale_schedule)
     side = jnp.clip(jnp.round(jnp.sqrt(p * height * width)), 1, side_max).astype(jnp.int32)
-    top = jax.random.randint(k_h, (batch, 1, 1, 1), 0, height - side + 1)
-    left = jax.random.randint(k_w, (batch, 1, 1, 1), 0, width - side + 1)
+    if per_row:
+      def draw(k):
+        k_h, k_w, k_s = jax.random.split(jax.random.fold_in(k, i), 3)
+        return (jax.random.randint(k_h, (1, 1, 1), 0, height - side + 1),
+                jax.random.randint(k_w, (1, 1, 1), 0, width - side + 1),
+                jax.random.rademacher(k_s, (1, 1, channels), x.dtype))
+      top, left, signs = jax.vmap(draw)(loop_key)
+    else:
+      k_h, k_w, k_s = jax.random.split(jax.random.fold_in(loop_key, i), 3)
+      top = jax.random.randint(k_h, (batch, 1, 1, 1), 0, height - side + 1)
+      left = jax.random.randint(k_w, (batch, 1, 1, 1), 0, width - side + 1)
+      signs = jax.random.rademacher(k_s, (batch, 1, 1, channels), x.dtype)
     window = ((rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side))
-    signs = jax.random.rademacher(k_s, (batch, 1, 1, channels), x.dtype)
     x_new = x_best + jnp.where(window, 2. * epsilon * signs, 0.)
     x_new = jnp.clip(jnp.clip(x_new, x - epsilon, x + epsilon), clip_min, clip_max)
     new_margin = _margin(logits_fn, x_new, labels)
