@@ -362,3 +362,35 @@ def test_runner_drops_compiled_programs_near_the_memory_map_limit():
   assert plain.releases == 0  # this process is far from its limit
   usage = memory_map_usage()
   assert usage is None or 0 < usage < 1
+
+
+def test_context_of_a_model_trained_on_a_multi_device_mesh():
+  """``protocol.local_copy`` of a model whose parameters live on the 8-device mesh is a
+  one-device copy with the same values, and the A.4 context builds from it (the sharded
+  parameters went into the context's top-k and aborted inside XLA:CPU)."""
+  from flax import nnx
+  from uatmc_jax.core.parallel.mesh import make_mesh
+  from uatmc_jax.recsys.attacks import protocol
+  from uatmc_jax.recsys.attacks.surface import surface_from_recommender
+  from uatmc_jax.recsys.data.synthetic import SyntheticConfig, make_synthetic
+  from uatmc_jax.recsys.models.registry import build_recommender
+  from uatmc_jax.recsys.trainer import RecsysTrainer
+  data = make_synthetic(SyntheticConfig(n_users=40, n_items=32, mean_interactions=8,
+                                        name="tiny"))
+  model = build_recommender("vbpr_mlp", data, {"embedding_dim": 8}, nnx.Rngs(0))
+  trainer = RecsysTrainer(model, data, {"log": False, "batch_size": 16}, mesh=make_mesh())
+  trainer.train_epoch(0)
+  trained = trainer.model
+  assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(nnx.state(trained)))
+  local = protocol.local_copy(trained)
+  for a, b in zip(jax.tree.leaves(nnx.state(local)), jax.tree.leaves(nnx.state(trained))):
+    assert len(a.sharding.device_set) == 1
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert protocol.local_copy(local) is local  # already on one device: returned as it is
+  surface = surface_from_recommender(local, data.features, space="projected")
+  ctx = build_context(surface, np.arange(0, 40, 2), k=5, train_pairs=data.train)
+  users, items = local.encode(local.project(data.features))
+  scores = np.asarray(users)[np.arange(0, 40, 2)] @ np.asarray(items).T
+  np.testing.assert_allclose(np.asarray(ctx.scores), scores, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ctx.topk_values), -np.sort(-scores, axis=1)[:, :6],
+                             rtol=1e-5, atol=1e-5)

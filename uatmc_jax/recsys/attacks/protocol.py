@@ -138,15 +138,19 @@ def make_runner(surface: AttackSurface, *, chunk_size: int, n_targets: int, mesh
 
 
 def local_copy(model):
-  """A process-local full copy of a model restored onto a multi-process mesh.
+  """A full copy on this process's default device of a model whose parameters live on
+  a mesh (several processes, or several devices of this one).
 
   The protocol's set-up (context, groups) runs per process on local arrays; a model
-  whose parameters are global arrays of a training mesh is copied first. On one
-  process the model itself is returned.
+  whose parameters are arrays of a training mesh is copied first. (On one process with
+  a multi-device mesh, the context's top-k over sharded scores aborted inside XLA:CPU's
+  TopkDecomposer.) A model already on one device is returned as it is.
   """
-  if jax.process_count() == 1:
-    return model
   from flax import nnx
+  on_mesh = any(isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+                for x in jax.tree.leaves(nnx.state(model)))
+  if jax.process_count() == 1 and not on_mesh:
+    return model
   from uatmc_jax.core.parallel import multihost
   copy = nnx.merge(*nnx.split(model))
   nnx.update(copy, multihost.to_local(nnx.state(copy)))
