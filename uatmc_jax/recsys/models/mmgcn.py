@@ -98,7 +98,34 @@ class MMGCNLayer(nnx.Module):
     return jax.nn.leaky_relu(self.combine(jnp.concatenate([h, x_self], axis=-1)))
 
 
-class MMGCN(base.RecommenderBase):
+class NodeForwardEncoder:
+  """encode / encode_rows / item_vectors of a graph recommender from its
+  ``_forward(projected_all, rows=None)`` over the U + I nodes (users first); shared by
+  ``MMGCN`` and ``mmgcn_mmrec.MMGCNMMRec``."""
+
+  def encode(self, projected_all: base.Features) -> tuple[jax.Array, jax.Array]:
+    """(user vectors (U, ·), item vectors (I, ·)) from all items' projections."""
+    nodes = self._forward(projected_all)
+    return nodes[:self.n_users], nodes[self.n_users:]
+
+  def encode_rows(self, projected_all: base.Features, user_ids: jax.Array,
+                  item_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows ``user_ids`` / ``item_ids`` of :meth:`encode`, computing the last layer there only."""
+    rows = jnp.concatenate([user_ids.astype(jnp.int32),
+                            item_ids.astype(jnp.int32) + self.n_users])
+    nodes = self._forward(projected_all, rows)
+    return nodes[:user_ids.shape[0]], nodes[user_ids.shape[0]:]
+
+  def item_vectors(self, projected: base.Features, item_ids: jax.Array) -> jax.Array:
+    """Rows ``item_ids`` of the full forward; ``projected`` must hold all items."""
+    return self.encode_rows(projected, jnp.zeros((0,), jnp.int32), item_ids)[1]
+
+  def user_vectors(self) -> jax.Array:
+    raise TypeError(f"{type(self).__name__} user vectors depend on every item's features; "
+                    "use encode(project(features)) instead")
+
+
+class MMGCN(NodeForwardEncoder, base.RecommenderBase):
   """MMGCN with one GCN branch per modality and trained ID / preference vectors.
 
   Args:
@@ -189,23 +216,3 @@ class MMGCN(base.RecommenderBase):
       ids = jnp.take(id_embedding, rows, axis=0)
     return jnp.concatenate([ids] + xs, axis=-1)
 
-  def encode(self, projected_all: base.Features) -> tuple[jax.Array, jax.Array]:
-    """(user vecs (U, D(1+|M|)), item vecs (I, D(1+|M|))) from all items' projections."""
-    nodes = self._forward(projected_all)
-    return nodes[:self.n_users], nodes[self.n_users:]
-
-  def encode_rows(self, projected_all: base.Features, user_ids: jax.Array,
-                  item_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Rows ``user_ids`` / ``item_ids`` of :meth:`encode`, computing the last layer there only."""
-    rows = jnp.concatenate([user_ids.astype(jnp.int32),
-                            item_ids.astype(jnp.int32) + self.n_users])
-    nodes = self._forward(projected_all, rows)
-    return nodes[:user_ids.shape[0]], nodes[user_ids.shape[0]:]
-
-  def item_vectors(self, projected: base.Features, item_ids: jax.Array) -> jax.Array:
-    """Rows ``item_ids`` of the full forward; ``projected`` must hold all items."""
-    return self.encode_rows(projected, jnp.zeros((0,), jnp.int32), item_ids)[1]
-
-  def user_vectors(self) -> jax.Array:
-    raise TypeError("MMGCN user vectors depend on every item's features; use "
-                    "encode(project(features)) instead")

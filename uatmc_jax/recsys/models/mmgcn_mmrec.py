@@ -50,7 +50,8 @@ from flax import nnx
 from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.recsys.models import base as base
 from uatmc_jax.recsys.models import graph_propagation
-from uatmc_jax.recsys.models.mmgcn import GraphBuffer, MMGCNLayer, bipartite_edges
+from uatmc_jax.recsys.models.mmgcn import (GraphBuffer, MMGCNLayer, NodeForwardEncoder,
+                                            bipartite_edges)
 
 # MMRec's MMGCN: three layers, the visual branch projected to 256 first.
 MMREC_NUM_LAYERS = 3
@@ -64,7 +65,7 @@ def mean_edge_scales(dst: np.ndarray, n_nodes: int) -> tuple[np.ndarray, np.ndar
   return np.sqrt(deg).astype(np.float32), inv.astype(np.float32)
 
 
-class MMGCNMMRec(base.RecommenderBase):
+class MMGCNMMRec(NodeForwardEncoder, base.RecommenderBase):
   """MMRec's MMGCN architecture with trained ID and preference vectors (module notes).
 
   Args:
@@ -180,23 +181,3 @@ class MMGCNMMRec(base.RecommenderBase):
             for m, x, a in zip(self.modalities, xs, aggregated)]
     return sum(xs[1:], xs[0]) / len(xs)
 
-  def encode(self, projected_all: base.Features) -> tuple[jax.Array, jax.Array]:
-    """(user vecs (U, D), item vecs (I, D)) from all items' projections."""
-    nodes = self._forward(projected_all)
-    return nodes[:self.n_users], nodes[self.n_users:]
-
-  def encode_rows(self, projected_all: base.Features, user_ids: jax.Array,
-                  item_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Rows ``user_ids`` / ``item_ids`` of :meth:`encode` (last layer on those rows only)."""
-    rows = jnp.concatenate([user_ids.astype(jnp.int32),
-                            item_ids.astype(jnp.int32) + self.n_users])
-    nodes = self._forward(projected_all, rows)
-    return nodes[:user_ids.shape[0]], nodes[user_ids.shape[0]:]
-
-  def item_vectors(self, projected: base.Features, item_ids: jax.Array) -> jax.Array:
-    """Rows ``item_ids`` of the full forward; ``projected`` must hold all items."""
-    return self.encode_rows(projected, jnp.zeros((0,), jnp.int32), item_ids)[1]
-
-  def user_vectors(self) -> jax.Array:
-    raise TypeError("mmgcn_mmrec user vectors depend on every item's features; use "
-                    "encode(project(features)) instead")
