@@ -100,8 +100,17 @@ class MMGCNLayer(nnx.Module):
 
 class NodeForwardEncoder:
   """encode / encode_rows / item_vectors of a graph recommender from its
-  ``_forward(projected_all, rows=None)`` over the U + I nodes (users first); shared by
-  ``MMGCN`` and ``mmgcn_mmrec.MMGCNMMRec``."""
+  ``_forward(projected_all, rows=None)`` over the U + I nodes (users first), and its
+  real-row tables (``id_embedding``, ``preferences``); shared by ``MMGCN`` and
+  ``mmgcn_mmrec.MMGCNMMRec``."""
+
+  def id_table(self) -> jax.Array:
+    """The ID embeddings of the real nodes, (n_users + n_items, D) (padding dropped)."""
+    return base.real_rows(self.id_embedding[...], self.n_users + self.n_items)
+
+  def preference_table(self, modality: str) -> jax.Array:
+    """The users' preference vectors of ``modality`` (padding dropped)."""
+    return base.real_rows(self.preferences[modality][...], self.n_users)
 
   def encode(self, projected_all: base.Features) -> tuple[jax.Array, jax.Array]:
     """(user vectors (U, ·), item vectors (I, ·)) from all items' projections."""
@@ -171,14 +180,6 @@ class MMGCN(NodeForwardEncoder, base.RecommenderBase):
     self.branches = nnx.Dict({
         m: nnx.List([MMGCNLayer(embedding_dim, rngs=rngs) for _ in range(num_layers)])
         for m in self.modalities})
-
-  def id_table(self) -> jax.Array:
-    """The ID embeddings of the real nodes, (n_users + n_items, D) (padding dropped)."""
-    return base.real_rows(self.id_embedding[...], self.n_users + self.n_items)
-
-  def preference_table(self, modality: str) -> jax.Array:
-    """The users' preference vectors of ``modality``, (n_users, D) (padding dropped)."""
-    return base.real_rows(self.preferences[modality][...], self.n_users)
 
   def project(self, features: base.Features) -> dict[str, jax.Array]:
     """proj_m(x^m) = x^m W_m + b_m, {m: (n, D)} (row-wise)."""

@@ -135,14 +135,6 @@ class MMGCNMMRec(NodeForwardEncoder, base.RecommenderBase):
                        for _ in range(int(num_layers) - 1)])
         for m in self.modalities})
 
-  def id_table(self) -> jax.Array:
-    """The ID embeddings of the real nodes, (n_users + n_items, D) (padding dropped)."""
-    return base.real_rows(self.id_embedding[...], self.n_users + self.n_items)
-
-  def preference_table(self, modality: str) -> jax.Array:
-    """The users' preference vectors of ``modality``, (n_users, w_1) (padding dropped)."""
-    return base.real_rows(self.preferences[modality][...], self.n_users)
-
   def project(self, features: base.Features) -> dict[str, jax.Array]:
     """{m: f_m(x^m)}: Linear(d_m → d_lat) for the latent modality, raw x^m otherwise."""
     base.check_features(features, self.modalities)
