@@ -10,8 +10,9 @@
 # seeds 1-3 = 42 runs, data_seed 0 (every run sees the same long-tailed subset). Every
 # run writes its per-epoch mechanism diagnostics (<workdir>/diagnostics.json, the
 # TensorBoard tags diag/*; uatmc_jax.longtail.diagnostics) beside the clean / PGD-20
-# results of train_longtail. No CW / AutoAttack here: the sweep asks whether the terms
-# act, not for the final robustness table (add them with experiments.eval_robust).
+# results of train_longtail. The settings in EVAL_TAGS (AT-BSL with and without the MCAT
+# terms) are also evaluated with CW on the 1,000 test images and standard AutoAttack on a
+# seeded 200 (20 per class); add a sweep setting's tag to EVAL_TAGS to evaluate it too.
 #
 #   bash experiments/scripts/mcat_weights_cpu_small.sh
 #   SEEDS=1 IRS=10 bash experiments/scripts/mcat_weights_cpu_small.sh   # a subset
@@ -26,6 +27,7 @@ RUNS=${RUNS:-runs/mcat_weights_cpu_small}
 CACHE=${CACHE:-${RUNS}/cache}
 SEEDS=${SEEDS:-1 2 3}
 IRS=${IRS:-10 100}
+EVAL_TAGS=${EVAL_TAGS:-at_bsl at_bsl_mcat_terms}
 # <workdir tag>:<config arguments>
 SETTINGS=(
   "mcat:method=mcat"
@@ -47,6 +49,15 @@ for ir in ${IRS}; do
         python -m experiments.train_longtail \
           "--config=experiments/configs/longtail.py:preset=cpu_small,dataset=folder,data_dir=${DATA},cache_dir=${CACHE},imbalance_ratio=${ir},${args},seed=${seed}" \
           --workdir="${wd}"
+      fi
+      if [[ " ${EVAL_TAGS} " == *" ${tag} "* ]]; then
+        if ! grep -qs '"cw"' "${wd}/eval_results.json"; then
+          python -m experiments.eval_robust --workdir="${wd}" --attacks=cw
+        fi
+        if ! grep -qs '"autoattack"' "${wd}/eval_results.json"; then
+          python -m experiments.eval_robust --workdir="${wd}" --attacks=autoattack \
+            --autoattack_per_class=20 --keep_existing
+        fi
       fi
     done
   done
