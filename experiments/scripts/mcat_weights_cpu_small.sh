@@ -5,9 +5,11 @@
 # One weight varied at a time from MCAT's defaults (λ_man 0.1, λ_geom 0.01):
 #   λ_man  ∈ {0.1, 1, 10}   (λ_geom 0.01)
 #   λ_geom ∈ {0.01, 0.1, 1} (λ_man 0.1)
-# (the defaults are one run, shared by both sweeps), and AT-BSL against AT-BSL with both
-# MCAT terms (method=at_bsl+etf+manifold, default weights): 7 settings x IR 10 and 100 x
-# seeds 1-3 = 42 runs, data_seed 0 (every run sees the same long-tailed subset). Every
+# (the defaults are one run, shared by both sweeps); AT-BSL against AT-BSL with both MCAT
+# terms (method=at_bsl+etf+manifold) at the default weights and at weights where both
+# terms act (λ_man 1, λ_geom 1: "active"); RoBal with and without the terms. 10 settings
+# x IR 10 and 100 x seeds 1-3 = 60 runs, data_seed 0 (every run sees the same
+# long-tailed subset). Every
 # run writes its per-epoch mechanism diagnostics (<workdir>/diagnostics.json, the
 # TensorBoard tags diag/*; uatmc_jax.longtail.diagnostics) beside the clean / PGD-20
 # results of train_longtail. The settings in EVAL_TAGS (AT-BSL with and without the MCAT
@@ -16,6 +18,7 @@
 #
 #   bash experiments/scripts/mcat_weights_cpu_small.sh
 #   SEEDS=1 IRS=10 bash experiments/scripts/mcat_weights_cpu_small.sh   # a subset
+#   TAGS="at_bsl at_bsl_mcat_terms" bash experiments/scripts/mcat_weights_cpu_small.sh
 #
 # Cost: see docs/results/longtail.md ("What the MCAT terms do"). Finished runs (a
 # results.json) are skipped when the script is rerun. On a multi-core CPU:
@@ -27,7 +30,8 @@ RUNS=${RUNS:-runs/mcat_weights_cpu_small}
 CACHE=${CACHE:-${RUNS}/cache}
 SEEDS=${SEEDS:-1 2 3}
 IRS=${IRS:-10 100}
-EVAL_TAGS=${EVAL_TAGS:-at_bsl at_bsl_mcat_terms}
+TAGS=${TAGS:-}   # empty: every setting below
+EVAL_TAGS=${EVAL_TAGS:-at_bsl at_bsl_mcat_terms at_bsl_mcat_terms_active}
 # <workdir tag>:<config arguments>
 SETTINGS=(
   "mcat:method=mcat"
@@ -37,12 +41,18 @@ SETTINGS=(
   "mcat_geom1:method=mcat,etf_weight=1"
   "at_bsl:method=at_bsl"
   "at_bsl_mcat_terms:method=at_bsl+etf+manifold"
+  "at_bsl_mcat_terms_active:method=at_bsl+etf+manifold,manifold_weight=1,etf_weight=1"
+  "robal:method=robal"
+  "robal_mcat_terms:method=robal+etf+manifold"
 )
 
 for ir in ${IRS}; do
   for entry in "${SETTINGS[@]}"; do
     tag=${entry%%:*}
     args=${entry#*:}
+    if [[ -n "${TAGS}" && " ${TAGS} " != *" ${tag} "* ]]; then
+      continue
+    fi
     for seed in ${SEEDS}; do
       wd="${RUNS}/ir${ir}_${tag}_s${seed}"
       if [[ ! -f "${wd}/results.json" ]]; then
