@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
+from experiments import launch
 from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.longtail.table import (EVAL_LABELS, aggregate, expand_workdirs, load_run,
                                       markdown, per_class_plot)
@@ -30,13 +31,18 @@ def main(argv):
   if not flags.FLAGS.workdirs:
     raise ConfigError("--workdirs is required (run directories or glob patterns)")
   dirs = expand_workdirs(flags.FLAGS.workdirs)
-  if flags.FLAGS.skip_unfinished:
-    unfinished = [d for d in dirs if not os.path.exists(os.path.join(d, "results.json"))]
-    if unfinished:
-      print(f"longtail_table: skipping unfinished runs {unfinished}", file=sys.stderr)
-    dirs = [d for d in dirs if d not in unfinished]
-    if not dirs:
-      raise ConfigError("--workdirs: no finished run (results.json) among the matches")
+  unfinished = [d for d in dirs if not os.path.exists(os.path.join(d, "results.json"))]
+  if unfinished and not flags.FLAGS.skip_unfinished:
+    raise ConfigError(f"--workdirs: {len(unfinished)} matched director"
+                      f"{'y has' if len(unfinished) == 1 else 'ies have'} no results.json "
+                      f"(not a finished train_longtail run): {unfinished[:3]}"
+                      f"{' ...' if len(unfinished) > 3 else ''}; pass --skip_unfinished "
+                      "to leave them out")
+  if unfinished:
+    print(f"longtail_table: skipping unfinished runs {unfinished}", file=sys.stderr)
+  dirs = [d for d in dirs if d not in unfinished]
+  if not dirs:
+    raise ConfigError("--workdirs: no finished run (results.json) among the matches")
   runs = [load_run(d) for d in dirs]
   agg = aggregate(runs)
   md = markdown(agg)
@@ -51,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

@@ -117,3 +117,23 @@ def test_ablations_are_their_own_rows_and_test_sizes_are_shown(tmp_path):
   assert "| 10 | mcat | AA | 1 | 30 |" in md and "| 10 | mcat | CW | 1 | 300 |" in md
   assert "| 10 | mcat (manifold_weight=0) | clean | 1 | ? |" in md  # no n_test recorded
   assert "| 10 | mcat | clean | 1 | ? |" in md
+
+
+def test_launcher_names_unfinished_runs_in_one_line_and_can_skip_them(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  _write_run(str(tmp_path), "ir10_mcat_s1", ir=10.0, method="mcat", seed=1,
+             clean=[1, 0, 0], pgd=[1, 0, 0])
+  os.makedirs(tmp_path / "ir10_mcat_s2")  # still training: no results.json yet
+  cmd = [sys.executable, "-m", "experiments.longtail_table",
+         f"--workdirs={tmp_path}/ir10_*"]
+  out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert out.returncode == 2, out.stderr
+  assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+  assert "ir10_mcat_s2" in lines[0] and "--skip_unfinished" in lines[0], lines
+  ok = subprocess.run(cmd + ["--skip_unfinished"], cwd=root, capture_output=True, text=True,
+                      timeout=300)
+  assert ok.returncode == 0, ok.stderr
+  assert "ir10_mcat_s2" in ok.stderr and "| 10 | mcat |" in ok.stdout, ok.stdout
