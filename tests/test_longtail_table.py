@@ -68,6 +68,10 @@ def test_aggregate_mean_std_over_seeds_and_markdown(tmp_path):
   assert "mean ± sample std (ddof 1) over 1–2 seeds" in md
   row10 = next(l for l in md.splitlines() if l.startswith("| 10 | pgd_at | 1 |"))
   assert row10.count("n/a") == 6  # CW and AA-apgd x overall/balanced/tail
+  # One seed: the mean alone (clean overall 60.0), no "± 0.0" posing as a spread.
+  assert "| 60.0 |" in row10 and "±" not in row10, row10
+  aa_row = next(l for l in md.splitlines() if l.startswith("| 100 | mcat | AA-apgd |"))
+  assert "±" not in aa_row and "| 16.7 |" in aa_row, aa_row
   assert "| 100 | mcat | AA-apgd | 1 | 3 |" in md  # eval_results' settings.n_test
   plot = tmp_path / "pc.png"
   assert lt.per_class_plot(str(plot), agg) == {100.0: "autoattack_apgd", 10.0: "pgd20"}

@@ -128,7 +128,7 @@ def load_run(workdir: str) -> dict:
 
 def _mean_std_or_none(values: Sequence[Optional[float]]) -> Optional[dict]:
   vals = [v for v in values if v is not None]
-  return reporting.mean_std(vals) if vals else None
+  return {**reporting.mean_std(vals), "n": len(vals)} if vals else None
 
 
 def aggregate(runs: Sequence[dict]) -> Dict[tuple, dict]:
@@ -177,9 +177,12 @@ def aggregate(runs: Sequence[dict]) -> Dict[tuple, dict]:
 
 
 def _pct(v: Optional[dict]):
-  """mean ± std in percent, one decimal ("—" for an empty group)."""
+  """mean ± std in percent, one decimal ("—" for an empty group; the mean alone when
+  one seed has the number: a spread of one value is not 0)."""
   if v is None:
     return "—"
+  if v.get("n", 2) < 2:
+    return f"{100 * v['mean']:.1f}"
   return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
 
 
@@ -205,7 +208,7 @@ def markdown(agg: Dict[tuple, dict]) -> str:
   seeds = str(n_seeds[0]) if len(n_seeds) == 1 else f"{n_seeds[0]}–{n_seeds[-1]}"
   note = (f"Accuracy in %, {reporting.std_header(seeds)} (column seeds). Groups from "
           "the training counts: Many > 100, Medium 20–100, Few < 20 images, Tail = rarest "
-          "30% of classes; — = empty group.")
+          "30% of classes; — = empty group; a number without ± comes from one seed.")
   parts = [note, compact, long]
   if any("diagnostics" in a for a in agg.values()):
     rows = []
@@ -223,9 +226,12 @@ def markdown(agg: Dict[tuple, dict]) -> str:
 
 
 def _num(v: Optional[dict]) -> str:
-  """mean ± std with 3 significant digits ("n/a": the method has no such term)."""
+  """mean ± std with 3 significant digits ("n/a": the method has no such term; the mean
+  alone from one seed)."""
   if v is None:
     return "n/a"
+  if v.get("n", 2) < 2:
+    return f"{v['mean']:.3g}"
   return f"{v['mean']:.3g} ± {v['std']:.2g}"
 
 
