@@ -20,7 +20,10 @@ Two numbers, because AutoAttack's cost depends on how robust the model is:
    train_longtail checkpoint (``--workdir``, its test set, ``--per_class`` images per
    class) or the built-in untrained model on random images. ``--min_bucket_rows 128,16``
    runs one configuration per value in one process (128 = every batch padded to the
-   full 128 rows; 16 = the default buckets 16/32/64/128). ``--official PATH`` also runs
+   full 128 rows; 16 = the default buckets 16/32/64/128; Square's last batch runs at its
+   exact size unless the value is >= the batch). A repeated value with
+   ``--compile_cache`` and an empty cache directory (``16,16``) gives a cold run, then a
+   run from the warm persistent cache, in one process. ``--official PATH`` also runs
    the authors' PyTorch AutoAttack (a checkout of fra31/auto-attack, not part of this
    project; needs torch) on a PyTorch copy of the same small CNN with the same weights
    and reports its per-stage seconds and whether robust sets and fooling stages agree.
@@ -29,8 +32,8 @@ Two numbers, because AutoAttack's cost depends on how robust the model is:
   python benchmarks/bench_autoattack.py                          # small CNN, batch 32
   python benchmarks/bench_autoattack.py --model resnet18 --batch 8 --square_queries 500
   taskset -c 0 python benchmarks/bench_autoattack.py --end_to_end --threads 1 \
-      --workdir runs/lt_pgd_at --per_class 20 --batch 128 --min_bucket_rows 128,16 \
-      --official ../auto-attack
+      --workdir runs/lt_pgd_at --per_class 20 --batch 128 --min_bucket_rows 16,16 \
+      --compile_cache runs/aa_cache --official ../auto-attack
 """
 import argparse
 import os
@@ -212,13 +215,16 @@ def end_to_end(args):
         f"threads {args.threads or 'default'}, compile cache "
         f"{args.compile_cache or 'off'}; load average {os.getloadavg()[0]:.2f}", flush=True)
   results, totals = {}, {}
-  for min_rows in args.min_bucket_rows:
+  for i, min_rows in enumerate(args.min_bucket_rows):
     config = autoattack.AutoAttackConfig(
         epsilon=eps, batch_size=args.batch, min_bucket_rows=min_rows,
         apgd_iterations=args.apgd_iterations, square_queries=args.square_queries,
         seed=args.seed)
     res, rows, total, traces = _timed_autoattack(logits_fn, images, labels, config)
     label = f"project, min_bucket_rows={min_rows}"
+    if min_rows in args.min_bucket_rows[:i]:  # a repeat: its programs are in the cache
+      label += (f" (repeat {args.min_bucket_rows[:i + 1].count(min_rows)}"
+                + (", warm persistent cache)" if args.compile_cache else ")"))
     results[label], totals[label] = res, total
     print(f"\n{label} (buckets {autoattack.batching.bucket_sizes(args.batch, min_rows)}): "
           f"{total[0]:.1f} s total ({total[1]:.1f} CPU s), robust "

@@ -139,7 +139,7 @@ def fab_targeted_attack(logits_fn: LogitsFn,
     return jnp.sum(gap), gap
 
   if random_start_radius is not None:
-    t = jax.random.uniform(key, x.shape, x.dtype, minval=-1., maxval=1.)
+    t = apgd.per_example_uniform(key, x.shape, x.dtype, -1., 1.)
     t_max = jnp.max(jnp.abs(flat(t)), axis=1).reshape((-1,) + (1,) * (x.ndim - 1))
     x_start = jnp.clip(x + random_start_radius * t / (t_max + 1e-12), clip_min, clip_max)
   else:
