@@ -13,9 +13,12 @@ and applies ``num_layers`` MMGCN layers
   x     = LeakyReLU([h ; x̃] W_g + b)                    (combination)
 
 with Â the symmetrically normalised adjacency D^{-1/2} A D^{-1/2} applied as a sparse
-product over the edge list (no dense adjacency; ``graph_propagation``: one product for
-all modalities per layer, Âᵀ = Â in the backward pass; the edge list's symmetry is
-checked once at construction). Scores sum the
+product over the edge list (no dense adjacency; the edge list's symmetry is checked once
+at construction). The graph is bipartite, Â = [[0, B], [Bᵀ, 0]], so the model keeps each
+branch's user rows and item rows as two tables and aggregates with
+``graph_propagation.bipartite_propagate`` (B x_items, Bᵀ x_users): per layer one product
+for all modalities (columns side by side), two CSR blocks, no concatenation of users and
+items, and the backward pass is the same product again (Âᵀ = Â). Scores sum the
 per-modality dot products plus an ID part: the user/item vectors are the
 concatenations [e_id ; x^{m_1} ; x^{m_2} ...], so one dot product gives
 <e_u, e_i> + Σ_m <x_u^m, x_i^m>.
@@ -164,6 +167,8 @@ class MMGCN(NodeForwardEncoder, base.RecommenderBase):
     dst, src, weight = bipartite_edges(train, n_users, n_items)
     # The propagation's backward pass is exact only for a symmetric Â (its contract).
     graph_propagation.check_symmetric(dst, src, weight, "MMGCN train graph")
+    # The user rows of the dst-sorted list come first: the split of its two CSR blocks.
+    self.n_user_edges = int(np.searchsorted(dst, n_users))
     self.edge_dst = GraphBuffer(jnp.asarray(dst))
     self.edge_src = GraphBuffer(jnp.asarray(src))
     self.edge_weight = GraphBuffer(jnp.asarray(weight))
@@ -186,14 +191,78 @@ class MMGCN(NodeForwardEncoder, base.RecommenderBase):
     base.check_features(features, self.modalities)
     return {m: self.feature_proj[m](features[m]) for m in self.modalities}
 
+  def bipartite(self) -> graph_propagation.BipartiteGraph:
+    """The train graph's two CSR blocks (user rows, item rows) from the edge buffers."""
+    return graph_propagation.bipartite_graph(
+        self.edge_dst[...], self.edge_src[...], self.edge_weight[...], self.n_users,
+        self.n_items, self.n_user_edges)
+
+  def split_forward(self, projected_all: base.Features, user_rows: jax.Array | None = None,
+                    item_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(user vectors, item vectors) [e_id ; x^{m_1} ; ...] of all users and items, or of
+    ``user_rows`` / ``item_rows`` only (both given or neither).
+
+    Each branch keeps two tables, its user rows and its item rows; a layer aggregates all
+    branches at once with ``bipartite_propagate`` (Â [x_U ; x_I] = (B x_I, Bᵀ x_U), the
+    modalities' columns side by side; its transpose is itself), and applies ``conv``
+    after aggregating (= before, ``conv`` being linear). With rows the
+    last layer runs on those rows only (its inputs at every node are still needed for the
+    aggregate): the BPR loss needs just the batch's users and items. Row-wise maths is that
+    of :meth:`_forward`'s node order (users first), per table.
+    """
+    base.check_features(projected_all, self.modalities, self.n_items)
+    if (user_rows is None) != (item_rows is None):
+      raise ValueError("split_forward: give both user_rows and item_rows, or neither")
+    ids_all = self.id_table()
+    id_u, id_i = ids_all[:self.n_users], ids_all[self.n_users:]
+    graph = self.bipartite()
+    # l2 normalisation is row-wise: normalising the two tables = normalising [P ; proj].
+    xs = [(base.l2_normalize(self.preference_table(m)), base.l2_normalize(projected_all[m]))
+          for m in self.modalities]
+    n_layers = len(self.branches[self.modalities[0]])
+    ids = (id_u, id_i)
+    take = lambda pair, rows: tuple(jnp.take(t, r.astype(jnp.int32), axis=0)
+                                    for t, r in zip(pair, rows))
+    for l in range(n_layers):
+      # One product for all modalities (their columns side by side), per table.
+      widths = np.cumsum([x_u.shape[-1] for x_u, _ in xs])[:-1]
+      agg_u, agg_i = graph_propagation.bipartite_propagate(
+          jnp.concatenate([x_u for x_u, _ in xs], axis=-1),
+          jnp.concatenate([x_i for _, x_i in xs], axis=-1), graph)
+      aggregated = list(zip(jnp.split(agg_u, widths, axis=-1),
+                            jnp.split(agg_i, widths, axis=-1)))
+      if user_rows is not None and l == n_layers - 1:
+        rows = (user_rows, item_rows)
+        xs = [take(x, rows) for x in xs]
+        aggregated = [take(a, rows) for a in aggregated]
+        ids = take(ids, rows)
+      xs = [tuple(self.branches[m][l].output(self.branches[m][l].conv(a), x, e)
+                  for a, x, e in zip(agg, x_pair, ids))
+            for m, x_pair, agg in zip(self.modalities, xs, aggregated)]
+    if user_rows is not None and n_layers == 0:
+      rows = (user_rows, item_rows)
+      xs = [take(x, rows) for x in xs]
+      ids = take(ids, rows)
+    return tuple(jnp.concatenate([ids[side]] + [x[side] for x in xs], axis=-1)
+                 for side in (0, 1))
+
+  def encode(self, projected_all: base.Features) -> tuple[jax.Array, jax.Array]:
+    """(user vectors (U, ·), item vectors (I, ·)) from all items' projections."""
+    return self.split_forward(projected_all)
+
+  def encode_rows(self, projected_all: base.Features, user_ids: jax.Array,
+                  item_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows ``user_ids`` / ``item_ids`` of :meth:`encode`, computing the last layer there only."""
+    return self.split_forward(projected_all, user_ids, item_ids)
+
   def _forward(self, projected_all: base.Features, rows: jax.Array | None = None) -> jax.Array:
     """Node vectors [e_id ; x^{m_1} ; ...] of all nodes, or of node ids ``rows`` only.
 
-    Every layer aggregates all modalities at once, Â [x^{m_1}, x^{m_2}, ...], with the
-    symmetric CSR product (its transpose is itself; no scatter in the backward pass),
-    and applies ``conv`` after aggregating (= before, ``conv`` being linear). With
-    ``rows`` the last layer runs on those rows only (its inputs at every node are still
-    needed for the aggregate): the BPR loss needs just the batch's users and items.
+    The one-table form (users then items in one (N, ·) array, all modalities in one
+    ``symmetric_propagate`` per layer); :meth:`encode` / :meth:`encode_rows` use
+    :meth:`split_forward`, the same function on two tables (tests check they agree).
+    Every layer applies ``conv`` after aggregating (= before, ``conv`` being linear);
+    with ``rows`` the last layer runs on those rows only.
     """
     base.check_features(projected_all, self.modalities, self.n_items)
     id_embedding = self.id_table()
