@@ -29,10 +29,20 @@ FMA units x 8 fp32 lanes x 2).
   python benchmarks/bench_longtail_step.py --method mcat --steps 2
   python benchmarks/bench_longtail_step.py --model small_cnn --widths 16+32+64+128 --torch
   python benchmarks/bench_longtail_step.py --model small_cnn --torch --single_thread
+
+``--conv_rule_ab`` also times a second trainer whose convolutions skip conv_ops'
+few-input-channel path (``few_input_channels=0``, the general rewrite for every layer),
+alternating with the default in each round, and prints the ratio (PGD-k AT step with the
+few-channel first layer vs without; docs/results/performance.md):
+
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false taskset -c 1 python \
+      benchmarks/bench_longtail_step.py --model small_cnn --widths 16+32+64+128 \
+      --attack_steps 3 --single_thread --conv_rule_ab --rounds 5
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -47,6 +57,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from uatmc_jax.core.parallel import mesh as mesh_lib  # noqa: E402
 from uatmc_jax.core.parallel import throughput  # noqa: E402
@@ -54,6 +65,7 @@ from uatmc_jax.longtail import losses as cl  # noqa: E402
 from uatmc_jax.longtail import manifold as manifold_lib  # noqa: E402
 from uatmc_jax.longtail import methods as longtail_methods  # noqa: E402
 from uatmc_jax.longtail import trainer as longtail_trainer  # noqa: E402
+from uatmc_jax.longtail.models import conv_ops  # noqa: E402
 from uatmc_jax.longtail.models import image_classifiers as ic  # noqa: E402
 
 
@@ -132,6 +144,8 @@ def main():
   p.add_argument("--single_thread", action="store_true",
                  help="one compute thread for both frameworks (a fairer comparison on an "
                       "oversubscribed machine, where OpenMP/Eigen thread pools contend)")
+  p.add_argument("--conv_rule_ab", action="store_true",
+                 help="also time the step without conv_ops' few-input-channel path")
   args = p.parse_args()
 
   widths = tuple(int(w) for w in args.widths.split("+")) if args.widths else None
@@ -215,6 +229,23 @@ def main():
     except ImportError:
       torch_note = "torch not installed (pip install torch to compare)"
 
+  general = None  # (trainer, state) with few_input_channels=0
+  if args.conv_rule_ab:
+    if args.torch:
+      sys.exit("--conv_rule_ab and --torch are separate comparisons; pass one")
+    general_trainer = longtail_trainer.LongTailTrainer(
+        config, method, num_classes=args.num_classes, class_counts=counts,
+        steps_per_epoch=100, mesh=mesh)
+    model = nnx.merge(general_trainer.graphdef, state["params"], state["batch_stats"])
+    conv_fn = functools.partial(conv_ops.conv_general_dilated, few_input_channels=0)
+    for _, m in nnx.iter_graph(model):
+      if isinstance(m, nnx.Conv):
+        m.conv_general_dilated = conv_fn
+    general_trainer.graphdef = ic.split_classifier(model)[0]
+    general = [general_trainer, jax.tree.map(jnp.copy, state)]
+    general[1], m = general_trainer.train_step(general[1], batch, jax.random.key(0), flags=flags)
+    jax.block_until_ready(m["loss"])
+
   key = jax.random.key(0)
   t0 = time.perf_counter()
   state, m = trainer.train_step(state, batch, key, flags=flags)
@@ -222,7 +253,7 @@ def main():
   compile_s = time.perf_counter() - t0
   if torch_step is not None:
     torch_step()  # warm-up
-  times = {"jax": [], "torch": []}
+  times = {"jax": [], "torch": [], "jax general conv": []}
   calls = 0
   for _ in range(args.rounds):
     for _ in range(args.steps):
@@ -231,6 +262,14 @@ def main():
       state, m = trainer.train_step(state, batch, jax.random.fold_in(key, calls), flags=flags)
       jax.block_until_ready(m["loss"])
       times["jax"].append(time.perf_counter() - t0)
+    if general is not None:
+      for _ in range(args.steps):
+        calls += 1
+        t0 = time.perf_counter()
+        general[1], m = general[0].train_step(general[1], batch, jax.random.fold_in(key, calls),
+                                              flags=flags)
+        jax.block_until_ready(m["loss"])
+        times["jax general conv"].append(time.perf_counter() - t0)
     if torch_step is not None:
       for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -256,6 +295,11 @@ def main():
                                           peak_flops=peak, unit="images")
     print(f"{name:5s} PGD-{config.attack_steps} AT step: {results[name].line()}  "
           f"(steps: {', '.join(f'{t:.3f}' for t in ts)} s)")
+  if "jax general conv" in results:
+    pairs = zip(times["jax general conv"], times["jax"])
+    print(f"few-channel first layer: step time general / default = "
+          f"{results['jax general conv'].seconds_per_call / results['jax'].seconds_per_call:.2f}x"
+          f" (per step pair {', '.join(f'{g / d:.2f}' for g, d in pairs)})")
   if args.torch and torch_step is None:
     print(f"torch: {torch_note}")
   elif "torch" in results:

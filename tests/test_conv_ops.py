@@ -23,6 +23,15 @@ def _both(x, w, strides, padding, **kw):
   return ref, new
 
 
+def _input_gradient_is_matmul(x, w, strides, padding, **kw):
+  """Whether the input gradient of conv_ops' convolution is a matmul: the gradient's
+  program then has a dot and one convolution (the forward's), not two."""
+  f = lambda a: jnp.sum(jnp.tanh(conv_ops.conv_general_dilated(
+      a, w, strides, padding, dimension_numbers=DN, **kw)))
+  names = [e.primitive.name for e in jax.make_jaxpr(jax.grad(f))(x).jaxpr.eqns]
+  return "dot_general" in names and names.count("conv_general_dilated") == 1
+
+
 class ConvOpsTest(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -37,10 +46,18 @@ class ConvOpsTest(parameterized.TestCase):
       (9, 9, 3, 2, "VALID"),
   )
   def test_values_and_gradients_match_lax(self, h, w, k, s, padding):
+    # 4 input features: the few-channel path (im2col input tangent); 6: the general one.
+    for cin in (4, 6):
+      self._check_values_and_gradients(h, w, k, s, padding, cin)
+
+  def _check_values_and_gradients(self, h, w, k, s, padding, cin):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (3, h, w, 4))
-    wt = jax.random.normal(kw, (k, k, 4, 5))
+    x = jax.random.normal(kx, (3, h, w, cin))
+    wt = jax.random.normal(kw, (k, k, cin, 5))
     ref, new = _both(x, wt, (s, s), padding)
+    # the few-channel input gradient is a matmul (module doc); the general one a convolution
+    self.assertEqual(_input_gradient_is_matmul(x, wt, (s, s), padding),
+                     cin <= conv_ops.FEW_INPUT_CHANNELS)
     y_ref, vjp_ref = jax.vjp(ref, x, wt)
     y_new, vjp_new = jax.vjp(new, x, wt)
     chex.assert_trees_all_close(y_new, y_ref, atol=1e-5, rtol=1e-5)
@@ -155,8 +172,9 @@ class ConvOpsTest(parameterized.TestCase):
     # The fast path of the module doc: the input gradient's convolution must carry the
     # standard kernel spec (HWIO) with input dilation = stride, not JAX's swapped-spec
     # transpose (the slow path inside loops).
-    x = jax.random.normal(jax.random.key(14), (2, 8, 8, 3))
-    wt = jax.random.normal(jax.random.key(15), (3, 3, 3, 4))
+    # (8 input features: the general rewrite; the few-channel path has its own test below)
+    x = jax.random.normal(jax.random.key(14), (2, 8, 8, 8))
+    wt = jax.random.normal(jax.random.key(15), (3, 3, 8, 4))
     f = lambda a: jnp.sum(conv_ops.conv_general_dilated(
         a, wt, (2, 2), ((1, 1), (1, 1)), dimension_numbers=DN) ** 2)
     jaxpr = jax.make_jaxpr(jax.grad(f))(x)
@@ -201,6 +219,122 @@ class ConvOpsTest(parameterized.TestCase):
       u = jax.random.normal(jax.random.key(18), y.shape)
       vjp = jax.vjp(fn, x)[1](u)[0]
       np.testing.assert_allclose(jnp.vdot(t, u), jnp.vdot(v, vjp), rtol=1e-4)
+
+
+class FewChannelConvTest(parameterized.TestCase):
+  """The few-input-channel path (RGB stems): values, gradients and directional
+  derivatives equal lax.conv_general_dilated's on the shapes the models use."""
+
+  @parameterized.parameters(
+      # (C_in, H, W, k, stride, padding, C_out): the CIFAR stems (3x3/s1, pad 1, 16 and
+      # 64 features), a 3x3/s2 and 1x1/s2 downsampling, a 7x7/s2 ImageNet-style stem,
+      # asymmetric and string padding, 1 and 4 input channels, odd sizes.
+      (3, 32, 32, 3, 1, ((1, 1), (1, 1)), 16),
+      (3, 16, 16, 3, 1, ((1, 1), (1, 1)), 64),
+      (3, 9, 7, 3, 2, ((1, 1), (1, 1)), 8),
+      (3, 8, 8, 1, 2, ((0, 0), (0, 0)), 8),
+      (3, 11, 11, 7, 2, ((3, 3), (3, 3)), 8),
+      (3, 10, 9, 3, 2, ((0, 1), (1, 0)), 8),
+      (1, 8, 8, 3, 1, "SAME", 4),
+      (4, 9, 9, 3, 2, "VALID", 4),
+  )
+  def test_values_gradients_and_jvp_match_lax(self, cin, h, w, k, s, padding, cout):
+    keys = jax.random.split(jax.random.key(20), 5)
+    x = jax.random.uniform(keys[0], (4, h, w, cin))
+    wt = jax.random.normal(keys[1], (k, k, cin, cout)) * 0.3
+    ref, new = _both(x, wt, (s, s), padding)
+    self.assertTrue(_input_gradient_is_matmul(x, wt, (s, s), padding))  # few-channel path
+    self.assertIn("name=_conv_nhwc", str(jax.make_jaxpr(new)(x, wt)))
+    y_ref, vjp_ref = jax.vjp(ref, x, wt)
+    y_new, vjp_new = jax.vjp(new, x, wt)
+    chex.assert_trees_all_close(y_new, y_ref, atol=1e-5, rtol=1e-5)
+    g = jax.random.normal(keys[2], y_ref.shape)
+    for a, b in zip(vjp_new(g), vjp_ref(g)):  # input gradient, kernel gradient
+      chex.assert_trees_all_close(a, b, atol=1e-4, rtol=1e-5)
+    dx = jax.random.normal(keys[3], x.shape)
+    dw = jax.random.normal(keys[4], wt.shape)
+    for tangents in ((dx, jnp.zeros_like(wt)), (jnp.zeros_like(x), dw), (dx, dw)):
+      t_new = jax.jvp(new, (x, wt), tangents)[1]
+      t_ref = jax.jvp(ref, (x, wt), tangents)[1]
+      chex.assert_trees_all_close(t_new, t_ref, atol=1e-4, rtol=1e-5)
+
+  def test_input_gradient_is_a_matmul_not_a_convolution(self):
+    # The input gradient of the few-channel path is the transposed im2col (a matmul, then
+    # pads and adds); a convolution there would be the slow path this avoids.
+    x = jax.random.uniform(jax.random.key(21), (2, 8, 8, 3))
+    wt = jax.random.normal(jax.random.key(22), (3, 3, 3, 16))
+    f = lambda a: jnp.sum(jnp.tanh(conv_ops.conv_general_dilated(
+        a, wt, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)))
+    self.assertTrue(_input_gradient_is_matmul(x, wt, (1, 1), ((1, 1), (1, 1))))
+    ref = lambda a: jnp.sum(jnp.tanh(lax.conv_general_dilated(
+        a, wt, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)))
+    chex.assert_trees_all_close(jax.grad(f)(x), jax.grad(ref)(x), atol=1e-5, rtol=1e-5)
+
+  def test_pgd_loop_and_second_order_match_lax(self):
+    # Input gradients inside a lax.fori_loop (the attacks' shape), and the gradient of
+    # an input-gradient norm w.r.t. the kernel (forward-over-reverse through the rule).
+    x0 = jax.random.uniform(jax.random.key(23), (4, 12, 12, 3))
+    wt = jax.random.normal(jax.random.key(24), (3, 3, 3, 8))
+    tgt = jax.random.normal(jax.random.key(25), (4, 12, 12, 8))
+
+    def attack(conv):
+      def body(_, xa):
+        gx = jax.grad(lambda z: jnp.sum(jnp.tanh(conv(z, wt)) * tgt))(xa)
+        return jnp.clip(xa + 0.01 * jnp.sign(gx), 0.0, 1.0)
+      return jax.jit(lambda a: lax.fori_loop(0, 4, body, a))(x0)
+
+    ref, new = _both(x0, wt, (1, 1), ((1, 1), (1, 1)))
+    chex.assert_trees_all_close(attack(new), attack(ref), atol=1e-6)
+    pen = lambda conv: lambda w_: jnp.sum(jax.grad(
+        lambda z: jnp.sum(jnp.tanh(conv(z, w_)) * tgt))(x0) ** 2)
+    chex.assert_trees_all_close(jax.grad(pen(new))(wt), jax.grad(pen(ref))(wt),
+                                atol=1e-3, rtol=1e-4)
+    chex.assert_trees_all_close(jax.jacfwd(pen(new))(wt), jax.jacfwd(pen(ref))(wt),
+                                atol=1e-3, rtol=1e-4)
+
+  def test_vmap_and_sharded_batch_match_lax(self):
+    x = jax.random.uniform(jax.random.key(26), (3, 8, 6, 6, 3))
+    wt = jax.random.normal(jax.random.key(27), (3, 3, 3, 4))
+    ref, new = _both(x[0], wt, (1, 1), ((1, 1), (1, 1)))
+    grad = lambda conv: jax.grad(lambda a: jnp.sum(conv(a, wt) ** 2))
+    chex.assert_trees_all_close(jax.vmap(lambda a: new(a, wt))(x),
+                                jax.vmap(lambda a: ref(a, wt))(x), atol=1e-5)
+    chex.assert_trees_all_close(jax.vmap(grad(new))(x), jax.vmap(grad(ref))(x), atol=1e-4)
+    # per-example kernels too
+    ws = jax.random.normal(jax.random.key(28), (3, 3, 3, 3, 4))
+    chex.assert_trees_all_close(jax.vmap(new)(x, ws), jax.vmap(ref)(x, ws), atol=1e-5)
+    # the batch sharded over every device of a 1-D mesh
+    devices = np.array(jax.devices())
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    rows = jax.random.uniform(jax.random.key(31), (2 * len(devices), 6, 6, 3))
+    xb = jax.device_put(rows, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    y = jax.jit(lambda a: new(a, wt))(xb)
+    self.assertGreater(len(devices), 1)  # conftest's fake CPU devices
+    self.assertEqual(y.sharding.spec[0], "data")
+    chex.assert_trees_all_close(y, ref(np.asarray(xb), wt), atol=1e-5)
+    chex.assert_trees_all_close(jax.jit(grad(new))(xb), grad(ref)(np.asarray(xb)), atol=1e-4)
+
+  def test_disabled_path_and_bfloat16_use_the_general_rewrite(self):
+    x = jax.random.uniform(jax.random.key(29), (2, 6, 6, 3))
+    wt = jax.random.normal(jax.random.key(30), (3, 3, 3, 4))
+    pads = ((1, 1), (1, 1))
+    self.assertFalse(_input_gradient_is_matmul(x, wt, (1, 1), pads, few_input_channels=0))
+    self.assertFalse(_input_gradient_is_matmul(x.astype(jnp.bfloat16), wt.astype(jnp.bfloat16),
+                                               (1, 1), pads))
+    # the module default, read at trace time
+    old = conv_ops.FEW_INPUT_CHANNELS
+    try:
+      conv_ops.FEW_INPUT_CHANNELS = 2
+      self.assertFalse(_input_gradient_is_matmul(x, wt, (1, 1), pads))
+      self.assertTrue(_input_gradient_is_matmul(x[..., :2], wt[:, :, :2], (1, 1), pads))
+    finally:
+      conv_ops.FEW_INPUT_CHANNELS = old
+    ref, _ = _both(x, wt, (1, 1), pads)
+    off = lambda a: conv_ops.conv_general_dilated(a, wt, (1, 1), pads, dimension_numbers=DN,
+                                                  few_input_channels=0)
+    chex.assert_trees_all_close(jax.grad(lambda a: jnp.sum(off(a) ** 2))(x),
+                                jax.grad(lambda a: jnp.sum(ref(a, wt) ** 2))(x), atol=1e-4)
+
 
 if __name__ == "__main__":
   from absl.testing import absltest

@@ -23,6 +23,21 @@ to float rounding (tests/test_conv_ops.py). Cases outside the rewrite (dilations
 grouped convolutions, other layouts, padding wider than the kernel) call
 ``lax.conv_general_dilated`` unchanged.
 
+Few input channels (the RGB stem; float32, C_in <= ``FEW_INPUT_CHANNELS`` = 4): XLA:CPU
+runs both the 3 -> 16 convolution and its transpose at a fraction of the later layers'
+rate. There the input tangent is im2col instead (the kh·kw shifted views of the padded
+input concatenated to (N, H_out, W_out, kh·kw·C_in), one matmul with the reshaped
+kernel): its transpose, the input gradient, is a matmul with the transposed kernel plus
+pads and adds, 2.4x faster than the convolution transpose for the 3 -> 16 stem at batch
+128, in and out of loops. The forward and the kernel tangent stay the plain convolution.
+Measured alternatives (one thread, shared 2-core EPYC; docs/results/performance.md): a
+forward as kh·kw·C_in broadcast multiply-adds is 6x faster alone, but in a model XLA
+fuses it into every consumer and recomputes it (the PGD-10 loop 2.2x slower), and a
+``lax.cond`` fence around it is turned into a select inside APGD's ``while`` loop (both
+branches run: APGD-T 2.4x slower); an im2col forward, a reduction over the taps and
+channel padding 3 -> 8 were no faster than the convolution in the model.
+``few_input_channels=0`` turns the path off (benchmarks/bench_conv_first_layer.py).
+
 ``conv_general_dilated`` is passed to ``nnx.Conv(conv_general_dilated=...)`` on CPU only
 (``image_classifiers._conv``): other backends keep JAX's rule (unmeasured there).
 """
@@ -53,11 +68,22 @@ def _canonical_dn(dimension_numbers, ndim: int):
     return None
 
 
+# The largest input-feature count that takes the few-channel path (module doc).
+FEW_INPUT_CHANNELS = 4
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None,
-                         **kwargs):
-  """``lax.conv_general_dilated`` with a loop-friendly input gradient (see module doc)."""
+                         *, few_input_channels: int | None = None, **kwargs):
+  """``lax.conv_general_dilated`` with a loop-friendly input gradient (see module doc).
+
+  ``few_input_channels``: float32 convolutions with at most this many input features
+  (RGB stems) take the few-channel path; 0 turns it off (benchmarks compare the two).
+  None: the module's ``FEW_INPUT_CHANNELS``, read when the call is traced.
+  """
+  if few_input_channels is None:
+    few_input_channels = FEW_INPUT_CHANNELS
   pads = None
   if (lhs.ndim == 4 and _canonical_dn(dimension_numbers, lhs.ndim) == _NHWC
       and _all_ones(lhs_dilation) and _all_ones(rhs_dilation) and feature_group_count == 1
@@ -70,7 +96,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type, **kwargs)
-  return _conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+  few = (lhs.shape[3] <= few_input_channels and lhs.dtype == jnp.float32
+         and rhs.dtype == jnp.float32)
+  return _conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision, few)
 
 
 def _rewritable_pads(in_spatial, kernel, strides, padding):
@@ -95,23 +123,51 @@ _NHWC_HWOI = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 
                                       out_spec=(0, 3, 1, 2))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _conv_nhwc(x, w, strides, pads, precision):
+def _taps(x, kernel, strides, pads):
+  """The kh·kw shifted (strided) views of the padded input, row-major over the window:
+  each (N, H_out, W_out, C_in)."""
+  n, h, w, c = x.shape
+  (kh, kw), (sh, sw) = kernel, strides
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  ho = (h + pads[0][0] + pads[0][1] - kh) // sh + 1
+  wo = (w + pads[1][0] + pads[1][1] - kw) // sw + 1
+  return [lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
+def _im2col(x, w, strides, pads, precision):
+  """The convolution as one matmul of the (N, H_out, W_out, kh·kw·C_in) patches with the
+  reshaped kernel; its transpose (the input gradient) is a matmul plus pads and adds."""
+  kh, kw, c, o = w.shape
+  cols = jnp.concatenate(_taps(x, (kh, kw), strides, pads), axis=-1)
+  return lax.dot_general(cols, w.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())),
+                         precision=precision)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_nhwc(x, w, strides, pads, precision, few):
+  del few  # only the input tangent differs
   return _plain(x, w, strides, pads, precision)
 
 
 @functools.partial(_conv_nhwc.defjvp, symbolic_zeros=True)
-def _conv_jvp(strides, pads, precision, primals, tangents):
+def _conv_jvp(strides, pads, precision, few, primals, tangents):
   x, w = primals
   x_dot, w_dot = tangents
   y = _plain(x, w, strides, pads, precision)
   zero = jax.custom_derivatives.SymbolicZero
   terms = []
   if not isinstance(x_dot, zero):
-    # The same linear map as _plain(x_dot, w); only its transpose's layout differs.
-    w_oi = jnp.transpose(w, (0, 1, 3, 2))
-    terms.append(lax.conv_general_dilated(x_dot, w_oi, strides, pads,
-                                          dimension_numbers=_NHWC_HWOI, precision=precision))
+    if few:
+      # im2col: the same linear map in x_dot, whose transpose avoids a convolution
+      terms.append(_im2col(x_dot, w, strides, pads, precision))
+    else:
+      # The same linear map as _plain(x_dot, w); only its transpose's layout differs.
+      w_oi = jnp.transpose(w, (0, 1, 3, 2))
+      terms.append(lax.conv_general_dilated(x_dot, w_oi, strides, pads,
+                                            dimension_numbers=_NHWC_HWOI,
+                                            precision=precision))
   if not isinstance(w_dot, zero):
     terms.append(_plain(x, w_dot, strides, pads, precision))
   if not terms:
