@@ -8,8 +8,7 @@ from uatmc_jax.longtail.attacks import autoattack
 from uatmc_jax.longtail.attacks import square
 from uatmc_jax.longtail.evaluation import robust_accuracy
 
-SHAPE = (4, 4, 3)
-N_CLASSES = 10
+from image_attack_fixtures import N_CLASSES, SHAPE, tiny_mlp
 
 
 def _linear(seed=0, n=20):
@@ -68,19 +67,7 @@ def test_apgd_suite_matches_closed_form_and_eps_sweep(linear_aa):
 
 
 def _mlp(seed=1):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  dim = int(np.prod(SHAPE))
-  w1 = jax.random.normal(k1, (dim, 32)) / np.sqrt(dim)
-  w2 = jax.random.normal(k2, (32, N_CLASSES)) / np.sqrt(32)
-
-  def logits_fn(z):
-    h = jnp.tanh(8. * (z.reshape(z.shape[0], -1) - 0.5) @ w1)
-    return 4. * h @ w2
-
-  x = np.asarray(jax.random.uniform(k3, (20,) + SHAPE))
-  y = np.array(jnp.argmax(logits_fn(x), -1))
-  y[:3] = (y[:3] + 1) % N_CLASSES
-  return logits_fn, x, y
+  return tiny_mlp(seed, 20)
 
 
 def test_standard_autoattack_is_at_least_as_strong_as_pgd20_and_apgd_subset():

@@ -15,24 +15,11 @@ from uatmc_jax.longtail.attacks import batching
 from uatmc_jax.longtail.attacks import linf
 from uatmc_jax.longtail.attacks import square
 
-SHAPE = (4, 4, 3)
-N_CLASSES = 10
+from image_attack_fixtures import tiny_mlp
 
 
 def _mlp(seed=1, n=24):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-  dim = int(np.prod(SHAPE))
-  w1 = jax.random.normal(k1, (dim, 32)) / np.sqrt(dim)
-  w2 = jax.random.normal(k2, (32, N_CLASSES)) / np.sqrt(32)
-
-  def logits_fn(z):
-    h = jnp.tanh(8. * (z.reshape(z.shape[0], -1) - 0.5) @ w1)
-    return 4. * h @ w2
-
-  x = np.asarray(jax.random.uniform(k3, (n,) + SHAPE))
-  y = np.array(jnp.argmax(logits_fn(x), -1))
-  y[:3] = (y[:3] + 1) % N_CLASSES
-  return logits_fn, x, y
+  return tiny_mlp(seed, n)
 
 
 def test_one_run_stages_last_batch_runs_at_its_exact_size_with_the_same_results():
