@@ -28,3 +28,10 @@ def tiny_mlp(seed: int = 1, n: int = 24):
   y = np.array(jnp.argmax(logits_fn(x), -1))
   y[:3] = (y[:3] + 1) % N_CLASSES
   return logits_fn, x, y
+
+
+def assert_same_outcome(run, ref, name: str) -> None:
+  """Two AutoAttack results agree point by point: robust set, fooling stage and x_adv."""
+  np.testing.assert_array_equal(run.robust, ref.robust, err_msg=name)
+  np.testing.assert_array_equal(run.fooled_by, ref.fooled_by, err_msg=name)
+  np.testing.assert_array_equal(run.x_adv, ref.x_adv, err_msg=name)
