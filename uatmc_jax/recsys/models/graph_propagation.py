@@ -154,11 +154,13 @@ def _chunked_product(weight, dst, src, indptr, x):
 
 def _csr_product(weight, dst, src, indptr, x):
   del dst  # the CSR rows are given by indptr
-  n = x.shape[0]
-  flat = x.reshape(n, -1)
-  out = sparse.BCSR((weight.astype(x.dtype), src, indptr), shape=(n, n),
-                    indices_sorted=True, unique_indices=True) @ flat
-  return out.reshape(x.shape)
+  return _csr_block(weight, src, indptr, x)
+
+
+def _indptr(rows, n: int):
+  """CSR row pointers (n + 1,) of a sorted row-id vector."""
+  return jnp.searchsorted(rows, jnp.arange(n + 1, dtype=jnp.int32),
+                          side="left").astype(jnp.int32)
 
 
 _propagate_p = jex_core.Primitive("symmetric_propagate")
@@ -228,9 +230,7 @@ def symmetric_propagate(x: jax.Array, dst: jax.Array, src: jax.Array,
                      f"got {dst.shape}, {src.shape}, {weight.shape}")
   src = src.astype(jnp.int32)
   dst = dst.astype(jnp.int32)
-  indptr = jnp.searchsorted(dst, jnp.arange(x.shape[0] + 1, dtype=jnp.int32),
-                            side="left").astype(jnp.int32)
-  return _propagate_p.bind(weight, dst, src, indptr, x)
+  return _propagate_p.bind(weight, dst, src, _indptr(dst, x.shape[0]), x)
 
 
 # -- the bipartite split form ------------------------------------------------------------
@@ -280,10 +280,8 @@ def bipartite_graph(dst, src, weight, n_users: int, n_items: int,
   src = src.astype(jnp.int32)
   rows_u, cols_u = dst[:e_u], src[:e_u] - n_users
   rows_i, cols_i = dst[e_u:] - n_users, src[e_u:]
-  indptr = lambda rows, n: jnp.searchsorted(
-      rows, jnp.arange(n + 1, dtype=jnp.int32), side="left").astype(jnp.int32)
-  return BipartiteGraph(weight[:e_u], rows_u, cols_u, indptr(rows_u, n_users),
-                        weight[e_u:], rows_i, cols_i, indptr(rows_i, n_items))
+  return BipartiteGraph(weight[:e_u], rows_u, cols_u, _indptr(rows_u, n_users),
+                        weight[e_u:], rows_i, cols_i, _indptr(rows_i, n_items))
 
 
 def bipartite_segment_propagate(x_users: jax.Array, x_items: jax.Array,
