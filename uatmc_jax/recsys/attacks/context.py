@@ -52,6 +52,11 @@ class PromotionContext(NamedTuple):
     k + the largest number of items one target's features move).
   anchor_row: (n_users,) int32 each user's anchor row, n_A for non-anchors.
   graph_cache: ``graph_local.GraphCache``, the clean activations of every layer.
+  scores_t, train_mask_t: dense layout of a graph model only, else None: ``scores`` and
+    ``train_mask`` item-major, (n_items, n_A). A graph target's exact ranks read the
+    clean entries of every item its features move (hundreds to thousands on TikTok):
+    rows of these are contiguous, where columns of ``scores`` are strided and made XLA
+    transpose the (n_A, |I_c|) comparisons (docs/results/performance.md).
   Top-k layout only, else None:
   item_vectors: (n_items, D) clean item vectors (ranks recompute rows from them).
   train_items: (n_A, T) int32 each anchor's train items, ascending, padded with n_items
@@ -70,6 +75,8 @@ class PromotionContext(NamedTuple):
   desc_indices: jax.Array | None = None
   anchor_row: jax.Array | None = None
   graph_cache: Any = None
+  scores_t: jax.Array | None = None
+  train_mask_t: jax.Array | None = None
   item_vectors: jax.Array | None = None
   train_items: jax.Array | None = None
   train_scores: jax.Array | None = None
@@ -291,6 +298,10 @@ def build_context(surface: AttackSurface, anchors: np.ndarray, *, k: int = 50,
     anchor_row = np.full(users.shape[0], len(anchors), np.int32)
     anchor_row[anchors] = np.arange(len(anchors), dtype=np.int32)
     ctx = ctx._replace(anchor_row=jnp.asarray(anchor_row), graph_cache=cache)
+    if ctx.dense:
+      transpose = jax.jit(jnp.transpose)
+      ctx = ctx._replace(scores_t=transpose(ctx.scores), train_mask_t=(
+          None if ctx.train_mask is None else transpose(ctx.train_mask)))
   return jax.block_until_ready(ctx)  # so attack timings do not absorb this set-up
 
 
@@ -322,6 +333,8 @@ def count_greater(sorted_rows: jax.Array, values: jax.Array) -> jax.Array:
 
 def clean_column(ctx: PromotionContext, target: jax.Array) -> jax.Array:
   """(n_A,) clean scores of item ``target`` for every anchor."""
+  if ctx.scores_t is not None:
+    return ctx.scores_t[target]
   if ctx.dense:
     return ctx.scores[:, target]
   with precision.evaluation_precision():
@@ -369,6 +382,15 @@ def count_clean_above(ctx: PromotionContext, values: jax.Array, exclude: jax.Arr
     two agree exactly whenever the recomputed rows equal the stored ones.
   """
   exclude = jnp.asarray(exclude, jnp.int32).reshape(-1)
+  if ctx.scores_t is not None:  # item-major copies: contiguous rows, reduced over items
+    valid = exclude < ctx.scores_t.shape[0]
+    cols = jnp.take(ctx.scores_t, exclude, axis=0)
+    rows = ctx.sorted_scores
+    if masked:
+      cols = jnp.where(jnp.take(ctx.train_mask_t, exclude, axis=0), -jnp.inf, cols)
+      rows = ctx.masked_sorted_scores
+    return (count_greater(rows, values)
+            - jnp.sum(valid[:, None] & (cols > values[None, :]), axis=0, dtype=jnp.int32))
   if ctx.dense:
     n_items = ctx.scores.shape[1]
     valid = exclude < n_items
@@ -389,6 +411,8 @@ def count_clean_above(ctx: PromotionContext, values: jax.Array, exclude: jax.Arr
 
 def train_seen(ctx: PromotionContext, item_ids: jax.Array) -> jax.Array:
   """(n_A, P) bool: is item ``item_ids[p]`` a train item of the anchor (masked metrics)."""
+  if ctx.train_mask_t is not None:
+    return jnp.take(ctx.train_mask_t, item_ids, axis=0).T
   if ctx.dense:
     return jnp.take(ctx.train_mask, item_ids, axis=1)
   return jnp.any(ctx.train_items[:, :, None] == item_ids[None, None, :], axis=1)

@@ -139,17 +139,17 @@ def target_view(surface: AttackSurface, params, attack_table, projected_table,
 
 
 def _unchanged_top(desc_values, desc_indices, moved, k, width):
-  """The clean top-``width`` lists with the moved items removed, and their K-th.
+  """The top-K clean scores of the unchanged items, from the clean top-``width`` lists.
 
-  Returns (kept (n_A, width): the clean scores of the unchanged items, −∞ at the moved
-  ones; u_K (n_A,): the K-th score of the unchanged items, −∞ if fewer than K remain).
+  Returns (top (n_A, K): descending, −∞ where fewer than K unchanged items remain in
+  the list; u_K (n_A,) = top[:, K−1], the K-th score of the unchanged items). With
+  ``width`` ≥ K + |moved ∩ list| the list holds the top-K of the unchanged items. The
+  top-K of the unchanged items together with any new scores is the top-K of these K
+  and the new ones, so a step never looks at the ``width``-wide lists again.
   """
   keep = ~jnp.take(moved, desc_indices[:, :width])
-  desc = desc_values[:, :width]
-  nth = jnp.cumsum(keep, axis=1)
-  at = jnp.argmax(nth >= k, axis=1)[:, None]
-  u_k = jnp.where(nth[:, -1] >= k, jnp.take_along_axis(desc, at, axis=1)[:, 0], -jnp.inf)
-  return jnp.where(keep, desc, -jnp.inf), u_k
+  top = ops.top_k(jnp.where(keep, desc_values[:, :width], -jnp.inf), k)[0]
+  return top, top[:, k - 1]
 
 
 def _graph_local_view(surface, params, ctx: PromotionContext, target, k, nb,
