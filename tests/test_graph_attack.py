@@ -225,19 +225,24 @@ def full_reference(setup):
   return runner.run(ALIGNED, ctx, TARGETS)
 
 
-@pytest.mark.parametrize("cap,route", [(2, False), (2, True), (256, True)])
-def test_runner_local_path_equals_full_reencode(setup, full_reference, cap, route):
+@pytest.mark.parametrize("cap,route,merge", [(2, False, False), (2, True, False),
+                                             (256, True, True)])
+def test_runner_local_path_equals_full_reencode(setup, full_reference, cap, route, merge):
   _, surface, ctx, _ = setup
   full = full_reference
   lines = []
   runner = PromotionAttackRunner(surface, chunk_size=2, with_mismatch=True,
-                                           active_cap=cap, log=lines.append,
-                                           uncapped_after=2, route_clean_active=route)
+                                 active_cap=cap, log=lines.append, uncapped_after=2,
+                                 route_clean_active=route,
+                                 compile_seconds=6.0 if merge else 0.0)
   assert runner.uses_local_graph_path
   local = runner.run(ALIGNED, ctx, TARGETS)
-  # Progress: one line per size bucket, the last one counting every target.
+  # Progress: one line per program (per size bucket, or all of this tiny graph's buckets
+  # merged into one), the last one counting every target.
   n_buckets = len(np.unique(surface.graph.neighbourhoods.bucket_of_item[TARGETS]))
-  assert len(lines) == n_buckets and f"{len(TARGETS)}/{len(TARGETS)} targets" in lines[-1]
+  assert n_buckets > 1
+  assert len(lines) == (1 if merge else n_buckets)
+  assert f"{len(TARGETS)}/{len(TARGETS)} targets" in lines[-1]
   assert sum(int(l.split(" re-run")[0].split(", ")[-1]) for l in lines) == \
       local["graph_fallbacks"]
   direct = sum(int(l.split(" started")[0].split(", ")[-1]) for l in lines)
@@ -306,3 +311,20 @@ def test_local_path_cache_of_a_padded_mmgcn_equals_the_unpadded_one():
     np.testing.assert_allclose(b.x[m], a.x[m], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(b.users, a.users, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(b.items, a.items, rtol=1e-6, atol=1e-6)
+
+
+def test_bucket_plan_merges_cheap_buckets_and_keeps_dear_ones_apart():
+  def shape(items, users, nodes):
+    return graph_local.BucketShape(nodes, items, users, (nodes, 2 * nodes), (3, nodes))
+
+  small_a, small_b, big = shape(1, 2, 4), shape(4, 1, 6), shape(600, 3, 900)
+  merged = graph_local.merged_shape([small_a, small_b])
+  assert merged == graph_local.BucketShape(6, 4, 2, (6, 12), (3, 6))
+  cost = {small_a: 1e-3, small_b: 2e-3, big: 1.0, merged: 2e-3}
+  cost_fn = lambda s: cost.get(s, 1.0)  # noqa: E731  (a merge with `big` costs as `big`)
+  shapes, counts = [big, small_a, small_b], [20, 5, 5]
+  # Two tiny buckets share a program (5 targets x 1e-3 s more < one compile of 6 s); the
+  # big one stays alone (10 targets x ~1 s more > 6 s).
+  assert graph_local.plan_buckets(shapes, counts, cost_fn, 6.0) == [[1, 2], [0]]
+  assert graph_local.plan_buckets(shapes, counts, cost_fn, 0.0) == [[1], [2], [0]]
+  assert graph_local.plan_buckets(shapes, counts, cost_fn, 100.0) == [[1, 2, 0]]

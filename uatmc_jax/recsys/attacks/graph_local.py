@@ -27,6 +27,7 @@ same graph). Padding nodes carry level L+1 (never changed), padding edges weight
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import NamedTuple
 
@@ -104,6 +105,9 @@ class GraphNeighbourhoods:
       step, and on TikTok a bucket keyed by node count alone padded a median of 11
       changed users to 315. Finer buckets pad less but compile more (one compile per
       bucket and attacker, ~45 s each for MMGCN PGD-10 on TikTok, docs/results/performance.md).
+    cache_bytes: padded neighbourhoods are kept (least recently used first out) up to
+      this many bytes: every attacker of a model sets up the same targets
+      (docs/results/performance.md).
   """
   dst: np.ndarray
   src: np.ndarray
@@ -113,6 +117,7 @@ class GraphNeighbourhoods:
   num_layers: int
   growth: int = 4
   user_growth: int = 4
+  cache_bytes: int = 256 << 20
 
   def __post_init__(self):
     if self.growth < 2 or self.user_growth < 2:
@@ -123,6 +128,8 @@ class GraphNeighbourhoods:
     self._out_dst = np.asarray(self.dst)[order].astype(np.int64)
     self._out_w = np.asarray(self.weight)[order].astype(np.float32)
     self._out_ptr = np.concatenate([[0], np.cumsum(np.bincount(self.src, minlength=n))])
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._cached_bytes = 0
     self._sizes_and_buckets()
 
   def _sizes_and_buckets(self):
@@ -166,7 +173,24 @@ class GraphNeighbourhoods:
     return max(s.items for s in self.shapes.values())
 
   def neighbourhood(self, item: int, shape: BucketShape) -> Neighbourhood:
-    """The padded neighbourhood of one item (numpy; the set-up of one target)."""
+    """The padded neighbourhood of one item (numpy, read-only; the set-up of one target)."""
+    key = (int(item), shape)
+    if key in self._cache:
+      self._cache.move_to_end(key)
+      return self._cache[key]
+    nb = self._neighbourhood(int(item), shape)
+    size = sum(a.nbytes for a in nb)
+    if size <= self.cache_bytes:
+      for a in nb:
+        a.flags.writeable = False
+      self._cache[key] = nb
+      self._cached_bytes += size
+      while self._cached_bytes > self.cache_bytes:
+        _, old = self._cache.popitem(last=False)
+        self._cached_bytes -= sum(a.nbytes for a in old)
+    return nb
+
+  def _neighbourhood(self, item: int, shape: BucketShape) -> Neighbourhood:
     n, L = self.n_users + self.n_items, self.num_layers
     t = self.n_users + int(item)
     level = np.full(n, L + 1, np.int64)
@@ -211,6 +235,51 @@ class GraphNeighbourhoods:
     """Stacked padded neighbourhoods of ``items`` (all in buckets that fit ``shape``)."""
     per = [self.neighbourhood(int(i), shape) for i in items]  # set-up, once per target
     return Neighbourhood(*(np.stack(f) for f in zip(*per)))
+
+
+def merged_shape(shapes) -> BucketShape:
+  """The elementwise maximum of bucket shapes: every member's neighbourhood fits it."""
+  shapes = list(shapes)
+  return BucketShape(max(s.nodes for s in shapes), max(s.items for s in shapes),
+                     max(s.users for s in shapes),
+                     tuple(map(max, zip(*(s.edges for s in shapes)))),
+                     tuple(map(max, zip(*(s.levels for s in shapes)))))
+
+
+def plan_buckets(shapes, counts, cost_fn, compile_cost: float) -> list[list[int]]:
+  """Groups of the buckets a run hits, each group run as one program (``merged_shape``).
+
+  Every program costs a compilation (``compile_cost`` seconds); running a target at a
+  larger shape costs more (``cost_fn(shape)``: seconds per target). Starting from one
+  group per bucket, ordered by cost, the two neighbouring groups whose merge saves the
+  most (one compilation less, minus the extra run time of their targets at the merged
+  shape) are merged while that saving is positive. A 100-target TikTok run hits about
+  13 buckets, five of them with a handful of targets of a few items each: one program
+  serves them all (docs/results/performance.md). ``compile_cost`` 0: no merging.
+
+  Args:
+    shapes: the hit buckets' ``BucketShape`` s.
+    counts: targets per bucket.
+    cost_fn: BucketShape -> estimated seconds per target.
+    compile_cost: estimated seconds to compile one program.
+
+  Returns:
+    Lists of indices into ``shapes``, the groups in increasing cost.
+  """
+  order = sorted(range(len(shapes)), key=lambda i: cost_fn(shapes[i]))
+  groups = [[i] for i in order]
+
+  def run_cost(group):
+    return sum(counts[i] for i in group) * cost_fn(merged_shape(shapes[i] for i in group))
+
+  while len(groups) > 1:
+    savings = [compile_cost - (run_cost(a + b) - run_cost(a) - run_cost(b))
+               for a, b in zip(groups[:-1], groups[1:])]
+    best = int(np.argmax(savings))
+    if savings[best] <= 0:
+      break
+    groups[best:best + 2] = [groups[best] + groups[best + 1]]
+  return groups
 
 
 # ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from uatmc_jax.core import errors
 from uatmc_jax.core.memory import memory_map_usage
 from uatmc_jax.core.parallel import precision
 from uatmc_jax.recsys.attacks import alignment as alignment_lib
+from uatmc_jax.recsys.attacks import graph_local
 from uatmc_jax.recsys.attacks.attackers import PromotionAttack
 from uatmc_jax.recsys.attacks.context import PromotionContext, clean_column
 from uatmc_jax.recsys.attacks.objective import METRIC_KS
@@ -83,34 +84,43 @@ class PromotionAttackRunner:
     graph_path: graph models only: "local" (default; the exact neighbourhood-local
       recomputation of ``_graph_local_view``, used when the surface has one, i.e.
       ``surface.graph``) or "full" (re-encode the whole graph every step: the reference).
-    active_cap: local path: anchors per step whose K-th score is recomputed; a target that
-      ever has more active anchors is re-run with all anchors (``graph_fallbacks``). An
-      attacker whose targets mostly need the re-run (more than half of a bucket's, e.g.
-      FGSM's margin 10 makes every anchor active) runs its later buckets with all anchors
-      directly (``uncapped``): the same numbers without the wasted capped pass and its
-      compile. "Mostly" counts over all of the attacker's targets so far, from
-      ``uncapped_after`` re-runs on (one re-run in a bucket of one target is no evidence,
-      and switching makes every later bucket and model compile the uncapped variant).
+    active_cap: local path: anchors per step whose K-th score is recomputed. A target
+      that ever has more active anchors is re-run with ``cap_growth`` times as many, up
+      to all anchors (``graph_fallbacks`` counts the re-runs): the caps form a ladder
+      active_cap, active_cap·cap_growth, ..., n_A, each a compiled variant used only
+      when a target needs it. An attacker whose targets mostly need more than the first
+      cap (more than half of a bucket's, e.g. FGSM's margin 10 makes every anchor
+      active) runs its later buckets with all anchors directly (``uncapped``): the same
+      numbers without the wasted capped passes and their compiles. "Mostly" counts over
+      all of the attacker's targets so far, from ``uncapped_after`` such targets on (one
+      in a bucket of one target is no evidence, and switching makes every later bucket
+      and model compile the uncapped variant).
+    cap_growth: the ladder's factor (>= 2).
     route_clean_active: local path: a target whose clean point already has more active
-      anchors than ``active_cap`` (``clean_active_counts``; it would fail ``exact`` at
-      δ = 0) starts with all anchors instead of running capped and then again; such
-      targets count as re-runs for ``uncapped``.
+      anchors than a cap (``clean_active_counts``; it would fail ``exact`` at δ = 0)
+      starts at the first cap of the ladder that holds them instead of failing the
+      smaller ones; such targets count for ``uncapped`` like re-runs.
     chunk_elements: local path: a size bucket's chunk holds at most this many elements of
       per-target working arrays (about anchors x (K + 2·changed items) + changed users x
       items), so big neighbourhoods run in small chunks and small ones in big chunks.
     log: optional ``log(message)`` for progress on the local graph path (one line per
-      size bucket: targets, seconds, compile included on first use, re-runs).
+      program: targets, seconds, compile included on first use, re-runs).
+    compile_seconds: local path: the estimated compile time of one program, against
+      which the size buckets a run hits are merged (``graph_local.plan_buckets``); 0:
+      one program per bucket.
 
   On the local path targets are grouped by neighbourhood size bucket
-  (``graph_local.GraphNeighbourhoods``), each bucket with its own compiled function (its
-  shape depends on the graph only), and the results are put back in the targets' order.
+  (``graph_local.GraphNeighbourhoods``; a bucket's shape depends on the graph only),
+  buckets with few or small targets are merged into one program of their elementwise
+  largest shape, and the results are put back in the targets' order.
   """
 
   def __init__(self, surface: AttackSurface, *, chunk_size: int = 64,
                ks: Sequence[int] = METRIC_KS, with_mismatch: bool = True,
                mesh: jax.sharding.Mesh | None = None, graph_path: str = "local",
                active_cap: int = 256, chunk_elements: int = 2**25, log=None,
-               uncapped_after: int = 4, route_clean_active: bool = True):
+               uncapped_after: int = 4, route_clean_active: bool = True,
+               cap_growth: int = 4, compile_seconds: float = 6.0):
     self.surface = surface
     self.log = log
     self.chunk_size = int(chunk_size)
@@ -120,6 +130,12 @@ class PromotionAttackRunner:
       raise errors.ConfigError(f"graph_path must be one of {GRAPH_PATHS}, got {graph_path!r}")
     if active_cap < 1 or chunk_elements < 1:
       raise errors.ConfigError("active_cap and chunk_elements must be >= 1")
+    if cap_growth < 2:
+      raise errors.ConfigError(f"cap_growth must be >= 2, got {cap_growth}")
+    self.cap_growth = int(cap_growth)
+    if not compile_seconds >= 0:
+      raise errors.ConfigError(f"compile_seconds must be >= 0, got {compile_seconds}")
+    self.compile_seconds = float(compile_seconds)
     self.graph_path, self.active_cap = graph_path, int(active_cap)
     self.route_clean_active = bool(route_clean_active)
     self.chunk_elements = int(chunk_elements)
@@ -213,11 +229,14 @@ class PromotionAttackRunner:
             out_specs=split, check_vma=False))
     return self._compiled[key]
 
+  def _target_elements(self, shape, n_anchors: int, k: int) -> int:
+    """Elements of one target's working arrays at a neighbourhood bucket's shape."""
+    return (n_anchors * (k + 2 * shape.items) + 2 * shape.users * self.surface.n_items
+            + 64 * (shape.edges[-1] + shape.nodes))
+
   def _bucket_chunk(self, shape, n_anchors: int, k: int) -> int:
     """Targets per chunk (per device) of one neighbourhood bucket, by working memory."""
-    n_items = self.surface.n_items
-    per_target = (n_anchors * (k + 2 * shape.items) + 2 * shape.users * n_items
-                  + 64 * (shape.edges[-1] + shape.nodes))
+    per_target = self._target_elements(shape, n_anchors, k)
     return max(1, min(self.chunk_size, self.chunk_elements // per_target))
 
   def run(self, attack: PromotionAttack, ctx: PromotionContext, targets: Sequence[int],
@@ -307,6 +326,14 @@ class PromotionAttackRunner:
       pieces.append(fetch(fn(*args, nbs, chunk_targets)))
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *pieces)
 
+  def cap_ladder(self, n_anchors: int, uncapped: bool = False) -> tuple[int, ...]:
+    """The local path's active-anchor caps: active_cap·cap_growth^i below n_A, then n_A."""
+    caps, cap = [], self.active_cap
+    while not uncapped and cap < n_anchors:
+      caps.append(cap)
+      cap *= self.cap_growth
+    return tuple(caps) + (n_anchors,)
+
   def clean_active_counts(self, ctx: PromotionContext, targets: Sequence[int],
                           attack: PromotionAttack) -> np.ndarray:
     """Per target, the active anchors of the local graph path at δ = 0 (n_targets,).
@@ -337,19 +364,28 @@ class PromotionAttackRunner:
   def _run_local(self, attack, ctx, args, targets, place, fetch):
     """The local graph path: per size bucket, then exact re-runs.
 
-    Returns (result, re-runs, targets started with all anchors)."""
+    Returns (result, re-runs, targets started above the first cap)."""
     hoods = self.surface.graph.neighbourhoods
     n_a = int(ctx.anchors.shape[0])
     buckets = hoods.bucket_of_item[targets]
     order, pieces, fallbacks, n_direct = [], [], 0, 0
-    unique = np.unique(buckets)
+    unique, counts = np.unique(buckets, return_counts=True)
+    # Per-target cost of a shape: its working elements (``_bucket_chunk``) times the
+    # attack's loss evaluations, at about 1.2 ns each (TikTok, 2-core CPU).
+    passes = attack.steps + 3
+
+    def cost(shape):
+      return 1.2e-9 * passes * self._target_elements(shape, n_a, attack.k)
+
+    groups = graph_local.plan_buckets([hoods.shapes[int(b)] for b in unique], counts, cost,
+                                      self.compile_seconds)
     template = _budget_free(attack)  # the compile key; ε is an argument
     name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
     done, t_start = 0, time.perf_counter()
-    for i, b in enumerate(unique):  # a handful of size buckets, each compiled once
-      shape = hoods.shapes[int(b)]
+    for i, members in enumerate(groups):  # a handful of programs, each compiled once
+      shape = graph_local.merged_shape(hoods.shapes[int(unique[m])] for m in members)
       t0 = time.perf_counter()
-      cap = n_a if template in self.uncapped else self.active_cap
+      caps = self.cap_ladder(n_a, uncapped=template in self.uncapped)
       budget = self._bucket_chunk(shape, n_a, attack.k)
       devices = 1 if self.mesh is None else self.mesh.size
 
@@ -360,49 +396,52 @@ class PromotionAttackRunner:
 
       nbs_of = functools.partial(hoods.batch, shape=shape)
       fresh, n_redo = False, 0
-      in_bucket = np.flatnonzero(buckets == b)
-      # Targets whose clean point already has more active anchors than the cap would
-      # fail ``exact`` at δ = 0 and be re-run: they start with all anchors instead.
-      direct = np.zeros(len(in_bucket), bool)
-      if cap < n_a and self.route_clean_active:
-        direct = self.clean_active_counts(ctx, targets[in_bucket], attack) > cap
-      for idx, c in ((in_bucket[~direct], cap), (in_bucket[direct], n_a)):
-        if not len(idx):
+      in_bucket = np.flatnonzero(np.isin(buckets, unique[members]))
+      # Targets whose clean point already has more active anchors than a cap would fail
+      # ``exact`` at δ = 0 and be re-run: they start at the first cap that holds them.
+      level = np.zeros(len(in_bucket), np.int64)
+      if len(caps) > 1 and self.route_clean_active:
+        counts = self.clean_active_counts(ctx, targets[in_bucket], attack)
+        level = np.searchsorted(np.asarray(caps), counts, side="left")
+      direct = level > 0
+      needed_more = direct.copy()
+      results = {}  # position in the bucket -> its exact result
+      queue = {lv: np.flatnonzero(level == lv) for lv in range(len(caps))}
+      for lv, cap in enumerate(caps):  # later levels: routed targets and re-runs
+        pos = queue[lv]
+        if not len(pos):
           continue
-        spec = LocalGraphSpec(shape, c, per_device(len(idx)))
+        spec = LocalGraphSpec(shape, cap, per_device(len(pos)))
         fresh |= (template, spec) not in self._compiled
-        out = self._run_chunks(self.chunk_function(attack, spec), args, targets[idx],
-                               spec.chunk, place, fetch, nbs_of)
-        redo = np.flatnonzero(~np.asarray(out["exact"]))
-        if len(redo):
+        out = self._run_chunks(self.chunk_function(attack, spec), args,
+                               targets[in_bucket[pos]], spec.chunk, place, fetch, nbs_of)
+        exact = np.asarray(out["exact"])
+        redo = pos[~exact]
+        if len(redo):  # the last level (all anchors) is always exact
           n_redo += len(redo)
-          again_spec = LocalGraphSpec(shape, n_a, per_device(len(redo)))
-          fresh |= (template, again_spec) not in self._compiled
-          again = self._run_chunks(self.chunk_function(attack, again_spec), args,
-                                   targets[idx][redo], again_spec.chunk, place, fetch, nbs_of)
-
-          def put(a, b, redo=redo):
-            a = np.array(a)
-            a[redo] = b
-            return a
-
-          out = jax.tree.map(put, out, again)
-        order.append(idx)
-        pieces.append(out)
+          needed_more[redo] = True
+          queue[lv + 1] = np.sort(np.concatenate([queue[lv + 1], redo]))
+        for j in np.flatnonzero(exact):
+          results[int(pos[j])] = jax.tree.map(lambda a, j=j: a[j], out)
+      order.append(in_bucket)
+      pieces.append(jax.tree.map(lambda *xs: np.stack(xs),
+                                 *(results[p] for p in range(len(in_bucket)))))
       fallbacks += n_redo
       n_direct += int(direct.sum())
       seen = self._reruns.setdefault(template, [0, 0])
-      seen[0] += n_redo + int(direct.sum())  # targets that needed all anchors
+      seen[0] += int(needed_more.sum())  # targets that needed more than the first cap
       seen[1] += len(in_bucket)
       if seen[0] >= self.uncapped_after and 2 * seen[0] > seen[1]:
         self.uncapped.add(template)
       done += len(in_bucket)
       if self.log is not None:
-        self.log(f"{name} ε={attack.epsilon:g}: bucket {i + 1}/{len(unique)} ({shape.items} items x "
+        self.log(f"{name} ε={attack.epsilon:g}: program {i + 1}/{len(groups)} ({len(members)} "
+                 f"bucket{'s' if len(members) > 1 else ''}, {shape.items} items x "
                  f"{shape.users} users): {len(in_bucket)} targets in "
                  f"{time.perf_counter() - t0:.1f} s{' incl. compile' if fresh else ''}, "
-                 f"{int(direct.sum())} started with all anchors, {n_redo} re-run with all "
-                 f"anchors; {done}/{len(targets)} targets, {time.perf_counter() - t_start:.0f} s")
+                 f"{int(direct.sum())} started above the first cap, {n_redo} re-run with "
+                 f"more anchors (caps {'/'.join(map(str, caps))}); {done}/{len(targets)} "
+                 f"targets, {time.perf_counter() - t_start:.0f} s")
     inverse = np.argsort(np.concatenate(order))
     result = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[inverse], *pieces)
     return result, fallbacks, n_direct
