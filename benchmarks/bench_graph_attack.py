@@ -32,6 +32,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -40,6 +41,7 @@ from uatmc_jax.recsys.attacks.attackers import pgd_attack  # noqa: E402
 from uatmc_jax.recsys.attacks.context import build_context  # noqa: E402
 from uatmc_jax.recsys.attacks.runner import PromotionAttackRunner  # noqa: E402
 from uatmc_jax.recsys.attacks.surface import surface_from_recommender  # noqa: E402
+from uatmc_jax.recsys.attacks.views import LocalGraphSpec  # noqa: E402
 from uatmc_jax.recsys.data import load_dataset  # noqa: E402
 from uatmc_jax.recsys.data.interactions import InteractionData  # noqa: E402
 from uatmc_jax.recsys.data.mmrec import read_inter_file  # noqa: E402
@@ -103,7 +105,8 @@ def speed(args) -> None:
   attack = pgd_attack(0.05)
   local = PromotionAttackRunner(surface, chunk_size=args.chunk, with_mismatch=False,
                                           active_cap=args.active_cap,
-                                          route_clean_active=not args.no_route)
+                                          route_clean_active=not args.no_route,
+                                          compile_seconds=args.compile_seconds)
   t2 = time.perf_counter()
   first = local.run(attack, ctx, tg)  # compiles every bucket hit
   compile_s = time.perf_counter() - t2
@@ -127,7 +130,8 @@ def speed(args) -> None:
   print(f"[tiktok mmgcn, {args.train_epochs} train epochs ({train_s:.0f}s)] "
         f"{len(anchors)} anchors, PGD-10 eps=0.05: local {len(tg)} targets in {local_s:.2f}s "
         f"= {local_tps:.2f} targets/s (first run incl. compile {compile_s:.1f}s, "
-        f"{out['graph_fallbacks']} cap re-runs, {out['graph_direct']} started with all anchors, "
+        f"{len(local._compiled)} programs, {out['graph_fallbacks']} cap re-runs, "
+        f"{out['graph_direct']} started above the first cap, "
         f"active_cap {args.active_cap}); full re-encode "
         f"{n} targets in {full_s:.1f}s = {full_s / n:.1f} s/target; local/full "
         f"{local_tps / full_tps:.0f}x, {local_tps * REFERENCE_SECONDS_PER_TARGET:.0f}x the "
@@ -138,6 +142,102 @@ def speed(args) -> None:
   del first
 
 
+def _rank_programs(runner, attack, spec):
+  """Jitted chunk programs of the clean and the perturbed rank evaluation alone."""
+  from uatmc_jax.core.parallel import precision
+  from uatmc_jax.recsys.attacks.views import target_view
+  surface = runner.surface
+
+  def build(perturbed):
+    def chunk(params, attack_table, projected_table, ctx, group_weights, epsilon, nbs,
+              targets):
+      def one(target, nb):
+        view = target_view(surface, params, attack_table, projected_table, ctx, target,
+                           attack.k, nb, spec)
+        if not perturbed:
+          return view.ranks_fn({})
+        return view.ranks_fn({m: jnp.full_like(x, 0.5) * epsilon
+                              for m, x in view.x_t.items()})
+      with precision.evaluation_precision():
+        return jax.vmap(one)(targets, nbs)
+    return jax.jit(chunk)
+
+  return build(False), build(True)
+
+
+def _timed(fn, *args, repeats=3):
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    best = min(best, time.perf_counter() - t0)
+  return compile_s, best
+
+
+def profile(args) -> None:
+  """Where a PGD-10 target's time goes, per neighbourhood bucket (ms per target).
+
+  Per bucket of the random targets, at the bucket's own chunk (capped spec, the first
+  runner pass): the host set-up of the chunk's neighbourhoods; the attack program
+  (compile, run); the same with PGD-1, so one PGD step = (PGD-10 − PGD-1) / 9; the clean
+  and the perturbed rank evaluation as programs of their own; the rest (per-target
+  set-up of the view, the losses before/after) = PGD-10 − 10 steps − ranks.
+  """
+  data: InteractionData = load_dataset(os.path.join(DATA, "tiktok"))
+  model = _model(data, args.train_epochs)
+  surface = surface_from_recommender(model, data.features, space="projected")
+  anchors = targets_lib.select_anchors(data.n_users, 0.4, seed=1)
+  ctx = build_context(surface, anchors, k=50, train_pairs=data.train)
+  hoods = surface.graph.neighbourhoods
+  tg = targets_lib.select_targets("random", args.targets, np.ones(data.n_items), seed=1)
+  attack, one_step = pgd_attack(0.05), pgd_attack(0.05, steps=1)
+  runner = PromotionAttackRunner(surface, chunk_size=args.chunk, with_mismatch=False,
+                                 active_cap=args.active_cap)
+  s = surface
+  base_args = (s.params, s.attack_table, s.projected_table, ctx,
+               jnp.ones((len(anchors), 1), jnp.float32), jnp.asarray(0.05, jnp.float32))
+  buckets = hoods.bucket_of_item[tg]
+  totals = {}
+  print("ms per target (chunk padding included):\n"
+        "| bucket (items x users) | targets | chunk | host set-up | PGD-10 compile s | PGD-10 "
+        "| one PGD step | ranks clean | ranks perturbed | rest |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for b in np.unique(buckets):
+    shape = hoods.shapes[int(b)]
+    idx = tg[buckets == b]
+    chunk = min(runner._bucket_chunk(shape, len(anchors), attack.k),
+                1 << max(0, int(np.ceil(np.log2(len(idx))))))
+    block = np.resize(idx, chunk).astype(np.int32)
+    t0 = time.perf_counter()
+    nbs = jax.tree.map(jnp.asarray, hoods.batch(block, shape))
+    host = (time.perf_counter() - t0) / chunk
+    spec = LocalGraphSpec(shape, args.active_cap, chunk)
+    call = base_args + (nbs, jnp.asarray(block))
+    compile_s, whole = _timed(runner.chunk_function(attack, spec), *call)
+    _, first = _timed(runner.chunk_function(one_step, spec), *call)
+    clean_fn, after_fn = _rank_programs(runner, attack, spec)
+    clean, after = (_timed(f, *call)[1] / chunk for f in (clean_fn, after_fn))
+    whole, step = whole / chunk, (whole - first) / 9 / chunk
+    row = dict(host=host, whole=whole, step=step, clean=clean, after=after,
+               rest=whole - 10 * step - clean - after)
+    for key, v in row.items():
+      totals[key] = totals.get(key, 0.0) + v * len(idx)
+    totals["compile"] = totals.get("compile", 0.0) + compile_s
+    print(f"| {shape.items} x {shape.users} | {len(idx)} | {chunk} | {host*1e3:.1f} "
+          f"| {compile_s:.1f} | {whole*1e3:.1f} | {step*1e3:.1f} | {clean*1e3:.1f} "
+          f"| {after*1e3:.1f} | {row['rest']*1e3:.1f} |", flush=True)
+  n, t = len(tg), totals
+  print(f"[profile] {n} targets in {len(np.unique(buckets))} buckets: PGD-10 programs "
+        f"{t['whole']:.2f} s = {n / t['whole']:.2f} targets/s, of which 10 steps "
+        f"{10 * t['step']:.2f} s ({10 * t['step'] / t['whole']:.0%}), ranks "
+        f"{t['clean'] + t['after']:.2f} s ({(t['clean'] + t['after']) / t['whole']:.0%}), rest "
+        f"{t['rest']:.2f} s; host set-up {t['host']:.2f} s; compile {t['compile']:.1f} s",
+        flush=True)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--targets", type=int, default=100)
@@ -145,13 +245,22 @@ def main():
   p.add_argument("--train_epochs", type=int, default=2)
   p.add_argument("--chunk", type=int, default=64)
   p.add_argument("--active_cap", type=int, default=256)
+  p.add_argument("--compile_seconds", type=float, default=2.0,
+                 help="the runner's bucket-merge setting (0: one program per size bucket)")
   p.add_argument("--no_route", action="store_true",
                  help="run every target capped first (re-run when the cap is exceeded)")
   p.add_argument("--memory_only", action="store_true")
+  p.add_argument("--profile", action="store_true",
+                 help="per bucket: host set-up, compile, and the parts of a target's attack")
   args = p.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs",
         flush=True)
-  memory(args) if args.memory_only else speed(args)
+  if args.memory_only:
+    memory(args)
+  elif args.profile:
+    profile(args)
+  else:
+    speed(args)
 
 
 if __name__ == "__main__":

@@ -104,15 +104,20 @@ class PromotionAttackRunner:
       per-target working arrays (about anchors x (K + 2·changed items) + changed users x
       items), so big neighbourhoods run in small chunks and small ones in big chunks.
     log: optional ``log(message)`` for progress on the local graph path (one line per
-      program: targets, seconds, compile included on first use, re-runs).
-    compile_seconds: local path: the estimated compile time of one program, against
-      which the size buckets a run hits are merged (``graph_local.plan_buckets``); 0:
-      one program per bucket.
+      program of merged buckets, then one per larger cap that some targets needed:
+      targets, seconds, compile included on first use, re-runs).
+    compile_seconds: local path: the run time one program's compilation is worth when
+      the size buckets a run hits are merged (``graph_local.plan_buckets``). 2: a
+      program compiles in about 6 s on a 2-core CPU, but the launchers' persistent
+      compilation cache and the run's other models reuse it; on TikTok at PGD-10 this
+      gave the fastest timed run and a 100-target run's compilation of about 30 s
+      (docs/results/performance.md). 0: one program per bucket.
 
   On the local path targets are grouped by neighbourhood size bucket
   (``graph_local.GraphNeighbourhoods``; a bucket's shape depends on the graph only),
   buckets with few or small targets are merged into one program of their elementwise
-  largest shape, and the results are put back in the targets' order.
+  largest shape, the few targets that need a larger active-anchor cap run last, one
+  program per cap, and the results are put back in the targets' order.
   """
 
   def __init__(self, surface: AttackSurface, *, chunk_size: int = 64,
@@ -120,7 +125,7 @@ class PromotionAttackRunner:
                mesh: jax.sharding.Mesh | None = None, graph_path: str = "local",
                active_cap: int = 256, chunk_elements: int = 2**25, log=None,
                uncapped_after: int = 4, route_clean_active: bool = True,
-               cap_growth: int = 4, compile_seconds: float = 6.0):
+               cap_growth: int = 4, compile_seconds: float = 2.0):
     self.surface = surface
     self.log = log
     self.chunk_size = int(chunk_size)
@@ -368,8 +373,7 @@ class PromotionAttackRunner:
     hoods = self.surface.graph.neighbourhoods
     n_a = int(ctx.anchors.shape[0])
     buckets = hoods.bucket_of_item[targets]
-    order, pieces, fallbacks, n_direct = [], [], 0, 0
-    unique, counts = np.unique(buckets, return_counts=True)
+    unique, per_bucket = np.unique(buckets, return_counts=True)
     # Per-target cost of a shape: its working elements (``_bucket_chunk``) times the
     # attack's loss evaluations, at about 1.2 ns each (TikTok, 2-core CPU).
     passes = attack.steps + 3
@@ -377,72 +381,81 @@ class PromotionAttackRunner:
     def cost(shape):
       return 1.2e-9 * passes * self._target_elements(shape, n_a, attack.k)
 
-    groups = graph_local.plan_buckets([hoods.shapes[int(b)] for b in unique], counts, cost,
-                                      self.compile_seconds)
+    groups = graph_local.plan_buckets([hoods.shapes[int(b)] for b in unique], per_bucket,
+                                      cost, self.compile_seconds)
     template = _budget_free(attack)  # the compile key; ε is an argument
     name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
-    done, t_start = 0, time.perf_counter()
-    for i, members in enumerate(groups):  # a handful of programs, each compiled once
-      shape = graph_local.merged_shape(hoods.shapes[int(unique[m])] for m in members)
-      t0 = time.perf_counter()
-      caps = self.cap_ladder(n_a, uncapped=template in self.uncapped)
+    devices = 1 if self.mesh is None else self.mesh.size
+    results = {}  # target position -> its exact result
+    pending: dict[int, list[int]] = {}  # cap level -> target positions (levels >= 1)
+    fallbacks = n_direct = 0
+    t_start = time.perf_counter()
+
+    def run_level(pos, shape, cap):
+      """Attacks targets[pos] at one shape and cap; returns the positions not exact."""
       budget = self._bucket_chunk(shape, n_a, attack.k)
-      devices = 1 if self.mesh is None else self.mesh.size
+      # A chunk no wider than needed (a power of two: few shapes to compile); a
+      # 1-target bucket padded to 64 targets did 64 targets' work.
+      chunk = min(budget, 1 << max(0, math.ceil(math.log2(math.ceil(len(pos) / devices)))))
+      spec = LocalGraphSpec(shape, cap, chunk)
+      fresh = (template, spec) not in self._compiled
+      out = self._run_chunks(self.chunk_function(attack, spec), args, targets[pos], chunk,
+                             place, fetch, functools.partial(hoods.batch, shape=shape))
+      exact = np.asarray(out["exact"])
+      for j in np.flatnonzero(exact):  # the last level (all anchors) is always exact
+        results[int(pos[j])] = jax.tree.map(lambda a, j=j: a[j], out)
+      return pos[~exact], fresh
 
-      def per_device(n_targets):
-        # A chunk no wider than needed (a power of two: few shapes to compile); a
-        # 1-target bucket padded to 64 targets did 64 targets' work.
-        return min(budget, 1 << max(0, math.ceil(math.log2(math.ceil(n_targets / devices)))))
+    def report(what, n, t0, fresh, started, redo):
+      if self.log is not None:
+        self.log(f"{name} ε={attack.epsilon:g}: {what}: {n} targets in "
+                 f"{time.perf_counter() - t0:.1f} s{' incl. compile' if fresh else ''}, "
+                 f"{started} started above the first cap, {redo} re-run with more anchors; "
+                 f"{len(results)}/{len(targets)} targets, {time.perf_counter() - t_start:.0f} s")
 
-      nbs_of = functools.partial(hoods.batch, shape=shape)
-      fresh, n_redo = False, 0
-      in_bucket = np.flatnonzero(np.isin(buckets, unique[members]))
+    caps = self.cap_ladder(n_a, uncapped=template in self.uncapped)
+    for i, members in enumerate(groups):  # a handful of programs, each compiled once
+      t0 = time.perf_counter()
+      shape = graph_local.merged_shape(hoods.shapes[int(unique[m])] for m in members)
+      pos = np.flatnonzero(np.isin(buckets, unique[members]))
       # Targets whose clean point already has more active anchors than a cap would fail
       # ``exact`` at δ = 0 and be re-run: they start at the first cap that holds them.
-      level = np.zeros(len(in_bucket), np.int64)
+      level = np.zeros(len(pos), np.int64)
       if len(caps) > 1 and self.route_clean_active:
-        counts = self.clean_active_counts(ctx, targets[in_bucket], attack)
-        level = np.searchsorted(np.asarray(caps), counts, side="left")
-      direct = level > 0
-      needed_more = direct.copy()
-      results = {}  # position in the bucket -> its exact result
-      queue = {lv: np.flatnonzero(level == lv) for lv in range(len(caps))}
-      for lv, cap in enumerate(caps):  # later levels: routed targets and re-runs
-        pos = queue[lv]
-        if not len(pos):
-          continue
-        spec = LocalGraphSpec(shape, cap, per_device(len(pos)))
-        fresh |= (template, spec) not in self._compiled
-        out = self._run_chunks(self.chunk_function(attack, spec), args,
-                               targets[in_bucket[pos]], spec.chunk, place, fetch, nbs_of)
-        exact = np.asarray(out["exact"])
-        redo = pos[~exact]
-        if len(redo):  # the last level (all anchors) is always exact
-          n_redo += len(redo)
-          needed_more[redo] = True
-          queue[lv + 1] = np.sort(np.concatenate([queue[lv + 1], redo]))
-        for j in np.flatnonzero(exact):
-          results[int(pos[j])] = jax.tree.map(lambda a, j=j: a[j], out)
-      order.append(in_bucket)
-      pieces.append(jax.tree.map(lambda *xs: np.stack(xs),
-                                 *(results[p] for p in range(len(in_bucket)))))
-      fallbacks += n_redo
-      n_direct += int(direct.sum())
+        active = self.clean_active_counts(ctx, targets[pos], attack)
+        level = np.searchsorted(np.asarray(caps), active, side="left")
+      redo, fresh = (run_level(pos[level == 0], shape, caps[0]) if np.any(level == 0)
+                     else (pos[:0], False))
+      for lv in range(1, len(caps)):
+        pending.setdefault(lv, []).extend(pos[level == lv].tolist())
+      if len(redo):
+        pending.setdefault(1, []).extend(redo.tolist())
+      started = int(np.sum(level > 0))
+      fallbacks, n_direct = fallbacks + len(redo), n_direct + started
       seen = self._reruns.setdefault(template, [0, 0])
-      seen[0] += int(needed_more.sum())  # targets that needed more than the first cap
-      seen[1] += len(in_bucket)
+      seen[0] += started + len(redo)  # targets that needed more than the first cap
+      seen[1] += len(pos)
       if seen[0] >= self.uncapped_after and 2 * seen[0] > seen[1]:
         self.uncapped.add(template)
-      done += len(in_bucket)
-      if self.log is not None:
-        self.log(f"{name} ε={attack.epsilon:g}: program {i + 1}/{len(groups)} ({len(members)} "
-                 f"bucket{'s' if len(members) > 1 else ''}, {shape.items} items x "
-                 f"{shape.users} users): {len(in_bucket)} targets in "
-                 f"{time.perf_counter() - t0:.1f} s{' incl. compile' if fresh else ''}, "
-                 f"{int(direct.sum())} started above the first cap, {n_redo} re-run with "
-                 f"more anchors (caps {'/'.join(map(str, caps))}); {done}/{len(targets)} "
-                 f"targets, {time.perf_counter() - t_start:.0f} s")
-    inverse = np.argsort(np.concatenate(order))
-    result = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[inverse], *pieces)
+        caps = (n_a,)  # later programs: all anchors
+      report(f"program {i + 1}/{len(groups)} ({len(members)} bucket"
+             f"{'s' if len(members) > 1 else ''}, {shape.items} items x {shape.users} users)",
+             len(pos), t0, fresh, started, len(redo))
+    # Targets that need a larger cap (few): one program per cap for all of them, at the
+    # largest shape among theirs.
+    ladder = self.cap_ladder(n_a)
+    for lv in range(1, len(ladder)):
+      pos = np.array(sorted(pending.get(lv, [])), np.int64)
+      if not len(pos):
+        continue
+      t0 = time.perf_counter()
+      shape = graph_local.merged_shape(hoods.shapes[int(b)] for b in np.unique(buckets[pos]))
+      redo, fresh = run_level(pos, shape, ladder[lv])
+      if len(redo):
+        pending.setdefault(lv + 1, []).extend(redo.tolist())
+      fallbacks += len(redo)
+      report(f"cap {ladder[lv]} ({shape.items} items x {shape.users} users)", len(pos), t0,
+             fresh, 0, len(redo))
+    result = jax.tree.map(lambda *xs: np.stack(xs), *(results[p] for p in range(len(targets))))
     return result, fallbacks, n_direct
 
