@@ -328,3 +328,25 @@ def test_bucket_plan_merges_cheap_buckets_and_keeps_dear_ones_apart():
   assert graph_local.plan_buckets(shapes, counts, cost_fn, 6.0) == [[1, 2], [0]]
   assert graph_local.plan_buckets(shapes, counts, cost_fn, 0.0) == [[1], [2], [0]]
   assert graph_local.plan_buckets(shapes, counts, cost_fn, 100.0) == [[1, 2, 0]]
+
+
+def test_neighbourhood_cache_returns_equal_read_only_copies_within_its_byte_budget(setup):
+  _, surface, _, _ = setup
+  g = surface.graph.neighbourhoods
+  edges = (g.dst, g.src, g.weight, g.n_users, g.n_items, g.num_layers)
+  hoods = graph_local.GraphNeighbourhoods(*edges)  # the default budget
+  fresh = graph_local.GraphNeighbourhoods(*edges, cache_bytes=0)
+  items = [POPULAR, 3, 12, ISOLATED, 20]
+  for item in items + items:
+    shape = hoods.shapes[int(hoods.bucket_of_item[item])]
+    got = hoods.neighbourhood(item, shape)
+    want = fresh.neighbourhood(item, shape)  # nothing cached: built every time
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert not any(a.flags.writeable for a in got)
+  assert len(fresh._cache) == 0 and len(hoods._cache) == len(items)
+  one = sum(a.nbytes for a in hoods.neighbourhood(POPULAR, hoods.shapes[
+      int(hoods.bucket_of_item[POPULAR])]))
+  small = graph_local.GraphNeighbourhoods(*edges, cache_bytes=one)
+  for item in items:
+    small.neighbourhood(item, small.shapes[int(small.bucket_of_item[item])])
+  assert small._cached_bytes <= one and len(small._cache) >= 1

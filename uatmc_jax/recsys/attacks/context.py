@@ -331,12 +331,22 @@ def count_greater(sorted_rows: jax.Array, values: jax.Array) -> jax.Array:
 # Clean-score queries that work on either layout (used inside the attack programs).
 
 
+def _item_major(ctx: PromotionContext, item_ids: jax.Array, train: bool = False) -> jax.Array:
+  """Dense layout: (P, n_A) clean scores (or train-mask entries) of ``item_ids``.
+
+  Rows of the item-major copies where the context has them (graph models), else columns
+  of the anchor-major tables."""
+  table_t, table = ((ctx.train_mask_t, ctx.train_mask) if train
+                    else (ctx.scores_t, ctx.scores))
+  if table_t is not None:
+    return jnp.take(table_t, item_ids, axis=0)
+  return jnp.take(table, item_ids, axis=1).T
+
+
 def clean_column(ctx: PromotionContext, target: jax.Array) -> jax.Array:
   """(n_A,) clean scores of item ``target`` for every anchor."""
-  if ctx.scores_t is not None:
-    return ctx.scores_t[target]
   if ctx.dense:
-    return ctx.scores[:, target]
+    return _item_major(ctx, jnp.reshape(target, (1,)))[0]
   with precision.evaluation_precision():
     return ctx.anchor_vectors @ ctx.item_vectors[target]
 
@@ -382,25 +392,15 @@ def count_clean_above(ctx: PromotionContext, values: jax.Array, exclude: jax.Arr
     two agree exactly whenever the recomputed rows equal the stored ones.
   """
   exclude = jnp.asarray(exclude, jnp.int32).reshape(-1)
-  if ctx.scores_t is not None:  # item-major copies: contiguous rows, reduced over items
-    valid = exclude < ctx.scores_t.shape[0]
-    cols = jnp.take(ctx.scores_t, exclude, axis=0)
+  if ctx.dense:
+    valid = exclude < ctx.n_items
+    cols = _item_major(ctx, exclude)  # (P, n_A)
     rows = ctx.sorted_scores
     if masked:
-      cols = jnp.where(jnp.take(ctx.train_mask_t, exclude, axis=0), -jnp.inf, cols)
+      cols = jnp.where(_item_major(ctx, exclude, train=True), -jnp.inf, cols)
       rows = ctx.masked_sorted_scores
     return (count_greater(rows, values)
             - jnp.sum(valid[:, None] & (cols > values[None, :]), axis=0, dtype=jnp.int32))
-  if ctx.dense:
-    n_items = ctx.scores.shape[1]
-    valid = exclude < n_items
-    cols = jnp.take(ctx.scores, exclude, axis=1)
-    rows = ctx.sorted_scores
-    if masked:
-      cols = jnp.where(jnp.take(ctx.train_mask, exclude, axis=1), -jnp.inf, cols)
-      rows = ctx.masked_sorted_scores
-    return (count_greater(rows, values)
-            - jnp.sum(valid[None, :] & (cols > values[:, None]), axis=1, dtype=jnp.int32))
   count = _count_rows_above(ctx, values, exclude)
   if masked:
     kept = ~jnp.any(ctx.train_items[:, :, None] == exclude[None, None, :], axis=2)
@@ -411,10 +411,8 @@ def count_clean_above(ctx: PromotionContext, values: jax.Array, exclude: jax.Arr
 
 def train_seen(ctx: PromotionContext, item_ids: jax.Array) -> jax.Array:
   """(n_A, P) bool: is item ``item_ids[p]`` a train item of the anchor (masked metrics)."""
-  if ctx.train_mask_t is not None:
-    return jnp.take(ctx.train_mask_t, item_ids, axis=0).T
   if ctx.dense:
-    return jnp.take(ctx.train_mask, item_ids, axis=1)
+    return _item_major(ctx, item_ids, train=True).T
   return jnp.any(ctx.train_items[:, :, None] == item_ids[None, None, :], axis=1)
 
 

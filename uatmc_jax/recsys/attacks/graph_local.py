@@ -104,7 +104,7 @@ class GraphNeighbourhoods:
       by the pair (items, users): the users' full score rows cost |U_c| x n_items per
       step, and on TikTok a bucket keyed by node count alone padded a median of 11
       changed users to 315. Finer buckets pad less but compile more (one compile per
-      bucket and attacker, ~45 s each for MMGCN PGD-10 on TikTok, docs/results/performance.md).
+      bucket and attacker, 6–9 s each for MMGCN PGD-10 on TikTok, docs/results/performance.md).
     cache_bytes: padded neighbourhoods are kept (least recently used first out) up to
       this many bytes: every attacker of a model sets up the same targets
       (docs/results/performance.md).
