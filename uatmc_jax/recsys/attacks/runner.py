@@ -386,7 +386,7 @@ class PromotionAttackRunner:
     template = _budget_free(attack)  # the compile key; ε is an argument
     name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
     devices = 1 if self.mesh is None else self.mesh.size
-    results = {}  # target position -> its exact result
+    pieces = []  # (target positions, their exact results), in the order they finish
     pending: dict[int, list[int]] = {}  # cap level -> target positions (levels >= 1)
     fallbacks = n_direct = 0
     t_start = time.perf_counter()
@@ -401,9 +401,8 @@ class PromotionAttackRunner:
       fresh = (template, spec) not in self._compiled
       out = self._run_chunks(self.chunk_function(attack, spec), args, targets[pos], chunk,
                              place, fetch, functools.partial(hoods.batch, shape=shape))
-      exact = np.asarray(out["exact"])
-      for j in np.flatnonzero(exact):  # the last level (all anchors) is always exact
-        results[int(pos[j])] = jax.tree.map(lambda a, j=j: a[j], out)
+      exact = np.asarray(out["exact"])  # the last level (all anchors) is always exact
+      pieces.append((pos[exact], jax.tree.map(lambda a: a[exact], out)))
       return pos[~exact], fresh
 
     def report(what, n, t0, fresh, started, redo):
@@ -411,7 +410,8 @@ class PromotionAttackRunner:
         self.log(f"{name} ε={attack.epsilon:g}: {what}: {n} targets in "
                  f"{time.perf_counter() - t0:.1f} s{' incl. compile' if fresh else ''}, "
                  f"{started} started above the first cap, {redo} re-run with more anchors; "
-                 f"{len(results)}/{len(targets)} targets, {time.perf_counter() - t_start:.0f} s")
+                 f"{sum(len(p) for p, _ in pieces)}/{len(targets)} targets, "
+                 f"{time.perf_counter() - t_start:.0f} s")
 
     caps = self.cap_ladder(n_a, uncapped=template in self.uncapped)
     for i, members in enumerate(groups):  # a handful of programs, each compiled once
@@ -456,6 +456,7 @@ class PromotionAttackRunner:
       fallbacks += len(redo)
       report(f"cap {ladder[lv]} ({shape.items} items x {shape.users} users)", len(pos), t0,
              fresh, 0, len(redo))
-    result = jax.tree.map(lambda *xs: np.stack(xs), *(results[p] for p in range(len(targets))))
+    inverse = np.argsort(np.concatenate([p for p, _ in pieces]))
+    result = jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *(o for _, o in pieces))
     return result, fallbacks, n_direct
 
