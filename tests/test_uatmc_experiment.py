@@ -192,6 +192,13 @@ def test_vbpr_runs_only_what_needs_no_shared_space():
       uatmc_config.get_config("model=vbpr,defences=vanilla+apr+uat_mc_no_align"))
   assert "pgd_aligned" not in attackers and "pgd_aligned" not in sweep
   assert uatmc.attackers_for(uatmc_config.get_config("model=mmgcn"))[0] == protocol.ATTACKERS
+  # MMRec's MMGCN: no shared space either, and the graph models' UAT-MC preset.
+  with pytest.raises(ConfigError, match="uat_mc.*shared projected space"):
+    uatmc.attackers_for(uatmc_config.get_config("model=mmgcn_mmrec"))
+  mmrec = uatmc_config.get_config("model=mmgcn_mmrec,defences=vanilla+uat_mc_no_align")
+  assert "pgd_aligned" not in uatmc.attackers_for(mmrec)[0]
+  assert mmrec.uat_mc["defence_preset"] == "mmgcn_baby"
+  assert uatmc_config.get_config("model=vbpr_mlp").uat_mc["defence_preset"] == "vbpr_baby"
 
 
 # ----------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 
 Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
   dataset: ``synthetic`` or an MMRec-layout folder (synthetic).
-  model: vbpr_mlp | mmgcn | vbpr (vbpr_mlp; vbpr has no common projected space, so
-    only defences without alignment and attackers without the cosine reward apply).
+  model: vbpr_mlp | mmgcn | mmgcn_mmrec | vbpr (vbpr_mlp; vbpr and mmgcn_mmrec have no
+    common projected space, so only defences without alignment and attackers without the
+    cosine reward apply).
   seeds: a count n (seeds 1..n) or a list "1+2+3" (1+2+3): training seed, attack
     anchors and targets.
   defences: subset of vanilla+apr+amr+uat_mc_no_align+uat_mc (all).
@@ -20,7 +21,8 @@ Arguments (``k=v`` joined by ``,``; lists joined by ``+`` or ``;``):
     MMGCN 0), embedding_dim (64),
     model_align_weight (VBPR-MLP InfoNCE; per-dataset default of
     ``recsys.default_model_align_weight``: 0 on synthetic, else 1.0): the training protocol.
-  preset: UAT-MC reference hyper-parameters (default vbpr_baby / mmgcn_baby by model);
+  preset: UAT-MC reference hyper-parameters (default mmgcn_baby for the graph models
+    mmgcn / mmgcn_mmrec, else vbpr_baby);
     epsilon, adv_weight, align_weight override it.
   apr_epsilon (0.5), apr_weight (1.0); amr_epsilon (0.1, relative), amr_weight (1.0),
     amr_modality (the image-like one).
@@ -51,6 +53,7 @@ from experiments.configs import recsys
 from uatmc_jax.core.errors import ConfigError
 
 DEFENCE_NAMES = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
+GRAPH_MODELS = ("mmgcn", "mmgcn_mmrec")  # their UAT-MC preset is mmgcn_baby (A.7)
 
 DEFAULTS = dict(
     dataset="synthetic", model="vbpr_mlp", seeds="1+2+3", defences=None,
@@ -85,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    ks=(5, 10, 20, 50))
   cfg.finetune = dict(epochs=int(a["finetune_epochs"]), patience=int(a["finetune_patience"]))
   cfg.uat_mc = dict(defence_preset=a["preset"] or
-                    ("mmgcn_baby" if cfg.model == "mmgcn" else "vbpr_baby"),
+                    ("mmgcn_baby" if cfg.model in GRAPH_MODELS else "vbpr_baby"),
                     epsilon=a["epsilon"], adv_weight=a["adv_weight"],
                     align_weight=a["align_weight"], graph_items=str(a["graph_items"]))
   cfg.apr = dict(epsilon=float(a["apr_epsilon"]), adv_weight=float(a["apr_weight"]))
