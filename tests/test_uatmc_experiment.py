@@ -491,3 +491,16 @@ def test_remote_paths_not_made_local(tmp_path, monkeypatch):
     assert mem.cat(f"{root}/{name}")[:4] == b"\x89PNG"
   # Nothing landed in a local "gs:" folder.
   assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_mismatch_plot_without_cosines_warns_nothing(tmp_path):
+  # A backbone without a shared projected space records no per-target cosines: the
+  # plot says so instead of an empty legend (matplotlib warns on one).
+  import warnings
+  from uatmc_jax.recsys import report
+  per_seed = {1: {"vanilla": {"attacks": {"pgd": {"per_target_cosine_clean": [],
+                                                   "per_target_cosine_after": []}}}}}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    report.mismatch_plot(str(tmp_path / "mismatch.png"), per_seed)
+  assert (tmp_path / "mismatch.png").read_bytes()[:4] == b"\x89PNG"

@@ -266,7 +266,11 @@ def mismatch_plot(path: str, per_seed: dict) -> None:
   for ax in axes:
     ax.set_xlabel("per-target cos(∇_{δ^m} L, ∇_{δ^m'} L)")
     ax.set_ylabel("targets")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+    else:  # e.g. a backbone without a shared projected space has no cosines
+      ax.text(0.5, 0.5, "no per-target cosines recorded", ha="center", va="center",
+              transform=ax.transAxes)
   fig.suptitle("Cross-modal gradient mismatch of the promotion objective (A.5)")
   fig.tight_layout()
   _save(fig, path)
