@@ -195,9 +195,9 @@ def end_to_end(args):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   if args.workdir:
     from uatmc_jax.core import reporting
-    from uatmc_jax.longtail import trainer as longtail_trainer
+    from uatmc_jax.longtail import trained_classifier
     from uatmc_jax.longtail.evaluation import evaluate
-    trained = longtail_trainer.load_trained_classifier(args.workdir)
+    trained = trained_classifier.load_trained_classifier(args.workdir)
     run = reporting.read_json(os.path.join(args.workdir, "results.json"))
     images, labels, _ = evaluate.load_test_set(run, args.per_class)
     images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)

@@ -30,18 +30,20 @@ def main():
   import jax
   from uatmc_jax.core.parallel import mesh as mesh_lib
   from uatmc_jax.core.parallel import multihost
+  from uatmc_jax.longtail import epoch_metrics
   from uatmc_jax.longtail import methods as lm
   from uatmc_jax.longtail import trainer as lt
   from uatmc_jax.longtail.data.image_pipeline import TrainPipeline
+  from uatmc_jax.longtail.train_config import LongTailTrainConfig
 
   rng = np.random.default_rng(0)
   labels = (np.arange(args.n_images) % 10).astype(np.int32)
   images = rng.integers(0, 256, (args.n_images, 32, 32, 3)).astype(np.uint8)
   pipe = TrainPipeline(images, labels, batch_size=args.batch, seed=0)
-  config = lt.LongTailTrainConfig(model="small_cnn",
-                                  model_kwargs=dict(widths=(16, 32, 64, 128)),
-                                  num_epochs=args.epochs, batch_size=args.batch,
-                                  attack_steps=args.attack_steps)
+  config = LongTailTrainConfig(model="small_cnn",
+                               model_kwargs=dict(widths=(16, 32, 64, 128)),
+                               num_epochs=args.epochs, batch_size=args.batch,
+                               attack_steps=args.attack_steps)
   trainer = lt.LongTailTrainer(config, lm.resolve_method("pgd_at"), num_classes=10,
                                class_counts=np.bincount(labels),
                                steps_per_epoch=pipe.steps_per_epoch)
@@ -66,7 +68,7 @@ def main():
         state, metrics = trainer.train_step(state, dev, trainer.step_key(epoch, step),
                                             flags=trainer.step_flags(epoch))
         hist.append(metrics)
-      lt._epoch_sums(multihost.to_host(hist))
+      epoch_metrics.epoch_sums(multihost.to_host(hist))
     jax.block_until_ready(state)
 
   def fit():

@@ -67,6 +67,7 @@ from uatmc_jax.longtail import methods as longtail_methods  # noqa: E402
 from uatmc_jax.longtail import trainer as longtail_trainer  # noqa: E402
 from uatmc_jax.longtail.models import conv_ops  # noqa: E402
 from uatmc_jax.longtail.models import image_classifiers as ic  # noqa: E402
+from uatmc_jax.longtail.train_config import LongTailTrainConfig  # noqa: E402
 
 
 def cpu_peak_flops_estimate() -> tuple[float | None, str]:
@@ -153,7 +154,7 @@ def main():
   if widths:
     model_kwargs["widths"] = widths
   method = longtail_methods.resolve_method(args.method)
-  config = longtail_trainer.LongTailTrainConfig(
+  config = LongTailTrainConfig(
       model=args.model, model_kwargs=model_kwargs, num_epochs=1, batch_size=args.batch,
       attack_steps=args.attack_steps, manifold_warmup_epochs=0)
   counts = np.floor(5000 * 0.01 ** (np.arange(args.num_classes) / (args.num_classes - 1)))

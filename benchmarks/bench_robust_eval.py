@@ -57,11 +57,11 @@ def main():
     what = "fresh small_cnn, random images labelled by the model"
   else:
     from uatmc_jax.core import reporting
-    from uatmc_jax.longtail import trainer as longtail_trainer
+    from uatmc_jax.longtail import trained_classifier
     from uatmc_jax.longtail.data import image_folder, longtail
     from uatmc_jax.longtail.data.image_pipeline import to_float
     run = reporting.read_json(os.path.join(args.workdir, "results.json"))
-    trained = longtail_trainer.load_trained_classifier(args.workdir)
+    trained = trained_classifier.load_trained_classifier(args.workdir)
     logits_fn = trained.logits_fn
     test = image_folder.load_image_folder(os.path.join(run["data_dir"], "test"),
                                           class_names=run["class_names"])

@@ -127,6 +127,7 @@ def longtail_job(args, workdir):
   from uatmc_jax.longtail import methods as lm
   from uatmc_jax.longtail import trainer as lt
   from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
+  from uatmc_jax.longtail.train_config import LongTailTrainConfig
 
   rng = np.random.default_rng(1)
   counts = np.array([16, 10, 6])
@@ -135,8 +136,8 @@ def longtail_job(args, workdir):
   images[..., 0] += 25 * labels[:, None, None]  # a learnable class signal
   images = images.astype(np.uint8)
   pipe = TrainPipeline(images, labels, batch_size=16, seed=0)
-  config = lt.LongTailTrainConfig(model="small_cnn", model_kwargs={"widths": (4, 8)},
-                                  num_epochs=1, batch_size=16, attack_steps=2, seed=0)
+  config = LongTailTrainConfig(model="small_cnn", model_kwargs={"widths": (4, 8)},
+                               num_epochs=1, batch_size=16, attack_steps=2, seed=0)
   trainer = lt.LongTailTrainer(config, lm.resolve_method("pgd_at"), num_classes=3,
                                class_counts=counts, steps_per_epoch=pipe.steps_per_epoch,
                                mesh=mesh_lib.make_mesh())
@@ -223,14 +224,14 @@ def eval_job(args, workdir):
   from flax import nnx
   from uatmc_jax.core.parallel import mesh as mesh_lib
   from uatmc_jax.core.parallel import multihost
-  from uatmc_jax.longtail import trainer as longtail_trainer
+  from uatmc_jax.longtail import trained_classifier
   from uatmc_jax.longtail.evaluation import evaluate
   from uatmc_jax.longtail.evaluation import robust_accuracy
 
   del workdir
   mesh = mesh_lib.make_mesh()
   # The launcher's restore path: the long-tail job's checkpoint, replicated on the mesh.
-  trained = longtail_trainer.load_trained_classifier(
+  trained = trained_classifier.load_trained_classifier(
       os.path.join(args.out, "longtail_ckpt"), mesh=mesh)
   restored_sum_sq = _sum_of_squares(nnx.state(trained.model, nnx.Param))
   # One epoch leaves that net predicting one class (so does a fresh small CNN); the

@@ -7,6 +7,7 @@ from flax import nnx
 
 from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.longtail.models import image_classifiers as ic
+from uatmc_jax.longtail.models import pooling
 
 
 def _n_params(model_or_state):
@@ -200,23 +201,23 @@ def test_max_pool_2x2_matches_nnx_max_pool_values_and_tie_free_gradients():
   # reduce-max gradient and select-and-scatter's must agree exactly.
   x = jax.random.normal(jax.random.key(3), (2, 6, 8, 5))
   ref = lambda v: nnx.max_pool(v, (2, 2), strides=(2, 2))
-  np.testing.assert_array_equal(ic.max_pool_2x2(x), ref(x))
+  np.testing.assert_array_equal(pooling.max_pool_2x2(x), ref(x))
   w = jax.random.normal(jax.random.key(4), (2, 3, 4, 5))
-  g_new = jax.grad(lambda v: jnp.sum(ic.max_pool_2x2(v) * w))(x)
+  g_new = jax.grad(lambda v: jnp.sum(pooling.max_pool_2x2(v) * w))(x)
   g_ref = jax.grad(lambda v: jnp.sum(ref(v) * w))(x)
   np.testing.assert_array_equal(g_new, g_ref)
   # Exactly one nonzero per window: the gradient really routes to the argmax.
   assert int(jnp.sum(g_new != 0)) == w.size
   # Odd sizes fall back to nnx.max_pool (VALID: the last row/column is dropped).
   x_odd = jax.random.normal(jax.random.key(5), (1, 5, 7, 2))
-  np.testing.assert_array_equal(ic.max_pool_2x2(x_odd), ref(x_odd))
-  assert ic.max_pool_2x2(x_odd).shape == (1, 2, 3, 2)
+  np.testing.assert_array_equal(pooling.max_pool_2x2(x_odd), ref(x_odd))
+  assert pooling.max_pool_2x2(x_odd).shape == (1, 2, 3, 2)
   # With ties (quantised input, all-zero windows) the gradient still equals
   # select-and-scatter's: all of it goes to the first maximal element of the window.
   x_tie = jnp.round(jax.random.uniform(jax.random.key(6), (2, 6, 8, 5)) * 2) / 2
   x_tie = x_tie.at[0, :2, :2, 0].set(0.0)
-  np.testing.assert_array_equal(ic.max_pool_2x2(x_tie), ref(x_tie))
-  g_tie = jax.grad(lambda v: jnp.sum(ic.max_pool_2x2(v) * w))(x_tie)
+  np.testing.assert_array_equal(pooling.max_pool_2x2(x_tie), ref(x_tie))
+  g_tie = jax.grad(lambda v: jnp.sum(pooling.max_pool_2x2(v) * w))(x_tie)
   g_tie_ref = jax.grad(lambda v: jnp.sum(ref(v) * w))(x_tie)
   np.testing.assert_array_equal(g_tie, g_tie_ref)
   assert int(jnp.sum(g_tie != 0)) == w.size

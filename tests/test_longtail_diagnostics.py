@@ -19,6 +19,7 @@ from uatmc_jax.longtail.attacks import linf
 from uatmc_jax.longtail.data.image_pipeline import TrainPipeline
 from uatmc_jax.longtail.evaluation import geometry
 from uatmc_jax.longtail.models import image_classifiers as ic
+from uatmc_jax.longtail.train_config import LongTailTrainConfig
 
 TINY_MODEL = dict(widths=(4, 8))
 
@@ -33,11 +34,11 @@ def _tiny_data(n_per_class=(12, 8, 4), size=8, seed=0):
 
 def _trainer(method_name, epochs=2, method_kwargs=None, **overrides):
   images, labels = _tiny_data()
-  config = lt.LongTailTrainConfig(model="small_cnn", model_kwargs=TINY_MODEL,
-                                  num_epochs=epochs, batch_size=8, latent_dim=2,
-                                  manifold_hidden_dim=8,
-                                  **{"attack_steps": 3, "diagnostics_batch_size": 16,
-                                     "manifold_warmup_epochs": 1, **overrides})
+  config = LongTailTrainConfig(model="small_cnn", model_kwargs=TINY_MODEL,
+                               num_epochs=epochs, batch_size=8, latent_dim=2,
+                               manifold_hidden_dim=8,
+                               **{"attack_steps": 3, "diagnostics_batch_size": 16,
+                                  "manifold_warmup_epochs": 1, **overrides})
   method = lm.resolve_method(method_name, **(method_kwargs or {}))
   pipe = TrainPipeline(images, labels, batch_size=8, seed=0, prefetch=0)
   trainer = lt.LongTailTrainer(config, method, num_classes=3,

@@ -12,7 +12,7 @@ from uatmc_jax.longtail import experiment as lt_experiment
 from experiments.configs import longtail as longtail_config
 from uatmc_jax.core import metric_writer as tensorboard_writer
 from uatmc_jax.core.errors import ConfigError
-from uatmc_jax.longtail import trainer as lt
+from uatmc_jax.longtail import train_config as ltc
 
 GROUP_KEYS = ("overall", "balanced", "many", "medium", "few", "tail")
 
@@ -38,16 +38,16 @@ def test_paper_preset_is_b4_and_full_is_its_100_epoch_variant():
 
 
 def test_warmup_then_cosine_schedule_closed_form():
-  cfg = lt.LongTailTrainConfig(num_epochs=5, learning_rate=0.2, warmup_epochs=1.5)
+  cfg = ltc.LongTailTrainConfig(num_epochs=5, learning_rate=0.2, warmup_epochs=1.5)
   spe = 10
-  sched = lt.learning_rate_schedule(cfg, spe)
+  sched = ltc.learning_rate_schedule(cfg, spe)
   warm, total = 15, 50
   for t in (0, 7, 15, 20, 33, 49, 50):
     expected = (0.2 * t / warm if t < warm else
                 0.1 * (1 + math.cos(math.pi * (t - warm) / (total - warm))))
     assert math.isclose(float(sched(t)), expected, rel_tol=1e-5, abs_tol=1e-7), t
   with pytest.raises(ConfigError, match="warmup_epochs"):
-    lt.LongTailTrainConfig(num_epochs=2, warmup_epochs=2).validate()
+    ltc.LongTailTrainConfig(num_epochs=2, warmup_epochs=2).validate()
 
 
 def _planted_folder(root, train_counts, test_per_class, seed=0):

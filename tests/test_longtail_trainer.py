@@ -10,6 +10,8 @@ from uatmc_jax.longtail import methods as lm
 from uatmc_jax.longtail import trainer as lt
 from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
 from uatmc_jax.longtail.evaluation import class_accuracy
+from uatmc_jax.longtail.train_config import LongTailTrainConfig
+from uatmc_jax.longtail.trained_classifier import load_trained_classifier
 
 TINY_MODEL = dict(widths=(4, 8))
 
@@ -163,11 +165,11 @@ def _tiny_data(n_per_class=(12, 8, 4), size=8, seed=0):
 def _trainer(method_name, epochs=2, **overrides):
   images, labels = _tiny_data()
   counts = np.bincount(labels)
-  config = lt.LongTailTrainConfig(model="small_cnn", model_kwargs=TINY_MODEL,
-                                  num_epochs=epochs, batch_size=8,
-                                  latent_dim=2, manifold_hidden_dim=8,
-                                  manifold_warmup_epochs=1,
-                                  **{"attack_steps": 2, **overrides})
+  config = LongTailTrainConfig(model="small_cnn", model_kwargs=TINY_MODEL,
+                               num_epochs=epochs, batch_size=8,
+                               latent_dim=2, manifold_hidden_dim=8,
+                               manifold_warmup_epochs=1,
+                               **{"attack_steps": 2, **overrides})
   method = lm.resolve_method(method_name)
   pipe = TrainPipeline(images, labels, batch_size=8, seed=0, prefetch=0)
   trainer = lt.LongTailTrainer(config, method, num_classes=3, class_counts=counts,
@@ -224,7 +226,7 @@ def test_training_smoke_and_resume_equals_uninterrupted(tmp_path):
   blocks = trainer.evaluate(full, eval_batches(images, labels, batch_size=8), pgd_steps=2)
   assert set(blocks) == {"clean", "pgd2"} and len(blocks["clean"]["per_class"]) == 3
   assert blocks["pgd2"]["overall"] <= blocks["clean"]["overall"] + 1e-9
-  loaded = lt.load_trained_classifier(str(tmp_path / "full"))
+  loaded = load_trained_classifier(str(tmp_path / "full"))
   x = jnp.asarray(images[:8], jnp.float32) / 255.
   ref = trainer.inference_logits(full["params"], full["batch_stats"], x)
   np.testing.assert_allclose(loaded.logits_fn(x), ref, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from uatmc_jax.longtail import methods as lm
 from uatmc_jax.longtail import trainer as lt
 from uatmc_jax.longtail.data.image_pipeline import TrainPipeline
 from uatmc_jax.longtail.evaluation import robust_accuracy
+from uatmc_jax.longtail.train_config import LongTailTrainConfig
 
 
 def _tiny(epochs=2, **overrides):
@@ -26,9 +27,9 @@ def _tiny(epochs=2, **overrides):
   base = rng.integers(0, 256, (3, 1, 1, 3))
   images = np.clip(base[labels] + rng.integers(-40, 40, (labels.size, 8, 8, 3)), 0, 255)
   images = images.astype(np.uint8)
-  config = lt.LongTailTrainConfig(model="small_cnn", model_kwargs=dict(widths=(4, 8)),
-                                  num_epochs=epochs, batch_size=8, attack_steps=1,
-                                  **overrides)
+  config = LongTailTrainConfig(model="small_cnn", model_kwargs=dict(widths=(4, 8)),
+                               num_epochs=epochs, batch_size=8, attack_steps=1,
+                               **overrides)
   pipe = TrainPipeline(images, labels, batch_size=8, seed=0, prefetch=0)
   trainer = lt.LongTailTrainer(config, lm.resolve_method("pgd_at"), num_classes=3,
                                class_counts=np.bincount(labels),

@@ -11,6 +11,7 @@ from uatmc_jax.core.parallel import precision
 from uatmc_jax.longtail import methods as lm
 from uatmc_jax.longtail import trainer as lt
 from uatmc_jax.longtail.data.image_pipeline import TrainPipeline
+from uatmc_jax.longtail.train_config import LongTailTrainConfig
 from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.losses import make_bpr_objective
 from uatmc_jax.recsys.models.registry import build_recommender
@@ -75,9 +76,9 @@ def test_longtail_trainer_bfloat16_step_keeps_float32_params_stats_and_optimiser
   labels = np.repeat(np.arange(3), [8, 5, 3]).astype(np.int32)
   images = rng.integers(0, 256, (labels.size, 8, 8, 3)).astype(np.uint8)
   pipe = TrainPipeline(images, labels, batch_size=8, seed=0, prefetch=0)
-  config = lt.LongTailTrainConfig(model="small_cnn", model_kwargs={"widths": (4, 8)},
-                                  num_epochs=1, batch_size=8, attack_steps=1,
-                                  compute_dtype="bfloat16")
+  config = LongTailTrainConfig(model="small_cnn", model_kwargs={"widths": (4, 8)},
+                               num_epochs=1, batch_size=8, attack_steps=1,
+                               compute_dtype="bfloat16")
   trainer = lt.LongTailTrainer(config, lm.resolve_method("trades"), num_classes=3,
                                class_counts=np.bincount(labels),
                                steps_per_epoch=pipe.steps_per_epoch,

@@ -3,6 +3,7 @@ class-conditional manifold constraint and a simplex-ETF geometry term, beside PG
 TRADES, MART, AT-BSL and RoBal, and robust evaluation up to AutoAttack.
 
 Sub-packages: ``data``, ``models``, ``attacks``, ``evaluation``; modules ``losses``,
-``etf``, ``manifold``, ``methods``, ``trainer`` and ``experiment``. Imports only
-``uatmc_jax.core``.
+``etf``, ``manifold``, ``methods``, ``train_config``, ``trainer`` (with
+``epoch_metrics`` and ``diagnostics``), ``trained_classifier``, ``experiment`` and
+``table``. Imports only ``uatmc_jax.core``.
 """

@@ -21,8 +21,10 @@ import jax
 from uatmc_jax.core import reporting
 from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.core.parallel import mesh as mesh_lib
+from uatmc_jax.longtail import epoch_metrics
 from uatmc_jax.longtail import methods as longtail_methods
 from uatmc_jax.longtail import trainer as longtail_trainer
+from uatmc_jax.longtail.train_config import LongTailTrainConfig
 from uatmc_jax.longtail.data import image_folder, longtail
 from uatmc_jax.longtail.data.image_pipeline import TrainPipeline, eval_batches
 
@@ -74,7 +76,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   n_max = int(counts[0])
   method = longtail_methods.resolve_method(cfg.method, beta=cfg.beta, etf_weight=cfg.etf_weight,
                                            manifold_weight=cfg.manifold_weight)
-  config = longtail_trainer.LongTailTrainConfig(
+  config = LongTailTrainConfig(
       model=cfg.model, model_kwargs=cfg.model_kwargs.to_dict(), num_epochs=int(cfg.epochs), batch_size=int(cfg.batch_size),
       learning_rate=float(cfg.lr), schedule=cfg.schedule,
       warmup_epochs=float(cfg.warmup_epochs), weight_decay=float(cfg.weight_decay),
@@ -111,7 +113,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                             pgd_steps=int(cfg.eval_pgd_steps), seed=int(cfg.seed))
   test_scalars = {}
   for name, block in blocks.items():
-    test_scalars.update(longtail_trainer.group_scalars(f"test/{name}", block))
+    test_scalars.update(epoch_metrics.group_scalars(f"test/{name}", block))
   trainer.write_scalars(workdir, int(cfg.epochs) * pipe.steps_per_epoch, test_scalars)
   results = {
       "dataset": cfg.dataset, "data_dir": cfg.data_dir,

@@ -27,6 +27,10 @@ their combinations) runs through ``LongTailTrainer``:
 * with ``diagnostics`` (default on) every epoch also records what the MCAT terms do
   (``longtail.diagnostics``): attack-term numbers from inside the step, and MS-PGD vs
   PGD, outer-loss gradients on W and the B.5 geometry on a fixed monitor batch.
+
+The run's settings, lr schedule and optimiser are ``train_config``'s; the epoch scalars
+are reduced on the host by ``epoch_metrics``; ``trained_classifier`` restores a finished
+run for evaluation.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ from uatmc_jax.core.progress import StepProgress
 from uatmc_jax.core import reporting
 from uatmc_jax.core.reporting import ProgressLogger
 from uatmc_jax.longtail import diagnostics as diag_lib
+from uatmc_jax.longtail import epoch_metrics
 from uatmc_jax.longtail import losses as cl
 from uatmc_jax.longtail import manifold as manifold_lib
 from uatmc_jax.longtail import methods as methods
@@ -61,95 +66,11 @@ from uatmc_jax.longtail.attacks import linf
 from uatmc_jax.longtail.attacks import manifold_pgd
 from uatmc_jax.longtail.evaluation import class_accuracy
 from uatmc_jax.longtail.models import image_classifiers as ic
+from uatmc_jax.longtail.train_config import (DIAGNOSTICS_FIELDS, LongTailTrainConfig,
+                                             learning_rate_schedule, make_optimizer)
 
 TRAINER_CONFIG_FILE = "trainer_config.json"
 DIAGNOSTICS_FILE = "diagnostics.json"
-# LongTailTrainConfig fields that do not change the trained state (left out of the
-# checkpoint fingerprint).
-DIAGNOSTICS_FIELDS = ("diagnostics", "diagnostics_batch_size", "diagnostics_in_step")
-
-
-@dataclasses.dataclass(frozen=True)
-class LongTailTrainConfig:
-  """Hyper-parameters of one run (defaults: the field's settings of B.3 / B.4)."""
-  model: str = "resnet18"
-  model_kwargs: dict = dataclasses.field(default_factory=dict)
-  num_epochs: int = 100
-  batch_size: int = 128
-  learning_rate: float = 0.1
-  schedule: str = "cosine"            # cosine | step
-  # Linear warm-up from 0 over this many epochs (may be fractional), then the schedule
-  # over the remaining steps; 0 = none (the B.3/B.4 settings).
-  warmup_epochs: float = 0.0
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  epsilon: float = 8 / 255
-  attack_step_size: float = 2 / 255
-  attack_steps: int = 10
-  # MCAT manifold models (used only when the method's manifold_weight > 0)
-  latent_dim: int = 128
-  manifold_hidden_dim: int = 1024
-  latent_steps: int = 5               # T_z
-  latent_step_size: float = 0.01
-  manifold_refresh: str = "every_step"  # every_step | frozen
-  manifold_warmup_epochs: int = 1
-  manifold_fit_steps: int = 1         # Adam steps on each batch's clean features
-  manifold_learning_rate: float = 1e-3
-  seed: int = 0
-  # float32 | bfloat16: the model's compute dtype (params, BN statistics and optimiser
-  # state stay float32); see uatmc_jax.core.parallel.precision.
-  compute_dtype: str = "float32"
-  # Matmul / convolution precision of the training step's float32 ops
-  # (precision.MATMUL_PRECISIONS: default | high | highest; "default" = the backend's
-  # choice, e.g. TF32 on recent NVIDIA GPUs). Evaluation always runs at "highest".
-  matmul_precision: str = precision.DEFAULT_TRAIN_MATMUL_PRECISION
-  # Per-epoch mechanism diagnostics (longtail.diagnostics): on/off, and the size of the
-  # fixed monitor batch of training images they use (a multiple of the data-axis size).
-  diagnostics: bool = True
-  diagnostics_batch_size: int = 64
-  # The attack's "inner" numbers from every training step (epoch means; the MS-PGD step
-  # costs ~1/3 more: one more backward per PGD step) instead of from the monitor batch.
-  diagnostics_in_step: bool = False
-
-  def validate(self) -> None:
-    precision.check_matmul_precision(self.matmul_precision)
-    if self.schedule not in ("cosine", "step"):
-      raise ConfigError(f"schedule: expected cosine|step, got {self.schedule!r}")
-    if self.manifold_refresh not in ("every_step", "frozen"):
-      raise ConfigError(f"manifold_refresh: expected every_step|frozen, got "
-                        f"{self.manifold_refresh!r}")
-    if self.num_epochs < 1 or self.batch_size < 1 or self.attack_steps < 0:
-      raise ConfigError("num_epochs, batch_size must be >= 1 and attack_steps >= 0")
-    if self.diagnostics and self.diagnostics_batch_size < 1:
-      raise ConfigError(f"diagnostics_batch_size: expected >= 1 with diagnostics on, got "
-                        f"{self.diagnostics_batch_size}")
-    if not 0 <= self.warmup_epochs < self.num_epochs:
-      raise ConfigError(f"warmup_epochs: expected 0 <= warmup_epochs < num_epochs "
-                        f"({self.num_epochs}), got {self.warmup_epochs}")
-
-
-def learning_rate_schedule(config: LongTailTrainConfig, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up over ``warmup_epochs`` (if any), then cosine decay to 0 or step decay
-  (x0.1 at 50% and 75% of the post-warm-up steps)."""
-  total = max(config.num_epochs * steps_per_epoch, 1)
-  warm = int(round(config.warmup_epochs * steps_per_epoch))
-  rest = max(total - warm, 1)
-  if config.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(config.learning_rate, rest)
-  else:
-    decay = optax.piecewise_constant_schedule(
-        config.learning_rate, {int(0.5 * rest): 0.1, int(0.75 * rest): 0.1})
-  if not warm:
-    return decay
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, config.learning_rate, warm), decay], [warm])
-
-
-def make_optimizer(config: LongTailTrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD(momentum) with coupled weight decay and ``learning_rate_schedule``."""
-  return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                     optax.sgd(learning_rate_schedule(config, steps_per_epoch),
-                               momentum=config.momentum))
 
 
 class StepFlags(NamedTuple):
@@ -500,7 +421,7 @@ class LongTailTrainer:
         step_metrics.append(metrics)
         progress.update(epoch * spe + step + 1, epoch, loss=_OnPrint(metrics["loss"]),
                         adv_train_acc=_OnPrint(metrics["adv_train_acc"]))
-      sums, class_sums, diag_sums, n = _epoch_sums(multihost.to_host(step_metrics))
+      sums, class_sums, diag_sums, n = epoch_metrics.epoch_sums(multihost.to_host(step_metrics))
       seconds = time.perf_counter() - t0
       train_seconds += seconds
       metrics_hist = {k: v / max(n, 1) for k, v in sums.items()}
@@ -512,7 +433,7 @@ class LongTailTrainer:
                       "train/epoch_seconds": seconds})
       train_block = class_accuracy.accuracy_block(class_sums["adv_correct"],
                                                   class_sums["seen"], self.class_counts)
-      scalars.update(group_scalars("train_adv", train_block))
+      scalars.update(epoch_metrics.group_scalars("train_adv", train_block))
       last = epoch == epochs - 1 or (stop_after_epoch is not None and epoch >= stop_after_epoch)
       if monitor_batches is not None and monitor_every > 0 and (
           (epoch + 1) % monitor_every == 0 or last):
@@ -520,7 +441,7 @@ class LongTailTrainer:
                                seed=self.config.seed)
         monitor_hist.append({"epoch": epoch, **blocks})
         for name, block in blocks.items():
-          scalars.update(group_scalars(f"monitor/{name}", block))
+          scalars.update(epoch_metrics.group_scalars(f"monitor/{name}", block))
         logger.log(epoch, **{f"monitor_{name}_balanced": b["balanced"]
                              for name, b in blocks.items()})
       if monitor is not None:
@@ -568,83 +489,3 @@ class _OnPrint:
     return format(float(self.value), spec or ".4f")
 
   __str__ = lambda self: format(self, ".4f")
-
-
-def _epoch_sums(step_metrics: list) -> tuple[dict, dict, dict, int]:
-  """Per-step host metrics -> (sum of each scalar, per-class count sums, sum of each
-  diagnostic scalar, steps), summed in the order of the steps (float64 sums of the
-  float32 step values)."""
-  sums: dict[str, float] = {}
-  diag_sums: dict[str, float] = {}
-  class_sums = {"adv_correct": 0, "seen": 0}
-  for metrics in step_metrics:
-    metrics = dict(metrics)
-    per_class = metrics.pop("per_class")
-    for k in class_sums:
-      class_sums[k] = class_sums[k] + np.asarray(per_class[k], np.int64)
-    for k, v in metrics.pop("diag", {}).items():
-      diag_sums[k] = diag_sums.get(k, 0.0) + float(v)
-    for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-  return sums, class_sums, diag_sums, len(step_metrics)
-
-
-def group_scalars(prefix: str, block: dict) -> dict[str, float]:
-  """``{prefix}/{overall,balanced,many,medium,few,tail}`` of an accuracy block (empty
-  groups, i.e. None, are left out)."""
-  return {f"{prefix}/{k}": block[k] for k in ("overall", "balanced", "many", "medium",
-                                               "few", "tail") if block.get(k) is not None}
-
-
-class TrainedClassifier(NamedTuple):
-  """A trained long-tail classifier, ready for evaluation attacks.
-
-  ``logits_fn(x)`` maps images (B, H, W, 3) in [0, 1] to the method's inference logits
-  (B, C) (BN in inference mode; RoBal's −τ_p log π included); ``model`` is the NNX
-  module in eval mode (raw logits, ``features``, ``classifier_weight``);
-  ``logit_adjustment`` (C,) is what ``logits_fn`` adds to ``model(x)``.
-  """
-  model: ic.ImageClassifier
-  logits_fn: Callable[[jax.Array], jax.Array]
-  logit_adjustment: np.ndarray
-  class_counts: np.ndarray
-  method: methods.LongTailMethod
-  info: dict
-
-
-def load_trained_classifier(workdir: str, *, best: bool = False,
-                            mesh: jax.sharding.Mesh | None = None) -> TrainedClassifier:
-  """Rebuilds the model of a ``train_longtail`` run and restores its latest checkpoint.
-
-  ``mesh``: restore the state replicated on it (e.g. a global mesh of a multi-process
-  evaluation; the default is this process's first device).
-
-  Raises:
-    ConfigError: no trainer config or no checkpoint under ``workdir``.
-  """
-  path = os.path.join(workdir, TRAINER_CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ConfigError(f"{path}: not found; is {workdir} the workdir of a train_longtail run?")
-  with open(path) as f:
-    info = json.load(f)
-  cfg = dict(info["config"])
-  config = LongTailTrainConfig(**cfg)
-  method = methods.LongTailMethod(**info["method"])
-  counts = np.asarray(info["class_counts"], np.int64)
-  trainer = LongTailTrainer(config, method, num_classes=info["num_classes"],
-                            class_counts=counts, steps_per_epoch=1,
-                            mesh=mesh or mesh_lib.make_mesh(devices=jax.local_devices()[:1]))
-  template = trainer.init_state()
-  store = CheckpointStore(os.path.join(workdir, "checkpoints"))
-  restored = store.restore_best(template) if best else store.restore_latest(template)
-  store.close()
-  if restored is None:
-    raise ConfigError(f"{workdir}/checkpoints: no checkpoint to restore")
-  state, meta = restored
-  model = nnx.merge(trainer.graphdef, state["params"], state["batch_stats"])
-  model.eval()
-  adjustment = np.asarray(methods.logit_adjustment(method, jnp.asarray(counts, jnp.float32)))
-  logits_fn = jax.jit(functools.partial(trainer.inference_logits, state["params"],
-                                        state["batch_stats"]))
-  return TrainedClassifier(model, logits_fn, adjustment, counts, method,
-                           dict(info, checkpoint_meta=meta))

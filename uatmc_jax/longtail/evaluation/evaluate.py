@@ -23,9 +23,10 @@ Writes into the workdir (process 0 only):
 Every batch is split over the ``mesh_data`` devices of all processes and each process
 attacks only its rows.
 
-The classifier comes from ``longtail.trainer.load_trained_classifier(workdir)``; the
-test set is reloaded as recorded in the run's results.json (dataset, data_dir, class
-names, test images per class: the same seeded per-class subsample, seed
+The classifier comes from
+``longtail.trained_classifier.load_trained_classifier(workdir)``; the test set is
+reloaded as recorded in the run's results.json (dataset, data_dir, class names, test
+images per class: the same seeded per-class subsample, seed
 ``longtail.EVAL_SUBSET_SEED``, for TFDS and image folders).
 
 Progress: every attack logs (stderr) a line per batch with the points (or point x
@@ -335,7 +336,7 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
   """
   from uatmc_jax.core.parallel import mesh as mesh_lib
   from uatmc_jax.core.parallel import multihost
-  from uatmc_jax.longtail import trainer as longtail_trainer
+  from uatmc_jax.longtail import trained_classifier
   from uatmc_jax.longtail.models import image_classifiers as ic
   results_path = os.path.join(workdir, "results.json")
   if not os.path.exists(results_path):
@@ -346,7 +347,7 @@ def evaluate_workdir(workdir: str, attacks: Sequence[str], *, epsilon: float = 8
   if batch_size % mesh.size:
     raise ConfigError(f"--batch_size {batch_size} must be divisible by the {mesh.size} "
                       f"devices of the evaluation mesh (--mesh_data)")
-  trained = longtail_trainer.load_trained_classifier(workdir, best=best, mesh=mesh)
+  trained = trained_classifier.load_trained_classifier(workdir, best=best, mesh=mesh)
   images, labels, class_names = load_test_set(run, test_per_class)
   graphdef, params, batch_stats = ic.split_classifier(trained.model)
   features_fn = lambda x: ic.apply_features(graphdef, params, batch_stats, x, train=False)[0]
