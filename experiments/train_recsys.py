@@ -7,7 +7,7 @@
 Writes ``<workdir>/results.json`` and prints a Markdown table (test metrics of the
 model and of the most-popular baseline). Restarting the same command resumes from the
 newest checkpoint. Library entry points (flag-free, for other experiments):
-``uatmc_jax.recsys.trainer.train_and_evaluate`` and
+``uatmc_jax.recsys.train_job.train_and_evaluate`` and
 ``load_trained_recommender``.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv):
   del argv
   cfg, workdir = launch.start(
       _CONFIG, "experiments/configs/recsys.py:model=vbpr_mlp,dataset=synthetic")
-  from uatmc_jax.recsys.trainer import train_and_evaluate
+  from uatmc_jax.recsys.train_job import train_and_evaluate
   results = train_and_evaluate(cfg, workdir)
   print(f"\n{results['dataset']}: {results['n_users']} users, {results['n_items']} items, "
         f"{results['n_train']} train; {results['epochs_run']} epochs, best epoch "

@@ -113,7 +113,7 @@ def test_default_verbosity_keeps_library_info_off_stderr(tmp_path):
   out = run_launcher("experiments.train_recsys", config, tmp_path)
   assert out.returncode == 0, out.stderr
   lines = [l for l in out.stderr.splitlines() if l.strip()]
-  project = re.compile(r"^(\[synthetic/VBPR\] epoch|W\d{4} .* trainer\.py:\d+\] vbpr on "
+  project = re.compile(r"^(\[synthetic/VBPR\] epoch|W\d{4} .* train_job\.py:\d+\] vbpr on "
                        r"synthetic is BELOW THE MOST-POPULAR)")
   assert lines and all(project.match(l) for l in lines), lines
   assert "recall@20" in out.stdout

@@ -259,7 +259,7 @@ def test_trains_evaluates_and_is_attacked_on_the_full_path():
 def test_sharded_build_pads_and_splits_the_tables_and_trains_like_the_unsharded():
   from jax.sharding import PartitionSpec as P
 
-  from uatmc_jax.recsys.trainer import _build
+  from uatmc_jax.recsys.train_job import _build
   data = _data({"audio": 5, "image": 3})
   cfg = {"embedding_dim": 8, "latent_dim": 6}
   train = {"seed": 0, "batch_size": 8, "log": False, "learning_rate": 0.05}

@@ -132,7 +132,7 @@ def test_loss_seam_uses_the_given_function_and_names_resolve():
 
 def test_train_and_evaluate_writes_results_and_reloads(tmp_path):
   from uatmc_jax.recsys.metrics import RankingEvaluator
-  from uatmc_jax.recsys.trainer import load_trained_recommender, train_and_evaluate
+  from uatmc_jax.recsys.train_job import load_trained_recommender, train_and_evaluate
 
   config = {"model": "vbpr", "dataset": "synthetic",
             "dataset_kwargs": {"n_users": 60, "n_items": 40, "mean_interactions": 8.0},
@@ -252,7 +252,7 @@ def test_item_bias_flag_reaches_the_model_config_and_rejects_non_booleans():
 def test_collapsed_run_is_flagged_below_popularity(tmp_path):
   """lr 0 leaves the random initial model: valid Recall@20 at or below the most-popular
   baseline's, which the results must say (key, both numbers, advice)."""
-  from uatmc_jax.recsys.trainer import BELOW_POPULARITY_KEY, train_and_evaluate
+  from uatmc_jax.recsys.train_job import BELOW_POPULARITY_KEY, train_and_evaluate
   base = {"model": "vbpr", "dataset": "synthetic",
           "dataset_kwargs": {"n_users": 80, "n_items": 50, "mean_interactions": 10.0},
           "model_config": {"embedding_dim": 8}, "mesh_data": -1}
@@ -270,7 +270,7 @@ def test_collapsed_run_is_flagged_below_popularity(tmp_path):
 
 
 def test_below_popularity_verdict_compares_on_valid():
-  from uatmc_jax.recsys.trainer import below_popularity
+  from uatmc_jax.recsys.train_job import below_popularity
   assert below_popularity({"recall@20": 0.10}, {"recall@20": 0.09}, "recall@20") is None
   tie = below_popularity({"recall@20": 0.09}, {"recall@20": 0.09}, "recall@20")
   assert tie["model"] == tie["most_popular"] == 0.09

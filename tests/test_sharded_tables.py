@@ -18,7 +18,8 @@ from uatmc_jax.core.parallel import sharding_rules
 from uatmc_jax.recsys.data.interactions import InteractionData
 from uatmc_jax.recsys.models.registry import (build_recommender, build_sharded_recommender,
                                               sharded_recommender_init)
-from uatmc_jax.recsys.trainer import RecsysTrainer, _build
+from uatmc_jax.recsys.train_job import _build
+from uatmc_jax.recsys.trainer import RecsysTrainer
 
 BABY = (19_445, 7_050)
 EMB = 4

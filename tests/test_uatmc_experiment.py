@@ -12,6 +12,7 @@ DEFENCE_KEYS = ("vanilla", "apr", "amr", "uat_mc_no_align", "uat_mc")
 
 @pytest.mark.slow
 def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
+  from uatmc_jax.recsys import attack_stage
   from uatmc_jax.recsys import experiment as uatmc
   from uatmc_jax.recsys.attacks import protocol
   from experiments.configs import uatmc as uatmc_config
@@ -170,7 +171,7 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
   table = open(os.path.join(workdir, "results.md")).read()
   assert "Attack budget ε = 0.5" in table and "Hit@10 PGD-PCGrad groups" in table
   with pytest.raises(ConfigError, match="attackers.*unknown"):
-    uatmc.attackers_for(uatmc_config.get_config("attackers=pgd+pgd_typo"))
+    attack_stage.attackers_for(uatmc_config.get_config("attackers=pgd+pgd_typo"))
   with pytest.raises(ConfigError, match="distinct budgets"):
     uatmc_config.get_config("attack_epsilon=0.1+0.1")
   # A changed training config in the same workdir is refused with the field named.
@@ -182,21 +183,22 @@ def test_uatmc_experiment_end_to_end_and_resume(tmp_path):
 
 
 def test_vbpr_runs_only_what_needs_no_shared_space():
-  from uatmc_jax.recsys import experiment as uatmc
+  from uatmc_jax.recsys import attack_stage
   from uatmc_jax.recsys.attacks import protocol
   from experiments.configs import uatmc as uatmc_config
   from uatmc_jax.core.errors import ConfigError
   with pytest.raises(ConfigError, match="uat_mc.*shared projected space"):
-    uatmc.attackers_for(uatmc_config.get_config("model=vbpr"))
-  attackers, sweep = uatmc.attackers_for(
+    attack_stage.attackers_for(uatmc_config.get_config("model=vbpr"))
+  attackers, sweep = attack_stage.attackers_for(
       uatmc_config.get_config("model=vbpr,defences=vanilla+apr+uat_mc_no_align"))
   assert "pgd_aligned" not in attackers and "pgd_aligned" not in sweep
-  assert uatmc.attackers_for(uatmc_config.get_config("model=mmgcn"))[0] == protocol.ATTACKERS
+  mmgcn = uatmc_config.get_config("model=mmgcn")
+  assert attack_stage.attackers_for(mmgcn)[0] == protocol.ATTACKERS
   # MMRec's MMGCN: no shared space either, and the graph models' UAT-MC preset.
   with pytest.raises(ConfigError, match="uat_mc.*shared projected space"):
-    uatmc.attackers_for(uatmc_config.get_config("model=mmgcn_mmrec"))
+    attack_stage.attackers_for(uatmc_config.get_config("model=mmgcn_mmrec"))
   mmrec = uatmc_config.get_config("model=mmgcn_mmrec,defences=vanilla+uat_mc_no_align")
-  assert "pgd_aligned" not in uatmc.attackers_for(mmrec)[0]
+  assert "pgd_aligned" not in attack_stage.attackers_for(mmrec)[0]
   assert mmrec.uat_mc["defence_preset"] == "mmgcn_baby"
   assert uatmc_config.get_config("model=vbpr_mlp").uat_mc["defence_preset"] == "vbpr_baby"
 
@@ -407,7 +409,7 @@ class _FakePod:
 def test_resume_decided_on_primary_and_followed(tmp_path, monkeypatch):
   import jax
   from jax.experimental import multihost_utils
-  from uatmc_jax.recsys import experiment as uatmc
+  from uatmc_jax.recsys import stage_io
   path = str(tmp_path / "train_results.json")
   pod = _FakePod()
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", pod.broadcast)
@@ -416,38 +418,38 @@ def test_resume_decided_on_primary_and_followed(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "process_index", lambda: 0)
   with open(path, "w") as f:
     json.dump({"valid": {"recall@20": 0.25}, "config": {"lr": 1}}, f)
-  primary = uatmc.saved_json(path)
+  primary = stage_io.saved_json(path)
   assert primary == {"valid": {"recall@20": 0.25}, "config": {"lr": 1}}
   # Process 1 does not see the file (no shared disk): it follows process 0 and resumes.
   os.remove(path)
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   pod.replay = list(pod.sent)
-  assert uatmc.saved_json(path) == primary
+  assert stage_io.saved_json(path) == primary
   assert pod.replay == []
   # The other way round: process 0 sees nothing, process 1 has a stale file: no resume.
   pod.sent, pod.replay = [], None
   monkeypatch.setattr(jax, "process_index", lambda: 0)
-  assert uatmc.saved_json(path) is None
+  assert stage_io.saved_json(path) is None
   with open(path, "w") as f:
     json.dump({"stale": True}, f)
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   pod.replay = list(pod.sent)
-  assert uatmc.saved_json(path) is None
+  assert stage_io.saved_json(path) is None
 
 
 def test_single_process_decides_alone(tmp_path, monkeypatch):
   from jax.experimental import multihost_utils
   from uatmc_jax.core.parallel import multihost
-  from uatmc_jax.recsys import experiment as uatmc
+  from uatmc_jax.recsys import stage_io
 
   def refuse(*a, **k):
     raise AssertionError("no broadcast on one process")
 
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", refuse)
   path = tmp_path / "x.json"
-  assert uatmc.saved_json(str(path)) is None
+  assert stage_io.saved_json(str(path)) is None
   path.write_text('{"a": [1, 2]}')
-  assert uatmc.saved_json(str(path)) == {"a": [1, 2]}
+  assert stage_io.saved_json(str(path)) == {"a": [1, 2]}
   assert multihost.broadcast_from_primary({"b": None}) == {"b": None}
 
 
@@ -460,7 +462,7 @@ def test_remote_paths_not_made_local(tmp_path, monkeypatch):
   from etils.epath import backend
   from fsspec.implementations.memory import MemoryFileSystem
   from uatmc_jax.core import reporting
-  from uatmc_jax.recsys import experiment as uatmc
+  from uatmc_jax.recsys import stage_io
   from uatmc_jax.recsys import report
 
   mem = MemoryFileSystem()
@@ -475,11 +477,11 @@ def test_remote_paths_not_made_local(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   root = "gs://bucket/run"
   assert reporting.is_remote_path(root) and not reporting.is_remote_path(str(tmp_path))
-  uatmc._makedirs(root)
-  reporting.write_json(uatmc._join(root, "seed_1", "vanilla", "train_results.json"),
+  stage_io.make_dirs(root)
+  reporting.write_json(stage_io.join_path(root, "seed_1", "vanilla", "train_results.json"),
                     {"x": float("nan"), "y": np.float32(2.0)})
-  assert uatmc.saved_json(f"{root}/seed_1/vanilla/train_results.json") == {"x": None, "y": 2.0}
-  assert uatmc.saved_json(f"{root}/seed_1/apr/train_results.json") is None
+  assert stage_io.saved_json(f"{root}/seed_1/vanilla/train_results.json") == {"x": None, "y": 2.0}
+  assert stage_io.saved_json(f"{root}/seed_1/apr/train_results.json") is None
   reporting.write_text(f"{root}/results.md", "table")
   assert mem.cat(f"{root}/results.md") == b"table"
   per_seed, _ = _two_seed_inputs()

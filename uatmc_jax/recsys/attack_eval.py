@@ -34,7 +34,7 @@ from uatmc_jax.recsys.attacks.surface import surface_from_recommender
 
 def load_trained(workdir: str):
   """(model, data) of the best checkpoint of an ``experiments.train_recsys`` workdir."""
-  from uatmc_jax.recsys.trainer import load_trained_recommender
+  from uatmc_jax.recsys.train_job import load_trained_recommender
 
   model, data, _ = load_trained_recommender(workdir, best=True)
   return model, data

@@ -4,10 +4,11 @@ Per seed: trains the backbone (vanilla BPR), trains every defence (APR and AMR
 fine-tuned from the backbone by default, ``adv_from_backbone``, or from scratch; UAT-MC
 with and without alignment fine-tuned from the backbone's best checkpoint with its
 projection MLPs frozen), attacks each trained model through the A.4 protocol
-(``attacks.protocol``) with FGSM, PGD and aligned PGD (with ``attackers=all`` also the
-group variants PGD-PCGrad and PGD-shared groups) at every budget of ``attack_epsilon``
-(e.g. 0.05+0.2+0.5), and optionally sweeps UAT-MC's λ_adv (or ε) for the
-defence–accuracy trade-off. ``report`` aggregates and writes:
+(``attacks.protocol``; the stage itself is ``recsys.attack_stage``) with FGSM, PGD and
+aligned PGD (with ``attackers=all`` also the group variants PGD-PCGrad and PGD-shared
+groups) at every budget of ``attack_epsilon`` (e.g. 0.05+0.2+0.5), and optionally
+sweeps UAT-MC's λ_adv (or ε) for the defence–accuracy trade-off. ``report`` aggregates
+and writes:
 
 * ``results.json``: ``{"defences": {name: {"recall@20", "ndcg@10", "ndcg@20",
   "attacks": {"fgsm" | "pgd" | "pgd_aligned": {"hit@K_before", "hit@K_after",
@@ -28,9 +29,9 @@ Every stage writes its own result files under ``<workdir>/seed_<s>/<stage>/``
 trainer's checkpoints), so a restarted run skips finished stages, resumes an unfinished
 training from its newest checkpoint, and runs only the attackers a result file lacks.
 Whether a stage is finished is decided on process 0 and broadcast to the others
-(``saved_json``), so processes of a pod never disagree about it. An attack entry keeps
-its targets' ids (``per_target_ids``) and per-target Hit@K before and after, which the
-paired comparisons (``recsys.paired``) check and use.
+(``stage_io.saved_json``), so processes of a pod never disagree about it. An attack
+entry keeps its targets' ids (``per_target_ids``) and per-target Hit@K before and after,
+which the paired comparisons (``recsys.paired``) check and use.
 
 Most-popular check: the most-popular ranking's valid Recall@20 is computed once per
 run; a stage whose model ends at or below it gets ``below_popularity`` (the trainer's
@@ -48,82 +49,30 @@ for local workdirs only).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import time
-import types
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 
 from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.core.metric_writer import ScalarWriter
 from uatmc_jax.core.parallel import mesh as mesh_lib
-from uatmc_jax.core.parallel import multihost
-from uatmc_jax.core.reporting import (is_remote_path, read_json, std_header, write_json,
-                                     write_text)
-from uatmc_jax.recsys import report
-from uatmc_jax.recsys.attacks import protocol, user_groups
-from uatmc_jax.recsys.attacks.mismatch import per_target_mean
-from uatmc_jax.recsys.attacks.objective import METRIC_KS
-from uatmc_jax.recsys.attacks.surface import surface_from_recommender
+from uatmc_jax.core.reporting import is_remote_path, std_header, write_json, write_text
+from uatmc_jax.recsys import report, train_job
+from uatmc_jax.recsys.attack_stage import AttackBench, attack_stage, attackers_for
 from uatmc_jax.recsys.defences import DEFENCES, FINE_TUNES_BACKBONE, defence_hyperparameters
 from uatmc_jax.recsys.metrics import most_popular_metrics
-from uatmc_jax.recsys.models.registry import MODEL_CLASSES, build_recommender
-from uatmc_jax.recsys import trainer as trainer_lib
-from uatmc_jax.recsys.trainer import RecsysTrainer, load_experiment_data
+from uatmc_jax.recsys.models.registry import build_recommender
+from uatmc_jax.recsys.stage_io import join_path, json_plain, make_dirs, plain, saved_json, say
+from uatmc_jax.recsys.train_job import load_experiment_data
+from uatmc_jax.recsys.trainer import RecsysTrainer
 
 TRAIN_FILE = "train_results.json"
-ATTACK_FILE = "attack_results.json"
-N_GROUPS = 4  # k-means groups when the data has no planted ones
 POPULARITY_METRIC = "recall@20"  # the selection metric (A.3) the baseline is compared on
 BELOW_KEY = "below_popularity"  # the trainer's results key (train_recsys's results.json)
 SUMMARY_DIR = "tensorboard"
-
-
-def _say(msg: str) -> None:
-  print(f"[uatmc] {msg}", flush=True)
-
-
-def _plain(x: Any) -> Any:
-  return x.to_dict() if hasattr(x, "to_dict") else x
-
-
-def _json_plain(x: Any) -> Any:
-  """``x`` as it reads back from JSON (tuples -> lists), for comparing with saved files."""
-  return json.loads(json.dumps(_plain(x)))
-
-
-# ----------------------------------------------------------------------------------
-# Files: local folders or remote ones (``gs://...``) through ``etils.epath``, the path
-# library the checkpoints (orbax) use; remote paths are never made absolute or local.
-
-
-def _join(*parts: str) -> str:
-  return os.path.join(*[str(p) for p in parts])
-
-
-def _exists(path: str) -> bool:
-  return epath.Path(path).exists()
-
-
-def _makedirs(path: str) -> None:
-  if jax.process_index() == 0 or not is_remote_path(path):
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
-
-
-def saved_json(path: str) -> Any:
-  """The JSON at ``path`` as process 0 reads it (None when absent there), on every process."""
-  if jax.process_index() == 0:
-    value = read_json(path) if _exists(path) else None
-  else:
-    value = None
-  return multihost.broadcast_from_primary(value)
 
 
 # ----------------------------------------------------------------------------------
@@ -139,14 +88,14 @@ def below_popularity(metrics: dict, popularity: dict | None, train_cfg: dict | N
                      model_name: str = "") -> dict | None:
   """The verdict when the stage's valid Recall@20 is at or below the most-popular one.
 
-  The trainer's verdict (``recsys.trainer.below_popularity``, the format of
+  The trainer's verdict (``recsys.train_job.below_popularity``, the format of
   ``train_recsys``'s results.json: ``{"split", "metric", "model", "most_popular",
   "advice"}``), or None when the model ranks better (or no baseline is given).
   """
   if popularity is None or "valid" not in metrics:
     return None
-  return trainer_lib.below_popularity(metrics["valid"], popularity, POPULARITY_METRIC,
-                                      train_cfg, model_name)
+  return train_job.below_popularity(metrics["valid"], popularity, POPULARITY_METRIC,
+                                    train_cfg, model_name)
 
 
 def _flag_popularity(stage_dir: str, metrics: dict, popularity: dict | None,
@@ -163,11 +112,11 @@ def _flag_popularity(stage_dir: str, metrics: dict, popularity: dict | None,
 def _warn_below(stage_dir: str, verdict: dict | None) -> None:
   if not verdict:
     return
-  _say("!" * 72)
-  _say(f"WARNING: {stage_dir}: BELOW THE MOST-POPULAR BASELINE: valid {verdict['metric']} "
-       f"{verdict['model']:.4f} vs most-popular {verdict['most_popular']:.4f}; its attack "
-       f"numbers say little. {verdict['advice']}")
-  _say("!" * 72)
+  say("!" * 72)
+  say(f"WARNING: {stage_dir}: BELOW THE MOST-POPULAR BASELINE: valid {verdict['metric']} "
+      f"{verdict['model']:.4f} vs most-popular {verdict['most_popular']:.4f}; its attack "
+      f"numbers say little. {verdict['advice']}")
+  say("!" * 72)
 
 
 # ----------------------------------------------------------------------------------
@@ -176,13 +125,13 @@ def _warn_below(stage_dir: str, verdict: dict | None) -> None:
 
 def defence_train_config(cfg, name: str, seed: int, overrides: dict | None = None) -> dict:
   """The trainer config of defence ``name`` for one seed (loss picked by name)."""
-  train = dict(_plain(cfg.train))
+  train = dict(plain(cfg.train))
   train.update(loss=name, seed=int(seed), log=True)
   if name in ("uat_mc", "uat_mc_no_align"):
     train.update(epochs=cfg.finetune["epochs"], patience=cfg.finetune["patience"])
-    train.update({k: v for k, v in _plain(cfg.uat_mc).items() if v is not None})
+    train.update({k: v for k, v in plain(cfg.uat_mc).items() if v is not None})
   elif name in ("apr", "amr"):
-    train.update({k: v for k, v in _plain(cfg[name]).items() if v is not None})
+    train.update({k: v for k, v in plain(cfg[name]).items() if v is not None})
     if cfg.adv_from_backbone:
       train.update(epochs=cfg.finetune["epochs"], patience=cfg.finetune["patience"])
   train.update(overrides or {})
@@ -194,11 +143,11 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh,
   """Trains (or resumes, or just restores) one model; returns (best model, metrics).
 
   Whether the stage is finished (its ``train_results.json`` exists) is decided on
-  process 0 and broadcast (``saved_json``). With ``popularity`` (the most-popular
+  process 0 and broadcast (``stage_io.saved_json``). With ``popularity`` (the most-popular
   baseline's valid metrics) the metrics get ``below_popularity``: the verdict of
   :func:`below_popularity` when the model is at or below it, else None.
   """
-  path = _join(stage_dir, TRAIN_FILE)
+  path = join_path(stage_dir, TRAIN_FILE)
   trainer = RecsysTrainer(model, data, train_cfg, workdir=stage_dir, mesh=mesh)
   saved_metrics = saved_json(path)
   if saved_metrics is not None:
@@ -208,7 +157,7 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh,
                         "process can read)")
     metrics = saved_metrics
     saved = metrics.get("config")
-    current = _json_plain({k: v for k, v in train_cfg.items() if k != "ks"})
+    current = json_plain({k: v for k, v in train_cfg.items() if k != "ks"})
     if saved is not None and saved != current:
       changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
       raise ConfigError(
@@ -238,177 +187,6 @@ def train_stage(stage_dir: str, model, data, train_cfg: dict, mesh,
   return model, metrics
 
 
-def has_shared_space(model_name: str) -> bool:
-  cls = MODEL_CLASSES.get(model_name)
-  return bool(cls is None or cls.shared_projected_space)
-
-
-def requested_attackers(cfg) -> tuple[str, ...]:
-  """``cfg.attack["attackers"]`` checked (``all``: the five of ALL_ATTACKERS)."""
-  names = list(cfg.attack.get("attackers") or protocol.ATTACKERS)
-  if names == ["all"]:
-    names = list(protocol.ALL_ATTACKERS)
-  unknown = [n for n in names if n not in protocol.ALL_ATTACKERS]
-  if unknown:
-    raise ConfigError(f"attackers {unknown} unknown; expected a subset of "
-                      f"{'+'.join(protocol.ALL_ATTACKERS)} or 'all'")
-  if "pgd" not in names:
-    raise ConfigError(f"attackers={'+'.join(names)} must include 'pgd' (the table's clean "
-                      "Hit@K column and the trade-off plot read it)")
-  return tuple(dict.fromkeys(names))
-
-
-def attackers_for(cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """(attackers, sweep attackers) for ``cfg.model``; checks the defences apply to it.
-
-  A model without a shared projected space (VBPR) has no aligned attacker (the cosine
-  reward compares modality gradients in such a space) and refuses UAT-MC's alignment.
-  """
-  requested = requested_attackers(cfg)
-  if has_shared_space(cfg.model):
-    return requested, protocol.SWEEP_ATTACKERS
-  if "uat_mc" in cfg.defences:
-    raise ConfigError(f"defences include 'uat_mc', whose alignment needs a shared projected "
-                      f"space, which model={cfg.model!r} does not have "
-                      "(shared_projected_space=False); drop it from defences (e.g. "
-                      "defences=vanilla+apr+amr+uat_mc_no_align) or use vbpr_mlp / mmgcn")
-  drop = ("pgd_aligned",)
-  return (tuple(a for a in requested if a not in drop),
-          tuple(a for a in protocol.SWEEP_ATTACKERS if a not in drop))
-
-
-class AttackBench:
-  """Attacks models of one architecture with compiled chunk functions shared by all.
-
-  ``PromotionAttackRunner`` takes the parameters and tables as arguments of its jitted
-  chunk function and closes only over the architecture (graphdef), so one runner serves
-  every trained model of an experiment (its ``surface`` is swapped per model) and each
-  attacker compiles once, not once per (defence, seed). Every model goes through the
-  one A.4 protocol (``attacks.protocol``): projected space, random targets, the data's
-  planted user groups when it has them, else k-means.
-  """
-
-  def __init__(self, cfg, data, mesh=None):
-    # mesh: each chunk of targets is split over its devices (all processes); the model
-    # is replicated for the attack (see PromotionAttackRunner).
-    self.cfg, self.data, self.mesh = cfg, data, mesh
-    a = cfg.attack
-    settings = types.SimpleNamespace(k=int(a["k"]), align_weight=float(a["align_weight"]),
-                                     group_temperature=float(a.get("group_temperature", 0.1)))
-    # The runner compiles an attacker once whatever its budget (ε is an argument of the
-    # compiled function), so the other budgets are ``dataclasses.replace``d copies.
-    self.attackers = {n: protocol.make_attacker(n, float(a["epsilon"]), settings,
-                                                data.modalities)
-                      for n in protocol.ALL_ATTACKERS}
-    self.runner = None
-    self.planted = protocol.use_planted_groups(data, "auto")
-    self.grouping = user_groups.grouping_description(data, self.planted, N_GROUPS)
-
-  def attack(self, model, seed: int, jobs: dict) -> dict:
-    """{ε: {attacker: results}} for ``jobs`` = {ε: [attacker names]} on one model.
-
-    The anchors' context (clean scores, top lists, graph cache) is built once for all.
-    """
-    a, data = self.cfg.attack, self.data
-    model = protocol.local_copy(model)
-    surface = surface_from_recommender(model, data.features, space="projected")
-    n_targets = min(a["targets"], data.n_items)
-    if self.runner is None:
-      # Hit@K is reported at the K of the attack objective (A.4), whatever it is.
-      ks = tuple(sorted(set(METRIC_KS) | {int(a["k"])}))
-      self.runner = protocol.make_runner(surface, chunk_size=a["chunk_size"],
-                                         n_targets=n_targets, mesh=self.mesh,
-                                         graph_path=a.get("graph_path", "local"), ks=ks,
-                                         with_mismatch=True, log=_say)
-    self.runner.surface = surface
-    setup = protocol.seed_setup(surface, data, seed, anchor_share=a["anchor_share"],
-                                n_targets=n_targets, k=a["k"], planted=self.planted,
-                                n_groups=N_GROUPS)
-    out = {}
-    hit_k = int(a["k"])
-    j = list(self.runner.ks).index(hit_k)
-    for epsilon, name in [(e, n) for e, names in jobs.items() for n in names]:
-      attacker = dataclasses.replace(self.attackers[name], epsilon=float(epsilon))
-      r = self.runner.run(attacker, setup.ctx, setup.targets, setup.groups)
-      cos_clean = per_target_mean(r["mismatch"].cosine)
-      cos_after = per_target_mean(r["mismatch_at_delta"].cosine)
-      out.setdefault(epsilon, {})[name] = {
-          f"hit@{hit_k}_before": float(np.mean(r["hit_before"][:, j])),
-          f"hit@{hit_k}_after": float(np.mean(r["hit_after"][:, j])),
-          "avg_rank_before": float(np.mean(r["rank_before"])),
-          "avg_rank_after": float(np.mean(r["rank_after"])),
-          "avg_rank_change": float(np.mean(r["rank_after"] - r["rank_before"])),
-          "dominant_group_differs_share": float(np.mean(r["mismatch"].dominant_differs)),
-          "dominant_group_differs_share_after": float(
-              np.mean(r["mismatch_at_delta"].dominant_differs)),
-          "per_target_cosine_clean": cos_clean.tolist(),
-          "per_target_cosine_after": cos_after.tolist(),
-          # Pearson r of the per-user gains of the modalities' steps (A.5), per target.
-          "per_target_gain_correlation_after": per_target_mean(
-              r["mismatch_at_delta"].gain_correlation).tolist(),
-          f"per_target_hit@{hit_k}_after": np.asarray(r["hit_after"][:, j], np.float64).tolist(),
-          f"per_target_hit@{hit_k}_before": np.asarray(r["hit_before"][:, j],
-                                                       np.float64).tolist(),
-          # The targets in order: paired comparisons check them (recsys/paired.py).
-          "per_target_ids": np.asarray(setup.targets, np.int64).tolist(),
-          "n_targets": int(len(setup.targets)), "seconds": float(r["seconds"])}
-    return out
-
-
-def attack_file(epsilon: float) -> str:
-  """The stage's result file of budget ε (one per budget, so a sweep of ε resumes)."""
-  return f"attack_results_eps{float(epsilon):g}.json"
-
-
-def attack_settings(cfg, epsilon: float) -> dict:
-  """The protocol an attack result file was made under (compared on resume).
-
-  chunk_size and graph_path (local / full re-encode: equal, tested) change memory and
-  speed, not results; the budget list and the attacker list are per file (ε) and per
-  entry (attacker), so none of them is part of it.
-  """
-  return _json_plain(dict({k: v for k, v in _plain(cfg.attack).items()
-                           if k not in ("chunk_size", "graph_path", "epsilons", "attackers")},
-                          epsilon=float(epsilon)))
-
-
-def attack_stage(stage_dir: str, bench: AttackBench, model, seed: int, names,
-                 epsilons=None) -> dict:
-  """{ε: {attacker: results, ...}} for every budget, reusing what the stage saved.
-
-  Saved results are reused only under the same protocol (budget, targets, anchors, K,
-  ...): a restart with another budget recomputes instead of reporting stale numbers. A
-  file that lacks some attackers (a rerun with more ``attackers``) gets only those run.
-  Reads the single-budget ``attack_results.json`` of older runs too.
-  """
-  epsilons = [float(e) for e in (epsilons or bench.cfg.attack["epsilons"])]
-  saved, jobs = {}, {}
-  for eps in epsilons:
-    settings = attack_settings(bench.cfg, eps)
-    done = {}
-    for candidate in (attack_file(eps), ATTACK_FILE):
-      got = saved_json(_join(stage_dir, candidate))  # process 0's reading, on all
-      if got is not None and got.get("settings") == settings:
-        done = got
-        break
-    saved[eps] = done
-    missing = [n for n in names if n not in done]
-    if missing:
-      jobs[eps] = missing
-  fresh = bench.attack(model, seed, jobs) if jobs else {}
-  a = bench.cfg.attack
-  for eps, results in fresh.items():
-    out = dict(saved[eps])
-    out.update(results)
-    out["settings"] = attack_settings(bench.cfg, eps)
-    out["groups"] = bench.grouping
-    out["protocol"] = (f"A.4: projected space, random targets, {a['anchor_share']:.0%} "
-                       f"anchors, K={a['k']} (objective and Hit@K), ε={eps:g}, ranks over "
-                       "all items (train items not masked, the reference's)")
-    write_json(_join(stage_dir, attack_file(eps)), out)
-    saved[eps] = out
-  return saved
-
 
 # ----------------------------------------------------------------------------------
 # The experiment.
@@ -430,31 +208,31 @@ def run_experiment(cfg, workdir: str) -> dict:
   main_eps = float(cfg.attack["epsilon"])
   t_start = time.perf_counter()
   workdir = str(workdir)
-  _makedirs(workdir)
-  write_json(_join(workdir, "config.json"), _plain(cfg))
+  make_dirs(workdir)
+  write_json(join_path(workdir, "config.json"), plain(cfg))
   data = load_experiment_data({"dataset": cfg.dataset})
-  _say(data.summary())
+  say(data.summary())
   n_data = int(cfg.mesh_data)
   mesh = (mesh_lib.make_mesh() if n_data == -1
           else mesh_lib.make_mesh(data=n_data, devices=jax.devices()[:n_data]))
   bench = AttackBench(cfg, data, mesh)
-  _say(f"user groups of the A.5 diagnostics: {bench.grouping}")
+  say(f"user groups of the A.5 diagnostics: {bench.grouping}")
   popularity = popularity_baseline(data, mesh)
-  _say(f"most-popular baseline: valid {POPULARITY_METRIC} {popularity[POPULARITY_METRIC]:.4f} "
-       "(a stage at or below it is flagged below_popularity)")
+  say(f"most-popular baseline: valid {POPULARITY_METRIC} {popularity[POPULARITY_METRIC]:.4f} "
+      "(a stage at or below it is flagged below_popularity)")
   if is_remote_path(workdir):
-    _say("TensorBoard stage summaries are written for local workdirs only "
-         f"({workdir} is remote)")
+    say("TensorBoard stage summaries are written for local workdirs only "
+        f"({workdir} is remote)")
   per_seed: dict[int, dict] = {}
   sweep_runs: dict[int, dict] = {}
 
   def fresh_model(seed):
-    return build_recommender(cfg.model, data, _plain(cfg.model_config), nnx.Rngs(seed))
+    return build_recommender(cfg.model, data, plain(cfg.model_config), nnx.Rngs(seed))
 
   for seed in cfg.seeds:
-    seed_dir = _join(workdir, f"seed_{seed}")
+    seed_dir = join_path(workdir, f"seed_{seed}")
     per_seed[seed] = {}
-    backbone, metrics = train_stage(_join(seed_dir, "vanilla"), fresh_model(seed), data,
+    backbone, metrics = train_stage(join_path(seed_dir, "vanilla"), fresh_model(seed), data,
                                     defence_train_config(cfg, "vanilla", seed), mesh,
                                     popularity, cfg.model)
     backbone_state = nnx.state(backbone)
@@ -466,7 +244,7 @@ def run_experiment(cfg, workdir: str) -> dict:
       return m
 
     for name in [d for d in DEFENCES if d in cfg.defences]:
-      stage_dir = _join(seed_dir, name)
+      stage_dir = join_path(seed_dir, name)
       if name == "vanilla":
         model = backbone
       else:
@@ -480,16 +258,16 @@ def run_experiment(cfg, workdir: str) -> dict:
       per_seed[seed][name] = {"train": metrics, "attacks": attacks,
                               "attacks_by_epsilon": by_eps}
       write_stage_summary(workdir, name, seed, metrics, by_eps, k)
-      _say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@{k} "
-           + ", ".join(f"{a} {attacks[a][f'hit@{k}_before']:.3f}->"
-                       f"{attacks[a][f'hit@{k}_after']:.3f}" for a in attackers)
-           + f"  [{time.perf_counter() - t_start:.0f} s]")
+      say(f"seed {seed} {name}: test ndcg@10 {metrics['test']['ndcg@10']:.4f}; hit@{k} "
+          + ", ".join(f"{a} {attacks[a][f'hit@{k}_before']:.3f}->"
+                      f"{attacks[a][f'hit@{k}_after']:.3f}" for a in attackers)
+          + f"  [{time.perf_counter() - t_start:.0f} s]")
 
     if cfg.sweep and "uat_mc" in cfg.defences and seed in cfg.seeds[:cfg.sweep_seeds]:
       sweep_runs[seed] = {}
       for value in cfg.sweep_values:
         stage = f"uat_mc_{cfg.sweep}={value:g}"
-        stage_dir = _join(seed_dir, stage)
+        stage_dir = join_path(seed_dir, stage)
         model, metrics = train_stage(
             stage_dir, from_backbone(), data,
             defence_train_config(cfg, "uat_mc", seed, {cfg.sweep: float(value)}), mesh,
@@ -504,10 +282,10 @@ def run_experiment(cfg, workdir: str) -> dict:
       "dataset": data.name, "dataset_path": cfg.dataset, "model": cfg.model,
       "n_users": data.n_users, "n_items": data.n_items, "modalities": list(data.modalities),
       "seeds": list(cfg.seeds), "runlocal": bool(cfg.runlocal),
-      "train": {k: v for k, v in _plain(cfg.train).items()},
-      "finetune": _plain(cfg.finetune),
+      "train": {k: v for k, v in plain(cfg.train).items()},
+      "finetune": plain(cfg.finetune),
       "defence_hyperparameters": {n: _resolved(cfg, n) for n in cfg.defences},
-      "attack": dict(_plain(cfg.attack), space="projected", target_set="random",
+      "attack": dict(plain(cfg.attack), space="projected", target_set="random",
                      ranking="all items, train items not masked (reference)"),
       "groups": bench.grouping,
       f"popularity_valid_{POPULARITY_METRIC}": float(popularity[POPULARITY_METRIC]),
@@ -516,18 +294,18 @@ def run_experiment(cfg, workdir: str) -> dict:
                  "(ddof 1) over seeds",
   }
   results["seconds"] = time.perf_counter() - t_start
-  write_json(_join(workdir, "results.json"), results)
+  write_json(join_path(workdir, "results.json"), results)
   if jax.process_index() != 0:  # the Markdown table and the plots: process 0 only
     return results
   table = report.markdown(results)
-  write_text(_join(workdir, "results.md"),
+  write_text(join_path(workdir, "results.md"),
              f"UAT-MC experiment: {data.name} / {cfg.model}, seeds {list(cfg.seeds)}"
              f"{' (runlocal)' if cfg.runlocal else ''}; attacks at ε = "
              f"{cfg.attack['epsilon']:g} (A.4), Hit@{k} over {cfg.attack['anchor_share']:.0%} "
              f"anchor users, {std_header(len(cfg.seeds))}; A.5 user groups: "
              f"{bench.grouping}\n\n{table}\n")
-  report.tradeoff_plot(_join(workdir, "tradeoff.png"), results)
-  report.mismatch_plot(_join(workdir, "mismatch.png"), per_seed)
+  report.tradeoff_plot(join_path(workdir, "tradeoff.png"), results)
+  report.mismatch_plot(join_path(workdir, "mismatch.png"), per_seed)
   return results
 
 
@@ -556,7 +334,7 @@ def write_stage_summary(workdir: str, stage: str, seed: int, metrics: dict, by_e
       scalars[f"{tag}/hit@{k}_before"] = r[f"hit@{k}_before"]
       scalars[f"{tag}/hit@{k}_after/{attacker}"] = r[f"hit@{k}_after"]
       scalars[f"{tag}/avg_rank_change/{attacker}"] = r["avg_rank_change"]
-  with ScalarWriter(_join(workdir, SUMMARY_DIR, stage),
+  with ScalarWriter(join_path(workdir, SUMMARY_DIR, stage),
                     enabled=jax.process_index() == 0) as writer:
     writer.write(int(seed), scalars)
 
