@@ -126,7 +126,7 @@ def mismatch_markdown(summary: dict) -> str:
   def f(x):
     return "–" if x is None else f"{x:+.2f}"
 
-  header = ["Defence", "Attacker", "targets with a gradient", "clean cosine 10/50/90 %",
+  header = ["Defence", "Attacker", "targets with a cosine", "clean cosine 10/50/90 %",
             "cosine at δ (median)", "dominant group differs (clean)",
             "dominant group differs (at δ)", "gain correlation at δ (median)"]
   rows = [[ROW_NAMES.get(name, name), ATTACKER_LABELS.get(a, a),
