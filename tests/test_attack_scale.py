@@ -325,3 +325,25 @@ def test_topk_layout_built_and_attacked_on_a_mesh_equals_dense_on_one_device():
   out = PromotionAttackRunner(surface, chunk_size=1, with_mismatch=False,
                               mesh=mesh).run(attack, top, tgts)
   _equal_results(plain, out)
+
+
+def test_chunked_path_logs_progress_and_its_results_do_not_depend_on_it():
+  surface = make_surface(jax.random.key(5), n_users=20, n_items=25)
+  ctx = build_context(surface, np.arange(0, 20, 2), k=4,
+                      train_pairs=_random_pairs(20, 25, 60, 6), dense=True)
+  tgts = np.array([1, 3, 4, 8, 13, 21, 24])
+  attack = pgd_attack(0.2, k=4)
+  lines = []
+  logged = PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False,
+                                 log=lines.append, log_every_seconds=0.0).run(attack, ctx, tgts)
+  # Three chunks of 3 (the last padded): a line after each, the last one at 7/7.
+  assert [re.search(r"(\d+)/7 targets", l).group(1) for l in lines] == ["3", "6", "7"]
+  assert lines[0].startswith("pgd ε=0.2: ") and "targets/s after the first chunk" in lines[-1]
+  quiet = PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False).run(
+      attack, ctx, tgts)
+  _equal_results(logged, quiet)
+  # The default interval logs only the end of a short run.
+  few = []
+  PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False, log=few.append).run(
+      attack, ctx, tgts)
+  assert len(few) == 1 and "7/7 targets" in few[0]

@@ -103,9 +103,11 @@ class PromotionAttackRunner:
     chunk_elements: local path: a size bucket's chunk holds at most this many elements of
       per-target working arrays (about anchors x (K + 2·changed items) + changed users x
       items), so big neighbourhoods run in small chunks and small ones in big chunks.
-    log: optional ``log(message)`` for progress on the local graph path (one line per
-      program of merged buckets, then one per larger cap that some targets needed:
-      targets, seconds, compile included on first use, re-runs).
+    log: optional ``log(message)`` for progress. Local graph path: one line per
+      program of merged buckets, then one per larger cap that some targets needed
+      (targets, seconds, compile included on first use, re-runs). Chunked path: targets
+      done, seconds and targets/s, at most every ``log_every_seconds`` and at the end.
+    log_every_seconds: the chunked path's least interval between progress lines (30).
     compile_seconds: local path: the run time one program's compilation is worth when
       the size buckets a run hits are merged (``graph_local.plan_buckets``). 2: a
       program compiles in about 6 s on a 2-core CPU, but the launchers' persistent
@@ -125,9 +127,10 @@ class PromotionAttackRunner:
                mesh: jax.sharding.Mesh | None = None, graph_path: str = "local",
                active_cap: int = 256, chunk_elements: int = 2**25, log=None,
                uncapped_after: int = 4, route_clean_active: bool = True,
-               cap_growth: int = 4, compile_seconds: float = 2.0):
+               cap_growth: int = 4, compile_seconds: float = 2.0,
+               log_every_seconds: float = 30.0):
     self.surface = surface
-    self.log = log
+    self.log, self.log_every_seconds = log, float(log_every_seconds)
     self.chunk_size = int(chunk_size)
     if self.chunk_size < 1:
       raise errors.ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -287,7 +290,7 @@ class PromotionAttackRunner:
       fetch = multihost.to_host
     if not self.uses_local_graph_path:
       result = self._run_chunks(self.chunk_function(attack), args, targets, self.chunk_size,
-                                place, fetch)
+                                place, fetch, progress=self._chunk_progress(attack, n))
     else:
       if ctx.graph_cache is None:
         raise errors.ConfigError("the local graph path needs a context built by "
@@ -315,8 +318,35 @@ class PromotionAttackRunner:
     self.trace_counts.clear()
     self.releases += 1
 
-  def _run_chunks(self, fn, args, targets, per_device, place, fetch, nbs_of=None):
-    """``fn`` over fixed-size chunks of ``targets`` (last one padded with the first)."""
+  def _chunk_progress(self, attack: PromotionAttack, n: int):
+    """``progress(done)`` for the chunked path: a log line at most every
+    ``log_every_seconds`` and after the last chunk (targets done, seconds, the rate
+    after the first chunk, which includes the compilation); None without ``log``."""
+    if self.log is None:
+      return None
+    name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
+    t0 = time.perf_counter()
+    state = {"last": t0, "first": None}
+
+    def progress(done: int) -> None:
+      now = time.perf_counter()
+      if state["first"] is None:
+        state["first"] = (now, done)
+      if done < n and now - state["last"] < self.log_every_seconds:
+        return
+      state["last"] = now
+      t1, d1 = state["first"]
+      rate = (f", {(done - d1) / (now - t1):.2f} targets/s after the first chunk"
+              if done > d1 and now > t1 else "")
+      self.log(f"{name} ε={attack.epsilon:g}: {done}/{n} targets, {now - t0:.0f} s"
+               f"{rate}")
+
+    return progress
+
+  def _run_chunks(self, fn, args, targets, per_device, place, fetch, nbs_of=None,
+                  progress=None):
+    """``fn`` over fixed-size chunks of ``targets`` (last one padded with the first);
+    ``progress(targets done)`` after each chunk."""
     n = len(targets)
     c = per_device * (1 if self.mesh is None else self.mesh.size)
     n_chunks = math.ceil(n / c)
@@ -329,6 +359,8 @@ class PromotionAttackRunner:
       if self.mesh is not None:
         self.local_targets += len(chunk_targets.addressable_shards) * per_device
       pieces.append(fetch(fn(*args, nbs, chunk_targets)))
+      if progress is not None:
+        progress(min(n, (i + 1) * c))
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *pieces)
 
   def cap_ladder(self, n_anchors: int, uncapped: bool = False) -> tuple[int, ...]:
