@@ -351,13 +351,16 @@ def test_runner_drops_compiled_programs_near_the_memory_map_limit():
   ref = plain.run(attack, ctx, tgts)
   lines = []
   tight = PromotionAttackRunner(surface, chunk_size=3, with_mismatch=False,
-                                          log=lines.append)
+                                log=lines.append, log_every_seconds=1e9)
   tight.map_usage_fn = lambda: 0.9
   for _ in range(2):
     out = tight.run(attack, ctx, tgts)
     for key in ("hit_after", "rank_after", "loss_after"):
       np.testing.assert_allclose(out[key], ref[key], rtol=1e-6, atol=1e-6)
-  assert tight.releases == 2 and "vm.max_map_count" in lines[-1]
+  # One release per run, logged before that run's one progress line (at its end).
+  assert tight.releases == 2
+  assert ["vm.max_map_count" in line for line in lines] == [True, False, True, False]
+  assert "5/5 targets" in lines[1] and "5/5 targets" in lines[3]
   assert list(tight.trace_counts.values()) == [1]  # rebuilt once after the last drop
   assert plain.releases == 0  # this process is far from its limit
   usage = memory_map_usage()
