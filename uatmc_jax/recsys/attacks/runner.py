@@ -57,6 +57,11 @@ def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh
   return chunk
 
 
+def _attacker_name(attack: PromotionAttack) -> str:
+  """The attacker's name in progress lines: its method, plus its alignment if any."""
+  return attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
+
+
 def _budget_free(attack: PromotionAttack) -> PromotionAttack:
   """The attacker with its budget cleared: the key of its compiled chunk function."""
   return dataclasses.replace(attack, epsilon=0.0)
@@ -324,7 +329,7 @@ class PromotionAttackRunner:
     after the first chunk, which includes the compilation); None without ``log``."""
     if self.log is None:
       return None
-    name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
+    name = _attacker_name(attack)
     t0 = time.perf_counter()
     state = {"last": t0, "first": None}
 
@@ -416,7 +421,7 @@ class PromotionAttackRunner:
     groups = graph_local.plan_buckets([hoods.shapes[int(b)] for b in unique], per_bucket,
                                       cost, self.compile_seconds)
     template = _budget_free(attack)  # the compile key; ε is an argument
-    name = attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
+    name = _attacker_name(attack)
     devices = 1 if self.mesh is None else self.mesh.size
     pieces = []  # (target positions, their exact results), in the order they finish
     pending: dict[int, list[int]] = {}  # cap level -> target positions (levels >= 1)
