@@ -161,14 +161,16 @@ def test_evaluate_classifier_writes_results_table_and_plot(tmp_path):
 
 
 def test_mean_std_is_the_sample_std():
-  """Tables report mean ± sample std (ddof 1), numpy's std(ddof=1); 0 for one value."""
+  """Tables report mean ± sample std (ddof 1), numpy's std(ddof=1); one value: no std."""
   from uatmc_jax.core import reporting
   values = [0.31, 0.27, 0.40]
   ms = reporting.mean_std(values)
   np.testing.assert_allclose(ms["std"], np.std(values, ddof=1), rtol=1e-12)
   assert abs(ms["std"] - np.std(values)) > 1e-3  # not the population std
   np.testing.assert_allclose(ms["mean"], np.mean(values))
-  assert reporting.mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
+  assert reporting.mean_std([0.5]) == {"mean": 0.5, "std": None}
+  assert reporting.format_value(reporting.mean_std([0.5])) == "0.5000"
+  assert " ± " not in reporting.std_header(1) and "1 seed " in reporting.std_header(1)
   assert reporting.std_header(3) == "mean ± sample std (ddof 1) over 3 seeds"
   assert reporting.format_value(ms, 2) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 

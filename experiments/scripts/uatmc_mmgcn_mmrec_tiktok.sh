@@ -9,7 +9,8 @@
 # mmgcn_baby, no sweep). mmgcn_mmrec has no shared projected space (image at 256, audio
 # raw), so its UAT-MC row is UAT-MC without alignment and the attackers are FGSM and
 # PGD (the aligned attacker's cosine reward does not apply). Its attacks take the exact
-# full re-encode path. One XLA thread per run, as the mmgcn table's runs.
+# full re-encode path. One XLA thread per run, as the mmgcn table's runs. SEEDS picks the
+# seeds to run (default all three; about 1.8 core-hours each, max RSS 16 GB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/tiktok}
@@ -22,10 +23,17 @@ for seed in ${SEEDS}; do
   python -m experiments.uatmc "--config=${COMMON},seeds=${seed}+" --workdir="${RUNS}/s${seed}"
 done
 
+# The table over the seeds run so far (with SEEDS=2 after an earlier SEEDS=1: seeds 1+2);
+# every stage is reused, none is trained here.
 mkdir -p "${RUNS}/all"
+DONE=()
 for seed in 1 2 3; do
-  ln -sfn "../s${seed}/seed_${seed}" "${RUNS}/all/seed_${seed}"
+  if [[ -d "${RUNS}/s${seed}/seed_${seed}" ]]; then
+    ln -sfn "../s${seed}/seed_${seed}" "${RUNS}/all/seed_${seed}"
+    DONE+=("${seed}")
+  fi
 done
-python -m experiments.uatmc "--config=${COMMON},seeds=1+2+3" --workdir="${RUNS}/all"
+ALL=$(IFS=+; echo "${DONE[*]}")
+python -m experiments.uatmc "--config=${COMMON},seeds=${ALL}+" --workdir="${RUNS}/all"
 python -m experiments.uatmc_paired --workdir="${RUNS}/all" --epsilon=0.2 \
   --out="${RUNS}/all/paired_eps0.2.json"

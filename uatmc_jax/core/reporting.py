@@ -102,18 +102,24 @@ STD_NOTE = "sample std (ddof 1)"
 
 
 def mean_std(values: Sequence[float]) -> dict:
-  """``{"mean", "std"}`` with the sample std (ddof 1; 0 for a single value).
+  """``{"mean", "std"}`` with the sample std (ddof 1; ``None`` for a single value).
 
   Over a few seeds the sample std (divisor n − 1) is the unbiased-variance estimate
   readers expect; the population std (divisor n) understates the spread, by a factor
-  1/√2 for two seeds. Table headers say so via :func:`std_header`.
+  1/√2 for two seeds. One value has no spread: its std is ``None`` (JSON ``null``) and
+  :func:`format_value` prints the mean alone. Table headers say so via
+  :func:`std_header`.
   """
   a = np.asarray(values, dtype=np.float64)
-  return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0}
+  return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else None}
 
 
 def std_header(n: int | str, what: str = "seeds") -> str:
-  """"mean ± sample std (ddof 1) over <n> <what>", the wording of every table header."""
+  """"mean ± sample std (ddof 1) over <n> <what>", the wording of every table header;
+  for n = 1 it says that the cells hold the single values, without a spread."""
+  if str(n) == "1":
+    one = "seed" if what == "seeds" else what
+    return f"the values of 1 {one} (no ±: one value has no spread)"
   return f"mean ± {STD_NOTE} over {n} {what}"
 
 

@@ -18,6 +18,7 @@ from uatmc_jax.core.errors import ConfigError
 from uatmc_jax.core.parallel import mesh as mesh_lib
 from uatmc_jax.core.parallel import sharding_rules
 from uatmc_jax.recsys.data.interactions import InteractionData
+from uatmc_jax.recsys.stage_io import plain
 from uatmc_jax.recsys.trainer import TRAIN_DEFAULTS, RecsysTrainer
 
 CONFIG_FILE = "config.json"
@@ -54,10 +55,6 @@ def load_experiment_data(config: Mapping[str, Any]) -> InteractionData:
       raise ConfigError("random_features applies to MMRec folders, not to 'synthetic'")
     kwargs["random_features"] = extra
   return load_dataset(config["dataset"], **kwargs)
-
-
-def _plain(config: Any) -> dict:
-  return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
 def _build(config: Mapping[str, Any], data: InteractionData, workdir: str | None):
@@ -129,7 +126,7 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str) -> dict:
   from uatmc_jax.core.reporting import write_json
   from uatmc_jax.recsys.metrics import most_popular_metrics
 
-  config = _plain(config)
+  config = dict(plain(config))
   data = load_experiment_data(config)
   trainer = _build(config, data, workdir)
   if mesh_lib.is_primary_process():
