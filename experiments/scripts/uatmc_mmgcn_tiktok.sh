@@ -8,8 +8,8 @@
 #    five attackers (attackers=all: FGSM, PGD, aligned PGD, PGD-PCGrad groups, PGD-shared
 #    groups) on 100 random targets at ε 0.2. Training shortened for a 2-core CPU
 #    (backbone ≤ 60 epochs, patience 10; fine-tuning ≤ 10, patience 5), no λ_adv sweep.
-#    Recorded cost: 1.5–2 h per seed on one core (the runs were pinned one per core,
-#    two at a time, each with one XLA thread as below).
+#    Cost: about 78 min per seed on one core (docs/results/performance.md; the runs
+#    were pinned one per core, two at a time, each with one XLA thread as below).
 # 2. The 3-seed table: the same command with seeds=1+2+3 on a workdir whose seed_<s>
 #    entries link to the three seed directories; every stage is reused (seconds).
 # 3. Paired per-target comparisons (300 targets) with experiments.uatmc_paired: for defence
