@@ -273,6 +273,25 @@ def test_runner_local_path_equals_full_reencode(setup, full_reference, cap, rout
   assert np.abs(local["rank_after"] - local["rank_before"]).max() > 0
 
 
+def test_local_path_reuses_the_clean_diagnostics_of_an_earlier_attacker(setup,
+                                                                          full_reference):
+  """A.5 at δ = 0 depends on the objective only: after a PGD with ALIGNED's objective
+  on the same targets (another order), ALIGNED's run takes them over, and every
+  diagnostic still equals the full re-encode's."""
+  _, surface, ctx, _ = setup
+  lines = []
+  runner = PromotionAttackRunner(surface, chunk_size=2, with_mismatch=True, log=lines.append)
+  runner.run(pgd_attack(0.1, k=K, steps=2), ctx, np.array(TARGETS)[[2, 0, 4, 1, 3]])
+  local = runner.run(ALIGNED, ctx, TARGETS)
+  assert sum("reused" in line for line in lines) == 1
+  _compare(local, full_reference, METRIC_KEYS)
+  for field in ("cosine", "shares", "dominant", "gain_correlation", "active_users"):
+    for tag in ("mismatch", "mismatch_at_delta"):
+      np.testing.assert_allclose(getattr(local[tag], field),
+                                 getattr(full_reference[tag], field),
+                                 rtol=1e-4, atol=1e-5, err_msg=f"{tag}.{field}")
+
+
 def test_targets_together_equal_each_alone(setup):
   _, surface, ctx, _ = setup
   targets = [POPULAR, 9, ISOLATED, 25]

@@ -322,3 +322,38 @@ def test_pushforward_cosine_without_a_lift_is_a_config_error():
     alignment.cosine_pushforward_direction(loss, delta, group_weights=None, align_weight=1.0,
                                            group_temperature=0.1,
                                            probe=probe._replace(lift=None))
+
+
+def _assert_diagnostics_equal(a, b):
+  for field, x, y in zip(mismatch.MismatchDiagnostics._fields, a, b):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                               rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=field)
+
+
+def test_runner_reuses_the_clean_diagnostics_of_an_equal_objective_only():
+  surface = make_surface(jax.random.key(5), nonlinear=True)
+  anchors, k, tgts = np.arange(12), 5, np.array([2, 7, 11])
+  ctx = build_context(surface, anchors, k=k)
+  groups = user_groups.one_hot_groups(np.arange(12) % 3)
+  said = []
+  runner = PromotionAttackRunner(surface, chunk_size=2, log=said.append)
+  first = runner.run(pgd_attack(0.3, k=k), ctx, tgts, groups)
+  # Another attacker with the same objective (K, hinge, modalities), the targets in
+  # another order: δ = 0 diagnostics taken from the first, each in its target's row.
+  aligned = pgd_attack(0.2, k=k, steps=3, alignment="cosine")
+  second = runner.run(aligned, ctx, tgts[::-1], groups)
+  assert sum("reused" in line for line in said) == 1
+  fresh = PromotionAttackRunner(surface, chunk_size=2).run(aligned, ctx, tgts[::-1], groups)
+  _assert_diagnostics_equal(second["mismatch"], fresh["mismatch"])
+  _assert_diagnostics_equal(second["mismatch_at_delta"], fresh["mismatch_at_delta"])
+  assert not np.allclose(second["mismatch_at_delta"].gain_correlation,
+                         first["mismatch_at_delta"].gain_correlation[::-1])
+  # Not reused: another hinge margin, a target not attacked before, other groups.
+  margin10 = pgd_attack(0.3, k=k, margin=10.0)
+  third = runner.run(margin10, ctx, tgts, groups)
+  _assert_diagnostics_equal(
+      third["mismatch"],
+      PromotionAttackRunner(surface, chunk_size=2).run(margin10, ctx, tgts, groups)["mismatch"])
+  runner.run(pgd_attack(0.3, k=k), ctx, np.array([2, 3]), groups)
+  runner.run(pgd_attack(0.3, k=k), ctx, tgts, user_groups.one_hot_groups(np.arange(12) // 4))
+  assert sum("reused" in line for line in said) == 1

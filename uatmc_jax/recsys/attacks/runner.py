@@ -67,6 +67,13 @@ def _budget_free(attack: PromotionAttack) -> PromotionAttack:
   return dataclasses.replace(attack, epsilon=0.0)
 
 
+def _clean_objective(attack: PromotionAttack) -> tuple:
+  """What the A.5 diagnostics at δ = 0 depend on besides the model, the context, the
+  groups and the target: the objective's top-K, hinge and attacked modalities (not the
+  method, steps, alignment or budget)."""
+  return (attack.k, attack.margin, attack.surrogate, attack.temperature, attack.modalities)
+
+
 class PromotionAttackRunner:
   """Attacks many targets of one model, chunk by chunk, with one compiled function.
 
@@ -120,6 +127,12 @@ class PromotionAttackRunner:
       gave the fastest timed run and a 100-target run's compilation of about 30 s
       (docs/results/performance.md). 0: one program per bucket.
 
+  With ``with_mismatch`` the A.5 diagnostics at δ = 0 (``mismatch``) of an attacker are
+  those of any earlier attacker with the same objective (top-K, hinge, attacked
+  modalities; e.g. the four PGD attackers, or one attacker at several budgets) on the
+  same surface, context, groups and targets: they are taken over (a log line says so)
+  and its programs leave them out (docs/results/performance.md, "the A.5 diagnostics").
+
   On the local path targets are grouped by neighbourhood size bucket
   (``graph_local.GraphNeighbourhoods``; a bucket's shape depends on the graph only),
   buckets with few or small targets are merged into one program of their elementwise
@@ -167,6 +180,11 @@ class PromotionAttackRunner:
     # memory-map limit (``memory_map_usage``; ``releases`` counts the drops).
     self.map_usage_fn, self.max_map_share, self.releases = memory_map_usage, 0.6, 0
     self.trace_counts: dict[PromotionAttack, int] = {}
+    # A.5 diagnostics at δ = 0 of the last run that computed them, per objective
+    # (``_clean_objective``): {objective: [targets, their MismatchDiagnostics]}, valid
+    # for ``_clean_owner`` = (surface, context, groups) only.
+    self._clean_diagnostics: dict[tuple, list] = {}
+    self._clean_owner: tuple | None = None
 
   @property
   def targets_per_chunk(self) -> int:
@@ -187,16 +205,23 @@ class PromotionAttackRunner:
     """True when the current surface is attacked on the exact local graph path."""
     return self.graph_path == "local" and self.surface.graph is not None
 
-  def chunk_function(self, attack: PromotionAttack, local: LocalGraphSpec | None = None):
+  @staticmethod
+  def _compile_key(attack: PromotionAttack, local: LocalGraphSpec | None,
+                   clean_mismatch: bool):
+    key = _budget_free(attack) if local is None else (_budget_free(attack), local)
+    return key if clean_mismatch else (key, "no clean diagnostics")
+
+  def chunk_function(self, attack: PromotionAttack, local: LocalGraphSpec | None = None,
+                     clean_mismatch: bool = True):
     """The jitted (params, tables, ctx, groups, ε, neighbourhoods, targets (chunk,)) -> dict.
 
     ``neighbourhoods`` is None except on the local graph path (``local`` given). The
     budget ε is an argument (a float32 scalar), not part of the compiled program:
     attackers that differ only in ``epsilon`` share one function (a budget sweep
-    compiles once).
+    compiles once). ``clean_mismatch=False``: without the A.5 diagnostics at δ = 0.
     """
+    key = self._compile_key(attack, local, clean_mismatch)
     attack = _budget_free(attack)
-    key = attack if local is None else (attack, local)
     if key not in self._compiled:
       unknown = set(attack.modalities or ()) - set(self.surface.modalities)
       if unknown:
@@ -225,7 +250,8 @@ class PromotionAttackRunner:
           raise AssertionError(f"promotion chunk function for {key} retraced")
         one = functools.partial(attack_and_evaluate_target, surface, attack, params,
                                 attack_table, projected_table, ctx, group_weights, ks=ks,
-                                with_mismatch=with_mismatch, local=local, epsilon=epsilon)
+                                with_mismatch=with_mismatch, clean_mismatch=clean_mismatch,
+                                local=local, epsilon=epsilon)
         # Full float32 matmuls (no TF32 / one-pass bf16): the exact local path's margins
         # and the ranks assume float32 scores.
         with precision.evaluation_precision():
@@ -271,6 +297,7 @@ class PromotionAttackRunner:
       raise errors.ConfigError(f"attack k={attack.k} but the context was built for "
                                f"k={ctx.topk_values.shape[1] - 1}")
     n_a = int(ctx.anchors.shape[0])
+    given_groups = group_weights
     if group_weights is None:
       group_weights = jnp.ones((n_a, 1), jnp.float32)
     chex.assert_shape(group_weights, (n_a, None))
@@ -293,18 +320,57 @@ class PromotionAttackRunner:
       split = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
       place = lambda t: multihost.put_global(t, split)  # noqa: E731
       fetch = multihost.to_host
+    # The A.5 diagnostics at δ = 0 depend on the objective, not on the attacker: an
+    # earlier attacker's are reused (same model, context, groups and targets).
+    reused = self._cached_clean_diagnostics(attack, ctx, given_groups, targets)
+    clean = reused is None
+    if not clean and self.log is not None:
+      self.log(f"{_attacker_name(attack)} ε={attack.epsilon:g}: A.5 diagnostics at δ = 0 "
+               "reused from an earlier attacker with the same objective")
     if not self.uses_local_graph_path:
-      result = self._run_chunks(self.chunk_function(attack), args, targets, self.chunk_size,
-                                place, fetch, progress=self._chunk_progress(attack, n))
+      result = self._run_chunks(self.chunk_function(attack, clean_mismatch=clean), args,
+                                targets, self.chunk_size, place, fetch,
+                                progress=self._chunk_progress(attack, n))
     else:
       if ctx.graph_cache is None:
         raise errors.ConfigError("the local graph path needs a context built by "
                                  "build_context on this graph surface (graph_cache is None)")
-      result, fallbacks, direct = self._run_local(attack, ctx, args, targets, place, fetch)
+      result, fallbacks, direct = self._run_local(attack, ctx, args, targets, place, fetch,
+                                                  clean)
       result["graph_fallbacks"], result["graph_direct"] = fallbacks, direct
+    if self.with_mismatch:
+      if clean:
+        self._clean_entry(attack, ctx, given_groups)[:] = [targets.copy(), result["mismatch"]]
+      else:
+        result["mismatch"] = reused
     result["targets"] = targets
     result["seconds"] = time.perf_counter() - t0
     return result
+
+  def _clean_entry(self, attack: PromotionAttack, ctx: PromotionContext, groups) -> list:
+    """[targets, their MismatchDiagnostics at δ = 0] of ``attack``'s objective for this
+    surface, context and groups (``[]`` before any); other owners' entries are dropped."""
+    owner = (self.surface, ctx, groups)
+    if self._clean_owner is None or any(a is not b for a, b in zip(self._clean_owner, owner)):
+      self._clean_diagnostics, self._clean_owner = {}, owner
+    return self._clean_diagnostics.setdefault(_clean_objective(attack), [])
+
+  def _cached_clean_diagnostics(self, attack: PromotionAttack, ctx: PromotionContext, groups,
+                                targets: np.ndarray):
+    """The stored δ = 0 diagnostics of ``targets`` (in their order), or None unless every
+    one of them is stored for ``attack``'s objective on this surface, context and groups."""
+    if not self.with_mismatch:
+      return None
+    entry = self._clean_entry(attack, ctx, groups)
+    if not entry:
+      return None
+    stored, diagnostics = entry
+    order = np.argsort(stored, kind="stable")
+    at = np.minimum(np.searchsorted(stored, targets, sorter=order), len(stored) - 1)
+    rows = order[at]
+    if not np.array_equal(stored[rows], targets):
+      return None
+    return jax.tree.map(lambda a: a[rows], diagnostics)
 
   def _release_executables_if_needed(self) -> None:
     """Drops every compiled program when the process nears its memory-map limit.
@@ -403,7 +469,7 @@ class PromotionAttackRunner:
                                         width))
     return np.asarray(jax.device_get(counts), np.int64)
 
-  def _run_local(self, attack, ctx, args, targets, place, fetch):
+  def _run_local(self, attack, ctx, args, targets, place, fetch, clean_mismatch=True):
     """The local graph path: per size bucket, then exact re-runs.
 
     Returns (result, re-runs, targets started above the first cap)."""
@@ -420,7 +486,7 @@ class PromotionAttackRunner:
 
     groups = graph_local.plan_buckets([hoods.shapes[int(b)] for b in unique], per_bucket,
                                       cost, self.compile_seconds)
-    template = _budget_free(attack)  # the compile key; ε is an argument
+    template = _budget_free(attack)  # the attacker without its budget: its re-run statistics
     name = _attacker_name(attack)
     devices = 1 if self.mesh is None else self.mesh.size
     pieces = []  # (target positions, their exact results), in the order they finish
@@ -435,9 +501,10 @@ class PromotionAttackRunner:
       # 1-target bucket padded to 64 targets did 64 targets' work.
       chunk = min(budget, 1 << max(0, math.ceil(math.log2(math.ceil(len(pos) / devices)))))
       spec = LocalGraphSpec(shape, cap, chunk)
-      fresh = (template, spec) not in self._compiled
-      out = self._run_chunks(self.chunk_function(attack, spec), args, targets[pos], chunk,
-                             place, fetch, functools.partial(hoods.batch, shape=shape))
+      fresh = self._compile_key(attack, spec, clean_mismatch) not in self._compiled
+      out = self._run_chunks(self.chunk_function(attack, spec, clean_mismatch), args,
+                             targets[pos], chunk, place, fetch,
+                             functools.partial(hoods.batch, shape=shape))
       exact = np.asarray(out["exact"])  # the last level (all anchors) is always exact
       pieces.append((pos[exact], jax.tree.map(lambda a: a[exact], out)))
       return pos[~exact], fresh

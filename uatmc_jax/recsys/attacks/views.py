@@ -321,9 +321,13 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
                                group_weights: jax.Array, target: jax.Array, nb=None, *,
                                ks: Sequence[int] = METRIC_KS,
                                with_mismatch: bool = True,
+                               clean_mismatch: bool = True,
                                local: LocalGraphSpec | None = None,
                                epsilon: jax.Array | None = None) -> dict[str, Any]:
   """Attack one target and measure it (pure; the runner vmaps it over targets).
+
+  ``clean_mismatch=False`` leaves out the A.5 diagnostics at δ = 0 (``mismatch``; the
+  runner reuses them from an earlier attacker with the same objective).
 
   With ``local`` (graph models: the exact local path, ``nb`` the target's neighbourhood)
   the result has ``exact``: False when the active-anchor cap was exceeded at some
@@ -371,11 +375,11 @@ def attack_and_evaluate_target(surface: AttackSurface, attack: PromotionAttack, 
     out[f"hit_{tag}"], out[f"rank_{tag}"] = _rank_metrics(ranks, ks)
     if masked is not None:
       out[f"masked_hit_{tag}"], out[f"masked_rank_{tag}"] = _rank_metrics(masked, ks)
-  if with_mismatch:
-    # A.5 diagnostics at the clean point and at the attacker's final perturbation.
+  if with_mismatch and clean_mismatch:  # A.5 diagnostics at the clean point
     out["mismatch"] = mismatch_lib.mismatch_diagnostics(per_user_loss, zero, group_weights,
                                                         probe, shared_space=surface.shared_space)
-    # ... the gains at δ are those of the attacker's own step δ (A.5: a_u = ∇ℓ_u · δ^v).
+  if with_mismatch:  # ... and at the attacker's final perturbation, whose gains are those
+    # of the attacker's own step δ (A.5: a_u = ∇ℓ_u · δ^v).
     out["mismatch_at_delta"] = mismatch_lib.mismatch_diagnostics(
         per_user_loss, delta, group_weights, probe, shared_space=surface.shared_space,
         gain_step=delta)
