@@ -10,7 +10,7 @@
 # raw), so its UAT-MC row is UAT-MC without alignment and the attackers are FGSM and
 # PGD (the aligned attacker's cosine reward does not apply). Its attacks take the exact
 # full re-encode path. One XLA thread per run, as the mmgcn table's runs. SEEDS picks the
-# seeds to run (default all three; about 1.8 core-hours each, max RSS 16 GB).
+# seeds to run (default all three; 1.4–1.8 core-hours each, max RSS 16 GB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/tiktok}
