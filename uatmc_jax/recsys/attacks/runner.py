@@ -340,7 +340,8 @@ class PromotionAttackRunner:
       result["graph_fallbacks"], result["graph_direct"] = fallbacks, direct
     if self.with_mismatch:
       if clean:
-        self._clean_entry(attack, ctx, given_groups)[:] = [targets.copy(), result["mismatch"]]
+        self._clean_entry(attack, ctx, given_groups)[:] = [
+            targets.copy(), jax.tree.map(np.array, result["mismatch"])]  # copies
       else:
         result["mismatch"] = reused
     result["targets"] = targets
