@@ -132,6 +132,8 @@ class PromotionAttackRunner:
   modalities; e.g. the four PGD attackers, or one attacker at several budgets) on the
   same surface, context, groups and targets: they are taken over (a log line says so)
   and its programs leave them out (docs/results/performance.md, "the A.5 diagnostics").
+  Not on a device mesh: there XLA:CPU (jaxlib 0.10.2) aborted compiling the program
+  without them, in its TopkDecomposer under ``shard_map``; every attacker computes them.
 
   On the local path targets are grouped by neighbourhood size bucket
   (``graph_local.GraphNeighbourhoods``; a bucket's shape depends on the graph only),
@@ -338,7 +340,7 @@ class PromotionAttackRunner:
       result, fallbacks, direct = self._run_local(attack, ctx, args, targets, place, fetch,
                                                   clean)
       result["graph_fallbacks"], result["graph_direct"] = fallbacks, direct
-    if self.with_mismatch:
+    if self.with_mismatch and self.mesh is None:
       if clean:
         self._clean_entry(attack, ctx, given_groups)[:] = [
             targets.copy(), jax.tree.map(np.array, result["mismatch"])]  # copies
@@ -360,7 +362,7 @@ class PromotionAttackRunner:
                                 targets: np.ndarray):
     """The stored δ = 0 diagnostics of ``targets`` (in their order), or None unless every
     one of them is stored for ``attack``'s objective on this surface, context and groups."""
-    if not self.with_mismatch:
+    if not self.with_mismatch or self.mesh is not None:
       return None
     entry = self._clean_entry(attack, ctx, groups)
     if not entry:
