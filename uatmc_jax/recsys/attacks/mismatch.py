@@ -178,3 +178,40 @@ def mismatch_diagnostics(per_user_loss_fn: PerUserLoss, delta: Mapping[str, jax.
       dominant_differs=differs,
       gain_correlation=jnp.stack(correlations) if pairs else empty,
       active_users=jnp.sum(active).astype(jnp.int32))
+
+
+class CleanDiagnosticsStore:
+  """The A.5 diagnostics at δ = 0 of the last targets run per objective, for reuse.
+
+  At δ = 0 they depend on the model, the anchors' context, the groups, the target and
+  the objective (top-K, hinge, attacked modalities), not on the attacker's method,
+  steps, alignment or budget. Entries belong to one ``owner`` (the runner passes
+  (surface, context, groups), compared by identity); another owner drops them.
+  """
+
+  def __init__(self):
+    self._owner: tuple | None = None
+    self._entries: dict = {}  # objective -> (targets, their MismatchDiagnostics)
+
+  def _of(self, owner: tuple) -> dict:
+    if self._owner is None or any(a is not b for a, b in zip(self._owner, owner)):
+      self._owner, self._entries = owner, {}
+    return self._entries
+
+  def get(self, owner: tuple, objective, targets: np.ndarray):
+    """The stored diagnostics of ``targets`` in their order (a leading target axis), or
+    None unless every one of them is stored for ``objective``."""
+    entry = self._of(owner).get(objective)
+    if entry is None:
+      return None
+    stored, diagnostics = entry
+    order = np.argsort(stored, kind="stable")
+    rows = order[np.minimum(np.searchsorted(stored, targets, sorter=order), len(stored) - 1)]
+    if not np.array_equal(stored[rows], targets):
+      return None
+    return jax.tree.map(lambda a: a[rows], diagnostics)
+
+  def put(self, owner: tuple, objective, targets: np.ndarray, diagnostics) -> None:
+    """Keeps copies of ``diagnostics`` (leading axis = ``targets``) for ``objective``."""
+    self._of(owner)[objective] = (np.array(targets), jax.tree.map(np.array, diagnostics))
+

@@ -29,6 +29,7 @@ from uatmc_jax.core.memory import memory_map_usage
 from uatmc_jax.core.parallel import precision
 from uatmc_jax.recsys.attacks import alignment as alignment_lib
 from uatmc_jax.recsys.attacks import graph_local
+from uatmc_jax.recsys.attacks import mismatch as mismatch_lib
 from uatmc_jax.recsys.attacks.attackers import PromotionAttack
 from uatmc_jax.recsys.attacks.context import PromotionContext, clean_column
 from uatmc_jax.recsys.attacks.objective import METRIC_KS
@@ -182,11 +183,7 @@ class PromotionAttackRunner:
     # memory-map limit (``memory_map_usage``; ``releases`` counts the drops).
     self.map_usage_fn, self.max_map_share, self.releases = memory_map_usage, 0.6, 0
     self.trace_counts: dict[PromotionAttack, int] = {}
-    # A.5 diagnostics at δ = 0 of the last run that computed them, per objective
-    # (``_clean_objective``): {objective: [targets, their MismatchDiagnostics]}, valid
-    # for ``_clean_owner`` = (surface, context, groups) only.
-    self._clean_diagnostics: dict[tuple, list] = {}
-    self._clean_owner: tuple | None = None
+    self._clean_diagnostics = mismatch_lib.CleanDiagnosticsStore()  # A.5 at δ = 0
 
   @property
   def targets_per_chunk(self) -> int:
@@ -324,7 +321,9 @@ class PromotionAttackRunner:
       fetch = multihost.to_host
     # The A.5 diagnostics at δ = 0 depend on the objective, not on the attacker: an
     # earlier attacker's are reused (same model, context, groups and targets).
-    reused = self._cached_clean_diagnostics(attack, ctx, given_groups, targets)
+    owner, objective = (self.surface, ctx, given_groups), _clean_objective(attack)
+    reuse = self.with_mismatch and self.mesh is None
+    reused = self._clean_diagnostics.get(owner, objective, targets) if reuse else None
     clean = reused is None
     if not clean and self.log is not None:
       self.log(f"{_attacker_name(attack)} ε={attack.epsilon:g}: A.5 diagnostics at δ = 0 "
@@ -340,40 +339,13 @@ class PromotionAttackRunner:
       result, fallbacks, direct = self._run_local(attack, ctx, args, targets, place, fetch,
                                                   clean)
       result["graph_fallbacks"], result["graph_direct"] = fallbacks, direct
-    if self.with_mismatch and self.mesh is None:
-      if clean:
-        self._clean_entry(attack, ctx, given_groups)[:] = [
-            targets.copy(), jax.tree.map(np.array, result["mismatch"])]  # copies
-      else:
-        result["mismatch"] = reused
+    if reuse and clean:
+      self._clean_diagnostics.put(owner, objective, targets, result["mismatch"])
+    elif reuse:
+      result["mismatch"] = reused
     result["targets"] = targets
     result["seconds"] = time.perf_counter() - t0
     return result
-
-  def _clean_entry(self, attack: PromotionAttack, ctx: PromotionContext, groups) -> list:
-    """[targets, their MismatchDiagnostics at δ = 0] of ``attack``'s objective for this
-    surface, context and groups (``[]`` before any); other owners' entries are dropped."""
-    owner = (self.surface, ctx, groups)
-    if self._clean_owner is None or any(a is not b for a, b in zip(self._clean_owner, owner)):
-      self._clean_diagnostics, self._clean_owner = {}, owner
-    return self._clean_diagnostics.setdefault(_clean_objective(attack), [])
-
-  def _cached_clean_diagnostics(self, attack: PromotionAttack, ctx: PromotionContext, groups,
-                                targets: np.ndarray):
-    """The stored δ = 0 diagnostics of ``targets`` (in their order), or None unless every
-    one of them is stored for ``attack``'s objective on this surface, context and groups."""
-    if not self.with_mismatch or self.mesh is not None:
-      return None
-    entry = self._clean_entry(attack, ctx, groups)
-    if not entry:
-      return None
-    stored, diagnostics = entry
-    order = np.argsort(stored, kind="stable")
-    at = np.minimum(np.searchsorted(stored, targets, sorter=order), len(stored) - 1)
-    rows = order[at]
-    if not np.array_equal(stored[rows], targets):
-      return None
-    return jax.tree.map(lambda a: a[rows], diagnostics)
 
   def _release_executables_if_needed(self) -> None:
     """Drops every compiled program when the process nears its memory-map limit.
