@@ -70,6 +70,22 @@ class PromotionAttack:
       raise errors.ConfigError("steps and k must be >= 1")
     alignment_lib.get_ascent_direction(self.alignment)
 
+  @property
+  def display_name(self) -> str:
+    """The attacker's name in progress lines: its method, plus its alignment if any."""
+    return self.method + ("" if self.alignment == "none" else f"+{self.alignment}")
+
+  def without_budget(self) -> "PromotionAttack":
+    """The attacker with ε cleared: the key of its compiled programs (ε is an argument)."""
+    return dataclasses.replace(self, epsilon=0.0)
+
+  @property
+  def clean_objective(self) -> tuple:
+    """What the A.5 diagnostics at δ = 0 depend on besides the model, the context, the
+    groups and the target: the objective's top-K, hinge and attacked modalities (not
+    the method, steps, alignment or budget)."""
+    return (self.k, self.margin, self.surrogate, self.temperature, self.modalities)
+
 
 def fgsm_attack(epsilon: float, **overrides) -> PromotionAttack:
   """A.4 FGSM: one relative-budget sign step, margin 10."""

@@ -8,11 +8,11 @@ all of the mesh's devices (``shard_map``; every target's attack is independent),
 host or many: each process feeds and attacks only its block of targets and the
 per-target results are gathered on every process. The model tables, context and groups
 are replicated for the attack. Graph models on the exact local path are attacked per
-neighbourhood-size bucket, with exact re-runs where the active-anchor cap was hit.
+neighbourhood-size bucket, with exact re-runs where the active-anchor cap was hit
+(``local_runs``).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
@@ -28,18 +28,15 @@ from uatmc_jax.core import errors
 from uatmc_jax.core.memory import memory_map_usage
 from uatmc_jax.core.parallel import precision
 from uatmc_jax.recsys.attacks import alignment as alignment_lib
-from uatmc_jax.recsys.attacks import graph_local
+from uatmc_jax.recsys.attacks import local_runs
 from uatmc_jax.recsys.attacks import mismatch as mismatch_lib
 from uatmc_jax.recsys.attacks.attackers import PromotionAttack
-from uatmc_jax.recsys.attacks.context import PromotionContext, clean_column
+from uatmc_jax.recsys.attacks.context import PromotionContext
 from uatmc_jax.recsys.attacks.objective import METRIC_KS
 from uatmc_jax.recsys.attacks.surface import AttackSurface
-from uatmc_jax.recsys.attacks.views import (LocalGraphSpec, clean_active_count,
-                                            attack_and_evaluate_target)
+from uatmc_jax.recsys.attacks.views import LocalGraphSpec, attack_and_evaluate_target
 
 GRAPH_PATHS = ("local", "full")
-# (ctx, target) -> (n_A,) the target's clean scores, in either context layout.
-_clean_column = jax.jit(clean_column)
 
 
 def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh=None,
@@ -56,23 +53,6 @@ def chunk_size_for(surface: AttackSurface, chunk_size: int, n_targets: int, mesh
   if mesh is not None:
     chunk = max(1, min(chunk, -(-int(n_targets) // mesh.size)))
   return chunk
-
-
-def _attacker_name(attack: PromotionAttack) -> str:
-  """The attacker's name in progress lines: its method, plus its alignment if any."""
-  return attack.method + ("" if attack.alignment == "none" else f"+{attack.alignment}")
-
-
-def _budget_free(attack: PromotionAttack) -> PromotionAttack:
-  """The attacker with its budget cleared: the key of its compiled chunk function."""
-  return dataclasses.replace(attack, epsilon=0.0)
-
-
-def _clean_objective(attack: PromotionAttack) -> tuple:
-  """What the A.5 diagnostics at δ = 0 depend on besides the model, the context, the
-  groups and the target: the objective's top-K, hinge and attacked modalities (not the
-  method, steps, alignment or budget)."""
-  return (attack.k, attack.margin, attack.surrogate, attack.temperature, attack.modalities)
 
 
 class PromotionAttackRunner:
@@ -136,11 +116,8 @@ class PromotionAttackRunner:
   Not on a device mesh: there XLA:CPU (jaxlib 0.10.2) aborted compiling the program
   without them, in its TopkDecomposer under ``shard_map``; every attacker computes them.
 
-  On the local path targets are grouped by neighbourhood size bucket
-  (``graph_local.GraphNeighbourhoods``; a bucket's shape depends on the graph only),
-  buckets with few or small targets are merged into one program of their elementwise
-  largest shape, the few targets that need a larger active-anchor cap run last, one
-  program per cap, and the results are put back in the targets' order.
+  The local path's driver (size buckets, the cap ladder, exact re-runs) is
+  ``local_runs.run_local``.
   """
 
   def __init__(self, surface: AttackSurface, *, chunk_size: int = 64,
@@ -207,8 +184,13 @@ class PromotionAttackRunner:
   @staticmethod
   def _compile_key(attack: PromotionAttack, local: LocalGraphSpec | None,
                    clean_mismatch: bool):
-    key = _budget_free(attack) if local is None else (_budget_free(attack), local)
+    key = attack.without_budget() if local is None else (attack.without_budget(), local)
     return key if clean_mismatch else (key, "no clean diagnostics")
+
+  def is_compiled(self, attack: PromotionAttack, local: LocalGraphSpec | None = None,
+                  clean_mismatch: bool = True) -> bool:
+    """Whether ``chunk_function`` holds this program already (no compile on next use)."""
+    return self._compile_key(attack, local, clean_mismatch) in self._compiled
 
   def chunk_function(self, attack: PromotionAttack, local: LocalGraphSpec | None = None,
                      clean_mismatch: bool = True):
@@ -220,7 +202,7 @@ class PromotionAttackRunner:
     compiles once). ``clean_mismatch=False``: without the A.5 diagnostics at δ = 0.
     """
     key = self._compile_key(attack, local, clean_mismatch)
-    attack = _budget_free(attack)
+    attack = attack.without_budget()
     if key not in self._compiled:
       unknown = set(attack.modalities or ()) - set(self.surface.modalities)
       if unknown:
@@ -267,14 +249,9 @@ class PromotionAttackRunner:
             out_specs=split, check_vma=False))
     return self._compiled[key]
 
-  def _target_elements(self, shape, n_anchors: int, k: int) -> int:
-    """Elements of one target's working arrays at a neighbourhood bucket's shape."""
-    return (n_anchors * (k + 2 * shape.items) + 2 * shape.users * self.surface.n_items
-            + 64 * (shape.edges[-1] + shape.nodes))
-
   def _bucket_chunk(self, shape, n_anchors: int, k: int) -> int:
     """Targets per chunk (per device) of one neighbourhood bucket, by working memory."""
-    per_target = self._target_elements(shape, n_anchors, k)
+    per_target = local_runs.target_elements(self.surface, shape, n_anchors, k)
     return max(1, min(self.chunk_size, self.chunk_elements // per_target))
 
   def run(self, attack: PromotionAttack, ctx: PromotionContext, targets: Sequence[int],
@@ -321,12 +298,12 @@ class PromotionAttackRunner:
       fetch = multihost.to_host
     # The A.5 diagnostics at δ = 0 depend on the objective, not on the attacker: an
     # earlier attacker's are reused (same model, context, groups and targets).
-    owner, objective = (self.surface, ctx, given_groups), _clean_objective(attack)
+    owner, objective = (self.surface, ctx, given_groups), attack.clean_objective
     reuse = self.with_mismatch and self.mesh is None
     reused = self._clean_diagnostics.get(owner, objective, targets) if reuse else None
     clean = reused is None
     if not clean and self.log is not None:
-      self.log(f"{_attacker_name(attack)} ε={attack.epsilon:g}: A.5 diagnostics at δ = 0 "
+      self.log(f"{attack.display_name} ε={attack.epsilon:g}: A.5 diagnostics at δ = 0 "
                "reused from an earlier attacker with the same objective")
     if not self.uses_local_graph_path:
       result = self._run_chunks(self.chunk_function(attack, clean_mismatch=clean), args,
@@ -336,8 +313,8 @@ class PromotionAttackRunner:
       if ctx.graph_cache is None:
         raise errors.ConfigError("the local graph path needs a context built by "
                                  "build_context on this graph surface (graph_cache is None)")
-      result, fallbacks, direct = self._run_local(attack, ctx, args, targets, place, fetch,
-                                                  clean)
+      result, fallbacks, direct = local_runs.run_local(self, attack, ctx, args, targets,
+                                                       place, fetch, clean)
       result["graph_fallbacks"], result["graph_direct"] = fallbacks, direct
     if reuse and clean:
       self._clean_diagnostics.put(owner, objective, targets, result["mismatch"])
@@ -370,7 +347,7 @@ class PromotionAttackRunner:
     after the first chunk, which includes the compilation); None without ``log``."""
     if self.log is None:
       return None
-    name = _attacker_name(attack)
+    name = attack.display_name
     t0 = time.perf_counter()
     state = {"last": t0, "first": None}
 
@@ -410,132 +387,10 @@ class PromotionAttackRunner:
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[:n], *pieces)
 
   def cap_ladder(self, n_anchors: int, uncapped: bool = False) -> tuple[int, ...]:
-    """The local path's active-anchor caps: active_cap·cap_growth^i below n_A, then n_A."""
-    caps, cap = [], self.active_cap
-    while not uncapped and cap < n_anchors:
-      caps.append(cap)
-      cap *= self.cap_growth
-    return tuple(caps) + (n_anchors,)
+    """The local path's active-anchor caps (``local_runs.cap_ladder``) of this runner."""
+    return local_runs.cap_ladder(self.active_cap, self.cap_growth, n_anchors, uncapped)
 
   def clean_active_counts(self, ctx: PromotionContext, targets: Sequence[int],
                           attack: PromotionAttack) -> np.ndarray:
-    """Per target, the active anchors of the local graph path at δ = 0 (n_targets,).
-
-    Those with s(u, t) + margin > max(u_K, clean (K+1)-th score) among the anchors whose
-    own vector does not move: the local view's activity at the clean point (without its
-    float32 slack, so never more). A target above ``active_cap`` here fails ``exact``.
-    """
-    hoods = self.surface.graph.neighbourhoods
-    n_a, n_items = int(ctx.anchors.shape[0]), ctx.n_items
-    anchor_row = np.asarray(ctx.anchor_row)
-    counts = []
-    for t in np.asarray(targets):  # host set-up per target, like the neighbourhoods
-      nb = hoods.neighbourhood(int(t), hoods.shapes[int(hoods.bucket_of_item[t])])
-      moved = np.zeros(n_items, bool)
-      moved[nb.nodes[nb.item_slots][nb.item_valid] - hoods.n_users] = True
-      changed = np.zeros(n_a + 1, bool)
-      changed[anchor_row[nb.nodes[nb.user_slots][nb.user_valid]]] = True
-      # u_K lies in the first K + |I_c| of the clean list (at most |I_c| are removed).
-      width = min(int(ctx.desc_values.shape[1]),
-                  attack.k + hoods.shapes[int(hoods.bucket_of_item[t])].items)
-      counts.append(clean_active_count(ctx.desc_values, ctx.desc_indices,
-                                        _clean_column(ctx, jnp.asarray(t)), jnp.asarray(moved),
-                                        jnp.asarray(changed[:n_a]), attack.margin, attack.k,
-                                        width))
-    return np.asarray(jax.device_get(counts), np.int64)
-
-  def _run_local(self, attack, ctx, args, targets, place, fetch, clean_mismatch=True):
-    """The local graph path: per size bucket, then exact re-runs.
-
-    Returns (result, re-runs, targets started above the first cap)."""
-    hoods = self.surface.graph.neighbourhoods
-    n_a = int(ctx.anchors.shape[0])
-    buckets = hoods.bucket_of_item[targets]
-    unique, per_bucket = np.unique(buckets, return_counts=True)
-    # Per-target cost of a shape: its working elements (``_bucket_chunk``) times the
-    # attack's loss evaluations, at about 1.2 ns each (TikTok, 2-core CPU).
-    passes = attack.steps + 3
-
-    def cost(shape):
-      return 1.2e-9 * passes * self._target_elements(shape, n_a, attack.k)
-
-    groups = graph_local.plan_buckets([hoods.shapes[int(b)] for b in unique], per_bucket,
-                                      cost, self.compile_seconds)
-    template = _budget_free(attack)  # the attacker without its budget: its re-run statistics
-    name = _attacker_name(attack)
-    devices = 1 if self.mesh is None else self.mesh.size
-    pieces = []  # (target positions, their exact results), in the order they finish
-    pending: dict[int, list[int]] = {}  # cap level -> target positions (levels >= 1)
-    fallbacks = n_direct = 0
-    t_start = time.perf_counter()
-
-    def run_level(pos, shape, cap):
-      """Attacks targets[pos] at one shape and cap; returns the positions not exact."""
-      budget = self._bucket_chunk(shape, n_a, attack.k)
-      # A chunk no wider than needed (a power of two: few shapes to compile); a
-      # 1-target bucket padded to 64 targets did 64 targets' work.
-      chunk = min(budget, 1 << max(0, math.ceil(math.log2(math.ceil(len(pos) / devices)))))
-      spec = LocalGraphSpec(shape, cap, chunk)
-      fresh = self._compile_key(attack, spec, clean_mismatch) not in self._compiled
-      out = self._run_chunks(self.chunk_function(attack, spec, clean_mismatch), args,
-                             targets[pos], chunk, place, fetch,
-                             functools.partial(hoods.batch, shape=shape))
-      exact = np.asarray(out["exact"])  # the last level (all anchors) is always exact
-      pieces.append((pos[exact], jax.tree.map(lambda a: a[exact], out)))
-      return pos[~exact], fresh
-
-    def report(what, n, t0, fresh, started, redo):
-      if self.log is not None:
-        self.log(f"{name} ε={attack.epsilon:g}: {what}: {n} targets in "
-                 f"{time.perf_counter() - t0:.1f} s{' incl. compile' if fresh else ''}, "
-                 f"{started} started above the first cap, {redo} re-run with more anchors; "
-                 f"{sum(len(p) for p, _ in pieces)}/{len(targets)} targets, "
-                 f"{time.perf_counter() - t_start:.0f} s")
-
-    caps = self.cap_ladder(n_a, uncapped=template in self.uncapped)
-    for i, members in enumerate(groups):  # a handful of programs, each compiled once
-      t0 = time.perf_counter()
-      shape = graph_local.merged_shape(hoods.shapes[int(unique[m])] for m in members)
-      pos = np.flatnonzero(np.isin(buckets, unique[members]))
-      # Targets whose clean point already has more active anchors than a cap would fail
-      # ``exact`` at δ = 0 and be re-run: they start at the first cap that holds them.
-      level = np.zeros(len(pos), np.int64)
-      if len(caps) > 1 and self.route_clean_active:
-        active = self.clean_active_counts(ctx, targets[pos], attack)
-        level = np.searchsorted(np.asarray(caps), active, side="left")
-      redo, fresh = (run_level(pos[level == 0], shape, caps[0]) if np.any(level == 0)
-                     else (pos[:0], False))
-      for lv in range(1, len(caps)):
-        pending.setdefault(lv, []).extend(pos[level == lv].tolist())
-      if len(redo):
-        pending.setdefault(1, []).extend(redo.tolist())
-      started = int(np.sum(level > 0))
-      fallbacks, n_direct = fallbacks + len(redo), n_direct + started
-      seen = self._reruns.setdefault(template, [0, 0])
-      seen[0] += started + len(redo)  # targets that needed more than the first cap
-      seen[1] += len(pos)
-      if seen[0] >= self.uncapped_after and 2 * seen[0] > seen[1]:
-        self.uncapped.add(template)
-        caps = (n_a,)  # later programs: all anchors
-      report(f"program {i + 1}/{len(groups)} ({len(members)} bucket"
-             f"{'s' if len(members) > 1 else ''}, {shape.items} items x {shape.users} users)",
-             len(pos), t0, fresh, started, len(redo))
-    # Targets that need a larger cap (few): one program per cap for all of them, at the
-    # largest shape among theirs.
-    ladder = self.cap_ladder(n_a)
-    for lv in range(1, len(ladder)):
-      pos = np.array(sorted(pending.get(lv, [])), np.int64)
-      if not len(pos):
-        continue
-      t0 = time.perf_counter()
-      shape = graph_local.merged_shape(hoods.shapes[int(b)] for b in np.unique(buckets[pos]))
-      redo, fresh = run_level(pos, shape, ladder[lv])
-      if len(redo):
-        pending.setdefault(lv + 1, []).extend(redo.tolist())
-      fallbacks += len(redo)
-      report(f"cap {ladder[lv]} ({shape.items} items x {shape.users} users)", len(pos), t0,
-             fresh, 0, len(redo))
-    inverse = np.argsort(np.concatenate([p for p, _ in pieces]))
-    result = jax.tree.map(lambda *xs: np.concatenate(xs)[inverse], *(o for _, o in pieces))
-    return result, fallbacks, n_direct
-
+    """Per target, the local path's active anchors at δ = 0 (``local_runs``)."""
+    return local_runs.clean_active_counts(self.surface, ctx, targets, attack)
