@@ -208,7 +208,7 @@ def profile(args) -> None:
   for b in np.unique(buckets):
     shape = hoods.shapes[int(b)]
     idx = tg[buckets == b]
-    chunk = min(runner._bucket_chunk(shape, len(anchors), attack.k),
+    chunk = min(runner.bucket_chunk(shape, len(anchors), attack.k),
                 1 << max(0, int(np.ceil(np.log2(len(idx))))))
     block = np.resize(idx, chunk).astype(np.int32)
     t0 = time.perf_counter()

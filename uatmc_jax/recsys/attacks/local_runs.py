@@ -108,13 +108,13 @@ def run_local(runner, attack: PromotionAttack, ctx: PromotionContext, args, targ
 
   def run_level(pos, shape, cap):
     """Attacks targets[pos] at one shape and cap; returns the positions not exact."""
-    budget = runner._bucket_chunk(shape, n_a, attack.k)
+    budget = runner.bucket_chunk(shape, n_a, attack.k)
     # A chunk no wider than needed (a power of two: few shapes to compile); a 1-target
     # bucket padded to 64 targets did 64 targets' work.
     chunk = min(budget, 1 << max(0, math.ceil(math.log2(math.ceil(len(pos) / devices)))))
     spec = LocalGraphSpec(shape, cap, chunk)
     fresh = not runner.is_compiled(attack, spec, clean_mismatch)
-    out = runner._run_chunks(runner.chunk_function(attack, spec, clean_mismatch), args,
+    out = runner.run_chunks(runner.chunk_function(attack, spec, clean_mismatch), args,
                              targets[pos], chunk, place, fetch,
                              functools.partial(hoods.batch, shape=shape))
     exact = np.asarray(out["exact"])  # the last level (all anchors) is always exact
@@ -148,7 +148,7 @@ def run_local(runner, attack: PromotionAttack, ctx: PromotionContext, args, targ
       pending.setdefault(1, []).extend(redo.tolist())
     started = int(np.sum(level > 0))
     fallbacks, n_direct = fallbacks + len(redo), n_direct + started
-    seen = runner._reruns.setdefault(template, [0, 0])
+    seen = runner.rerun_counts.setdefault(template, [0, 0])
     seen[0] += started + len(redo)  # targets that needed more than the first cap
     seen[1] += len(pos)
     if seen[0] >= runner.uncapped_after and 2 * seen[0] > seen[1]:

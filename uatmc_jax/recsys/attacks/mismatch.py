@@ -214,4 +214,3 @@ class CleanDiagnosticsStore:
   def put(self, owner: tuple, objective, targets: np.ndarray, diagnostics) -> None:
     """Keeps copies of ``diagnostics`` (leading axis = ``targets``) for ``objective``."""
     self._of(owner)[objective] = (np.array(targets), jax.tree.map(np.array, diagnostics))
-

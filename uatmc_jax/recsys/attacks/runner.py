@@ -154,7 +154,9 @@ class PromotionAttackRunner:
     self._replicated: dict[str, tuple[Any, Any]] = {}
     self._compiled: dict[PromotionAttack, Any] = {}
     self.uncapped: set[PromotionAttack] = set()  # attackers run with all anchors
-    self._reruns: dict[PromotionAttack, list[int]] = {}  # attacker: [re-runs, targets]
+    # Local path, per budget-free attacker: [targets that needed more than the first cap,
+    # targets run] (``local_runs.run_local`` switches it to all anchors from these).
+    self.rerun_counts: dict[PromotionAttack, list[int]] = {}
     self.uncapped_after = int(uncapped_after)
     # Before each run: compiled programs are dropped above this share of the process's
     # memory-map limit (``memory_map_usage``; ``releases`` counts the drops).
@@ -184,7 +186,8 @@ class PromotionAttackRunner:
   @staticmethod
   def _compile_key(attack: PromotionAttack, local: LocalGraphSpec | None,
                    clean_mismatch: bool):
-    key = attack.without_budget() if local is None else (attack.without_budget(), local)
+    base = attack.without_budget()
+    key = base if local is None else (base, local)
     return key if clean_mismatch else (key, "no clean diagnostics")
 
   def is_compiled(self, attack: PromotionAttack, local: LocalGraphSpec | None = None,
@@ -249,7 +252,7 @@ class PromotionAttackRunner:
             out_specs=split, check_vma=False))
     return self._compiled[key]
 
-  def _bucket_chunk(self, shape, n_anchors: int, k: int) -> int:
+  def bucket_chunk(self, shape, n_anchors: int, k: int) -> int:
     """Targets per chunk (per device) of one neighbourhood bucket, by working memory."""
     per_target = local_runs.target_elements(self.surface, shape, n_anchors, k)
     return max(1, min(self.chunk_size, self.chunk_elements // per_target))
@@ -306,7 +309,7 @@ class PromotionAttackRunner:
       self.log(f"{attack.display_name} ε={attack.epsilon:g}: A.5 diagnostics at δ = 0 "
                "reused from an earlier attacker with the same objective")
     if not self.uses_local_graph_path:
-      result = self._run_chunks(self.chunk_function(attack, clean_mismatch=clean), args,
+      result = self.run_chunks(self.chunk_function(attack, clean_mismatch=clean), args,
                                 targets, self.chunk_size, place, fetch,
                                 progress=self._chunk_progress(attack, n))
     else:
@@ -366,7 +369,7 @@ class PromotionAttackRunner:
 
     return progress
 
-  def _run_chunks(self, fn, args, targets, per_device, place, fetch, nbs_of=None,
+  def run_chunks(self, fn, args, targets, per_device, place, fetch, nbs_of=None,
                   progress=None):
     """``fn`` over fixed-size chunks of ``targets`` (last one padded with the first);
     ``progress(targets done)`` after each chunk."""
