@@ -334,7 +334,8 @@ def bench(model_name: str, data, epochs: int, eval_repeats: int, max_batches: in
   times, cpu_times = run.times, run.cpu_times
   ceil = None
   if ceiling:
-    # The best round's isolated times (the machine at its fastest, as the epochs' min).
+    # Each isolated time at its best over the rounds (the machine at its fastest, as the
+    # epochs' min is).
     ceil = dict(rounds[0][1])
     for key in ("dense_s", "sparse_s", "optimizer_s"):
       ceil[key] = min(c[key] for _, c in rounds)
