@@ -310,8 +310,8 @@ class PromotionAttackRunner:
                "reused from an earlier attacker with the same objective")
     if not self.uses_local_graph_path:
       result = self.run_chunks(self.chunk_function(attack, clean_mismatch=clean), args,
-                                targets, self.chunk_size, place, fetch,
-                                progress=self._chunk_progress(attack, n))
+                               targets, self.chunk_size, place, fetch,
+                               progress=self._chunk_progress(attack, n))
     else:
       if ctx.graph_cache is None:
         raise errors.ConfigError("the local graph path needs a context built by "
@@ -370,7 +370,7 @@ class PromotionAttackRunner:
     return progress
 
   def run_chunks(self, fn, args, targets, per_device, place, fetch, nbs_of=None,
-                  progress=None):
+                 progress=None):
     """``fn`` over fixed-size chunks of ``targets`` (last one padded with the first);
     ``progress(targets done)`` after each chunk."""
     n = len(targets)
